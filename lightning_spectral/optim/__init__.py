@@ -1,0 +1,31 @@
+"""Spectral-norm optimizers in pure PyTorch (no Lightning import): msign, Muon, MuonSGD and
+MuonAdamW with five inner solvers, manifold Muon, the spectral sphere/ball, and the factory."""
+
+from .base import MatrixOptimizer, NonFiniteGradientError
+from .budgeted import MuonAdamW, MuonSGD
+from .directions import DirectionInfo, spectral_ball_direction, stiefel_direction
+from .factory import OPTIMIZER_TYPES, create_optimizer
+from .linalg import TangentSpace, spectral_clip
+from .manifold import ManifoldMuon, SpectralBall
+from .msign import SCHEDULES, msign, msign_svd
+from .muon import Muon
+from .param_groups import build_param_groups
+from .solvers import (
+    SOLVER_REGISTRY,
+    ADMMSolver,
+    DualAscentSolver,
+    FrankWolfeSolver,
+    InnerSolver,
+    QuasiNewtonDualSolver,
+    SolveInfo,
+    SpectralClipSolver,
+    get_inner_solver,
+)
+
+__all__ = [
+    "ADMMSolver", "DirectionInfo", "DualAscentSolver", "FrankWolfeSolver", "InnerSolver", "ManifoldMuon",
+    "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "NonFiniteGradientError", "OPTIMIZER_TYPES",
+    "QuasiNewtonDualSolver", "SCHEDULES", "SOLVER_REGISTRY", "SolveInfo", "SpectralBall", "SpectralClipSolver",
+    "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd",
+    "spectral_ball_direction", "spectral_clip", "stiefel_direction",
+]

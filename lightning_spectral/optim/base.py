@@ -1,0 +1,230 @@
+"""The optimizer skeleton every matrix optimizer of this package shares.
+
+One ``torch.optim.Optimizer`` holds two kinds of group (see :mod:`.param_groups`): matrix
+groups follow the subclass's matrix rule; the others follow an AdamW or SGD fallback computed
+by torch's own functional cores (``torch.optim.adamw.adamw`` / ``torch.optim.sgd.sgd``, same
+state keys as ``torch.optim.AdamW``/``SGD``). ``step(closure)`` calls the closure, refuses a
+non-finite gradient before touching any weight, then updates every group: one
+``optimizer.step()`` per batch updates the whole model.
+
+State is only tensors and plain Python values in ``self.state[p]``, so ``state_dict()`` loads
+with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.optim.adamw import adamw
+from torch.optim.sgd import sgd
+
+from .param_groups import MATRIX_KEY, split_by_rule
+
+FALLBACKS = ("adamw", "sgd")
+LR_ADJUSTMENTS = ("none", "original", "match_rms_adamw", "spectral")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or Inf: the step was refused and no weight was changed."""
+
+
+def check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{owner}: {name} must be a positive finite number, got {value!r}")
+
+
+def check_unit_interval(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}")
+
+
+def lr_scale(shape: torch.Size, mode: str) -> float:
+    """Per-matrix step multiplier for an ``out × in`` matrix (conv kernels flattened):
+    ``"original"`` ``max(1, out/in)^½`` (Keller Jordan, ``torch.optim.Muon`` default),
+    ``"match_rms_adamw"`` ``0.2·max(out, in)^½`` (Moonlight: AdamW-sized update RMS),
+    ``"spectral"`` ``(out/in)^½`` (Bernstein's spectral scaling), ``"none"`` 1."""
+    out_dim, in_dim = shape[0], math.prod(shape[1:])
+    if mode == "original":
+        return max(1.0, out_dim / in_dim) ** 0.5
+    if mode == "match_rms_adamw":
+        return 0.2 * max(out_dim, in_dim) ** 0.5
+    if mode == "spectral":
+        return (out_dim / in_dim) ** 0.5
+    return 1.0
+
+
+def ema_momentum(state: dict, grad: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
+    """``m ← β m + (1 − β) g``; returns ``m`` or, with Nesterov, ``β m + (1 − β) g`` (the grad
+    itself is not modified). ``β = 0`` returns ``g``."""
+    if beta == 0.0:
+        return grad
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = torch.zeros_like(grad)
+    buf.lerp_(grad, 1.0 - beta)
+    return grad.lerp(buf, beta) if nesterov else buf
+
+
+class MatrixOptimizer(torch.optim.Optimizer):
+    """Base class: routes groups, runs the fallback, checks gradients, reports constraints.
+
+    Subclasses implement :meth:`_matrix_step` (and optionally :meth:`_constraint_distance`).
+
+    Fallback arguments (for groups with ``matrix=False``; a group's own keys win):
+        fallback: ``"adamw"`` or ``"sgd"``.
+        fallback_lr: its learning rate (``None``: the optimizer's ``lr``).
+        fallback_betas, fallback_eps: AdamW's.
+        fallback_momentum, fallback_nesterov: SGD's.
+        fallback_weight_decay: its weight decay (``None``: the optimizer's ``weight_decay``).
+        check_finite: refuse a step whose gradients hold NaN/Inf (one device sync per step).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        fallback: str = "adamw",
+        fallback_lr: Optional[float] = None,
+        fallback_betas: tuple[float, float] = (0.9, 0.999),
+        fallback_eps: float = 1e-8,
+        fallback_momentum: float = 0.9,
+        fallback_nesterov: bool = False,
+        fallback_weight_decay: Optional[float] = None,
+        check_finite: bool = True,
+    ):
+        owner = type(self).__name__
+        if fallback not in FALLBACKS:
+            raise ValueError(f"{owner}: fallback must be one of {FALLBACKS}, got {fallback!r}")
+        check_positive(owner, lr=defaults["lr"], fallback_eps=fallback_eps)
+        if fallback_lr is not None:
+            check_positive(owner, fallback_lr=fallback_lr)
+        check_unit_interval(owner, fallback_beta1=fallback_betas[0], fallback_beta2=fallback_betas[1],
+                            fallback_momentum=fallback_momentum)
+        if defaults.get("weight_decay", 0.0) < 0:
+            raise ValueError(f"{owner}: weight_decay must be >= 0, got {defaults['weight_decay']!r}")
+        if "adjust_lr" in defaults and defaults["adjust_lr"] not in LR_ADJUSTMENTS:
+            raise ValueError(f"{owner}: adjust_lr must be one of {LR_ADJUSTMENTS}, got {defaults['adjust_lr']!r}")
+        self.check_finite = check_finite
+        groups = split_by_rule(params)
+        for group in groups:
+            if group[MATRIX_KEY]:
+                continue
+            group.setdefault("algorithm", fallback)
+            if fallback_lr is not None:
+                group.setdefault("lr", fallback_lr)
+            if fallback_weight_decay is not None:
+                group.setdefault("weight_decay", fallback_weight_decay)
+            group.setdefault("betas", tuple(fallback_betas))
+            group.setdefault("eps", fallback_eps)
+            group.setdefault("fallback_momentum", fallback_momentum)
+            group.setdefault("fallback_nesterov", fallback_nesterov)
+        super().__init__(groups, defaults)
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Run ``closure`` (if given) with gradients enabled, then update every group.
+
+        Raises:
+            NonFiniteGradientError: a gradient holds NaN/Inf; no parameter was changed.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.check_finite:
+            self._check_finite()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group[MATRIX_KEY]:
+                self._matrix_step(group, params)
+            else:
+                self._fallback_step(group, params)
+        return loss
+
+    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _fallback_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        if group["algorithm"] == "adamw":
+            for p, st in zip(params, states):
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            beta1, beta2 = group["betas"]
+            adamw(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+                  [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        else:
+            buffers = [s.get("momentum_buffer") for s in states]
+            sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["fallback_momentum"],
+                lr=group["lr"], dampening=0.0, nesterov=group["fallback_nesterov"], maximize=False)
+            if group["fallback_momentum"] > 0:
+                for st, buf in zip(states, buffers):
+                    st["momentum_buffer"] = buf
+
+    def _check_finite(self) -> None:
+        grads, where = [], []
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    where.append((index, i))
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads])
+        if bool(finite.all()):
+            return
+        index, i = where[int((~finite).nonzero()[0])]
+        raise NonFiniteGradientError(
+            f"{type(self).__name__}: the gradient of {self.param_name(index, i)} holds NaN or Inf; "
+            "the step was refused and no weight was changed. Lower the learning rate, clip gradients, "
+            "or use bf16/fp32 instead of fp16."
+        )
+
+    # -- reporting ------------------------------------------------------------------------
+    def param_name(self, group_index: int, i: int) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        if names:
+            return f"parameter '{names[i]}'"
+        return f"parameter #{i} of group {group.get('name', group_index)} (shape {tuple(group['params'][i].shape)})"
+
+    @torch.no_grad()
+    def constraint_report(self) -> dict[str, dict[str, float]]:
+        """Per matrix parameter: ``constraint`` (distance to the optimizer's constraint set, where
+        it has one), ``inner_iterations`` and ``inner_residual`` of its last inner solve."""
+        report: dict[str, dict[str, float]] = {}
+        for index, group in enumerate(self.param_groups):
+            if not group[MATRIX_KEY]:
+                continue
+            names = group.get("param_names") or [f"{group.get('name', index)}.{i}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                state = self.state.get(p, {})
+                entry = {k: float(state[k]) for k in ("inner_iterations", "inner_residual") if k in state}
+                distance = self._constraint_distance(group, p, state)
+                if distance is not None:
+                    entry["constraint"] = distance
+                if entry:
+                    report[name] = entry
+        return report
+
+    def _constraint_distance(self, group: dict[str, Any], p: torch.Tensor, state: dict) -> Optional[float]:
+        return None
+
+
+def record_inner(state: dict, iterations: int, residual: Any) -> None:
+    """Keep the last inner solve's iteration count and residual in the parameter's state."""
+    state["inner_iterations"] = int(iterations)
+    state["inner_residual"] = residual if isinstance(residual, torch.Tensor) else torch.tensor(float(residual))
+

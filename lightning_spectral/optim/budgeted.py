@@ -1,0 +1,161 @@
+"""MuonSGD and MuonAdamW: a base rule proposes a raw step, an inner solver fits it to a
+spectral budget (seed 001, DESIGN §2).
+
+For each matrix ``W`` the base rule (momentum SGD or AdamW) proposes ``Δ``; the step taken is
+``A* = argmin ‖A − Δ‖_F s.t. ‖A‖₂ ≤ η [, WᵀA + AᵀW = 0]`` (see :mod:`.solvers`). Limits:
+``η → ∞`` is plain SGD/AdamW; ``‖Δ‖₂ ≫ η`` gives ``η·msign(Δ)``, Muon with step ``η``.
+
+``spectral_budget`` is an absolute bound on the spectral norm of each matrix's per-step change
+(not multiplied by lr, not scaled by shape: the seed's meaning). Decision: by default the budget
+follows the learning-rate schedule (``η_t = η · lr_t / lr_0``, ``lr_0`` the group's
+``initial_lr`` that torch schedulers record), so a cosine schedule anneals the Muon-like regime
+too; ``budget_follows_lr=False`` keeps it fixed as the seed did.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from .base import MatrixOptimizer, check_positive, check_unit_interval, record_inner
+from .solvers import InnerSolver, SpectralClipSolver, get_inner_solver
+
+
+def resolve_solver(inner_solver: Union[InnerSolver, str, None]) -> InnerSolver:
+    if inner_solver is None:
+        return SpectralClipSolver()
+    if isinstance(inner_solver, str):
+        return get_inner_solver(inner_solver)
+    if not isinstance(inner_solver, InnerSolver):
+        raise TypeError(f"inner_solver must be an InnerSolver, a registry name or None, got {type(inner_solver).__name__}")
+    return inner_solver
+
+
+class BudgetedOptimizer(MatrixOptimizer):
+    """Shared part of MuonSGD/MuonAdamW: the budget, the solver and its bookkeeping."""
+
+    def __init__(self, params, defaults, inner_solver, **fallback):
+        budget = defaults["spectral_budget"]
+        if budget is not None:
+            check_positive(type(self).__name__, spectral_budget=budget)
+        self.inner_solver = resolve_solver(inner_solver)
+        super().__init__(params, defaults, **fallback)
+
+    def _constrain(self, group: dict[str, Any], p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        budget = group["spectral_budget"]
+        if budget is None:
+            return delta
+        if group["budget_follows_lr"] and group.get("initial_lr"):
+            budget = budget * group["lr"] / group["initial_lr"]
+        state = self.state[p]
+        step = self.inner_solver(p, delta, budget, state=state)
+        info = self.inner_solver.last_info
+        record_inner(state, info.iterations, info.tangent_residual)
+        return step
+
+
+class MuonSGD(BudgetedOptimizer):
+    """Momentum SGD whose matrix steps are fitted to a spectral budget.
+
+    ``d = g + wd·W`` (coupled L2, inside the budget, as ``torch.optim.SGD``), ``b ← μ b + (1 −
+    dampening) d`` (``b₀ = d``), ``d ← d + μ b`` with Nesterov else ``b``; ``Δ = −lr·d``;
+    ``W ← W + solver(W, Δ, η)``. Non-matrix tensors take the same SGD step unconstrained
+    (``fallback="sgd"``), or AdamW with ``fallback="adamw"``.
+
+    Args:
+        spectral_budget: ``η``; ``None`` disables the solver (plain SGD).
+        inner_solver: an :class:`~lightning_spectral.optim.solvers.InnerSolver`, a registry
+            name (``"dual_ascent"``…) or ``None`` (``SpectralClipSolver()``).
+        budget_follows_lr: scale ``η`` by ``lr/initial_lr`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        spectral_budget: Optional[float] = None,
+        inner_solver: Union[InnerSolver, str, None] = None,
+        nesterov: bool = False,
+        dampening: float = 0.0,
+        budget_follows_lr: bool = True,
+        fallback: str = "sgd",
+        fallback_lr: Optional[float] = None,
+        fallback_weight_decay: Optional[float] = None,
+        check_finite: bool = True,
+    ):
+        check_unit_interval("MuonSGD", momentum=momentum)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("MuonSGD: Nesterov momentum requires momentum > 0 and dampening = 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, spectral_budget=spectral_budget,
+                        nesterov=nesterov, dampening=dampening, budget_follows_lr=budget_follows_lr)
+        super().__init__(params, defaults, inner_solver, fallback=fallback, fallback_lr=fallback_lr,
+                         fallback_momentum=momentum, fallback_nesterov=nesterov,
+                         fallback_weight_decay=fallback_weight_decay, check_finite=check_finite)
+
+    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        mu, wd = group["momentum"], group["weight_decay"]
+        for p in params:
+            d = p.grad.add(p, alpha=wd) if wd else p.grad
+            if mu:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(mu).add_(d, alpha=1.0 - group["dampening"])
+                d = d.add(buf, alpha=mu) if group["nesterov"] else buf
+            p.add_(self._constrain(group, p, d.mul(-group["lr"])))
+
+
+class MuonAdamW(BudgetedOptimizer):
+    """AdamW whose matrix steps are fitted to a spectral budget.
+
+    ``W ← (1 − lr·wd) W`` (decoupled, outside the budget), ``m, v`` Adam moments,
+    ``Δ = −lr · m̂ / (√v̂ + ε)`` with bias corrections ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)``;
+    ``W ← W + solver(W, Δ, η)``. Non-matrix tensors take the plain AdamW step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        spectral_budget: Optional[float] = None,
+        inner_solver: Union[InnerSolver, str, None] = None,
+        budget_follows_lr: bool = True,
+        fallback: str = "adamw",
+        fallback_lr: Optional[float] = None,
+        fallback_weight_decay: Optional[float] = None,
+        check_finite: bool = True,
+    ):
+        check_unit_interval("MuonAdamW", beta1=betas[0], beta2=betas[1])
+        check_positive("MuonAdamW", eps=eps)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        spectral_budget=spectral_budget, budget_follows_lr=budget_follows_lr)
+        super().__init__(params, defaults, inner_solver, fallback=fallback, fallback_lr=fallback_lr,
+                         fallback_betas=betas, fallback_eps=eps, fallback_weight_decay=fallback_weight_decay,
+                         check_finite=check_finite)
+
+    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = float(state["step"])
+            state["exp_avg"].lerp_(p.grad, 1.0 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+            denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
+            delta = state["exp_avg"].div(denom).mul_(-lr / (1.0 - beta1**t))
+            if group["weight_decay"]:
+                p.mul_(1.0 - lr * group["weight_decay"])
+            p.add_(self._constrain(group, p, delta))

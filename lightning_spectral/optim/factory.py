@@ -1,0 +1,60 @@
+"""``create_optimizer``: the source notebook's one-call factory, over the same group rules."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .budgeted import MuonAdamW, MuonSGD
+from .manifold import ManifoldMuon, SpectralBall
+from .muon import Muon
+from .param_groups import build_param_groups
+from .solvers import get_inner_solver
+
+OPTIMIZER_TYPES = ("sgd", "adamw", "muon", "muon_sgd", "muon_adamw", "manifold_muon", "spectral_ball")
+
+
+def create_optimizer(
+    model: nn.Module,
+    optimizer_type: str = "muon_sgd",
+    inner_solver_type: str = "spectral_clip",
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    spectral_budget: Optional[float] = 0.1,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build an optimizer for ``model`` as the notebook does
+    (``create_optimizer(model, optimizer_type="muon_sgd", inner_solver_type="dual_ascent", ...)``).
+
+    Parameters are grouped by :func:`~lightning_spectral.optim.param_groups.build_param_groups`
+    (matrices vs the rest, no weight decay on the rest). ``inner_solver_type="none"`` or
+    ``spectral_budget=None`` turns the budget off. Keyword arguments starting with ``solver_``
+    go to the solver (``solver_tangent=True``, ``solver_max_iters=50``); the rest go to the
+    optimizer's constructor (``nesterov``, ``betas``, ``mode``, ``fallback_lr``…).
+    """
+    if optimizer_type not in OPTIMIZER_TYPES:
+        raise ValueError(f"unknown optimizer_type {optimizer_type!r}; choose one of {OPTIMIZER_TYPES}")
+    solver_kwargs = {k[len("solver_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("solver_")}
+    groups = build_param_groups(model)
+    if inner_solver_type == "none" or spectral_budget is None:
+        solver, spectral_budget = None, None
+    else:
+        solver = get_inner_solver(inner_solver_type, **solver_kwargs)
+    if optimizer_type == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+    if optimizer_type == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+    if optimizer_type == "muon":
+        return Muon(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+    if optimizer_type == "muon_sgd":
+        return MuonSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                       spectral_budget=spectral_budget, inner_solver=solver, **kwargs)
+    if optimizer_type == "muon_adamw":
+        return MuonAdamW(groups, lr=lr, weight_decay=weight_decay, spectral_budget=spectral_budget,
+                         inner_solver=solver, **kwargs)
+    if optimizer_type == "manifold_muon":
+        return ManifoldMuon(groups, lr=lr, **kwargs)
+    return SpectralBall(groups, lr=lr, **kwargs)

@@ -1,0 +1,161 @@
+"""Small exact linear-algebra pieces shared by the solvers and the manifold directions.
+
+Conventions: a weight ``W`` is worked on in *tall* orientation (``n ≥ m``; a wide matrix is
+transposed first and the answer transposed back), so the Stiefel manifold is ``WᵀW = I`` and
+its tangent space at ``W`` is ``{A : WᵀA + AᵀW = 0}``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .msign import msign
+
+
+def as_matrix(p: torch.Tensor) -> torch.Tensor:
+    """View a weight as a matrix: a conv kernel ``(out, in, kh, kw)`` becomes ``out × (in·kh·kw)``."""
+    if p.ndim < 2:
+        raise ValueError(f"expected a tensor with ndim >= 2, got shape {tuple(p.shape)}")
+    return p if p.ndim == 2 else p.reshape(p.shape[0], -1)
+
+
+def sym(M: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (M + M.mT)
+
+
+def spectral_norm(M: torch.Tensor) -> torch.Tensor:
+    """Exact ``‖M‖₂`` (largest singular value), in float32 or better."""
+    return torch.linalg.matrix_norm(M if M.dtype in (torch.float32, torch.float64) else M.float(), ord=2)
+
+
+def is_wide(W: torch.Tensor) -> bool:
+    return W.size(-2) < W.size(-1)
+
+
+def orient(W: torch.Tensor, *others: torch.Tensor) -> tuple[bool, list[torch.Tensor]]:
+    """Return ``(transposed, [W, *others])`` in tall orientation."""
+    flip = is_wide(W)
+    mats = [W, *others]
+    return flip, [m.mT for m in mats] if flip else mats
+
+
+class TangentSpace:
+    """The linear space ``T = {A : WᵀA + AᵀW = 0}`` at a tall ``W`` and its exact projection.
+
+    ``T`` is the set of first-order moves that leave the Gram matrix ``WᵀW`` unchanged: for
+    ``W`` on the Stiefel manifold it is the manifold's tangent space. The projection
+    ``P_T(Δ) = Δ − W S`` with ``S`` symmetric solving the Lyapunov equation
+    ``C S + S C = WᵀΔ + ΔᵀW``, ``C = WᵀW``; with ``C = QΛQᵀ`` that is
+    ``S = Q [(QᵀRQ)ᵢⱼ / (λᵢ + λⱼ)] Qᵀ`` (``R`` the right-hand side). When ``W`` is known to be
+    orthonormal (``orthonormal=True``) it reduces to ``Δ − W sym(WᵀΔ)`` and no eigensolve is done.
+    """
+
+    def __init__(self, W: torch.Tensor, orthonormal: bool = False):
+        if W.size(-2) < W.size(-1):
+            raise ValueError("TangentSpace expects a tall matrix (rows >= columns); transpose first")
+        self.W = W
+        self.orthonormal = orthonormal
+        if not orthonormal:
+            C = (W.mT @ W).double()
+            lam, Q = torch.linalg.eigh(C)
+            denom = lam[:, None] + lam[None, :]
+            tiny = denom.abs().max() * 1e-12
+            self._Q = Q
+            self._inv = torch.where(denom > tiny, 1.0 / denom.clamp_min(tiny), torch.zeros_like(denom))
+
+    def constraint(self, A: torch.Tensor) -> torch.Tensor:
+        """``sym(WᵀA)``: zero exactly when ``A ∈ T``."""
+        return sym(self.W.mT @ A)
+
+    def multiplier_step(self, S: torch.Tensor) -> torch.Tensor:
+        """``W S``: the adjoint of :meth:`constraint` applied to a symmetric multiplier."""
+        return self.W @ S
+
+    def multiplier(self, A: torch.Tensor) -> torch.Tensor:
+        """The symmetric ``S`` with ``P_T(A) = A − W S``."""
+        if self.orthonormal:
+            return self.constraint(A)
+        R = (self.W.mT @ A).double()
+        R = R + R.mT
+        Q = self._Q
+        return (Q @ ((Q.mT @ R @ Q) * self._inv) @ Q.mT).to(A.dtype)
+
+    def project(self, A: torch.Tensor) -> torch.Tensor:
+        return A - self.W @ self.multiplier(A)
+
+    def residual(self, A: torch.Tensor) -> torch.Tensor:
+        """Scale-free tangency residual ``‖sym(WᵀA)‖_F / (‖W‖₂ ‖A‖_F)`` (0 on ``T``)."""
+        denom = spectral_norm(self.W) * torch.linalg.matrix_norm(A) + 1e-30
+        return torch.linalg.matrix_norm(self.constraint(A)) / denom
+
+
+def spectral_clip(delta: torch.Tensor, budget: float, method: str = "svd") -> torch.Tensor:
+    """``U min(Σ, η) Vᵀ``: the Frobenius-nearest matrix with ``‖A‖₂ ≤ η`` (the projection onto
+    the spectral ball of radius ``η``).
+
+    ``method="svd"`` is exact. ``method="msign"`` needs no SVD: with ``P = msign(Δ)``,
+    ``clip(Δ) = ½ (Δ + ηP − msign(Δ − ηP) Pᵀ (Δ − ηP))`` (two Polar-Express msign calls;
+    its error is set by how well msign resolves singular values near ``η``).
+    """
+    if method == "svd":
+        work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+        U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+        return ((U * S.clamp(max=budget).unsqueeze(-2)) @ Vh).to(delta.dtype)
+    if method == "msign":
+        P = msign(delta, steps=10, schedule="polar_express")
+        E = delta - budget * P
+        return 0.5 * (delta + budget * P - msign(E, steps=10, schedule="polar_express") @ P.mT @ E)
+    raise ValueError(f"unknown spectral_clip method {method!r}; use 'svd' or 'msign'")
+
+
+def rescale_into_ball(A: torch.Tensor, budget: float) -> torch.Tensor:
+    """``A · min(1, η/‖A‖₂)``: stays in any linear space ``A`` is in."""
+    norm = spectral_norm(A)
+    return A * torch.clamp(budget / (norm + 1e-30), max=1.0).to(A.dtype)
+
+
+def power_iteration(
+    W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``steps`` rounds of ``v ← Wᵀu/‖·‖, u ← Wv/‖·‖`` from warm vectors; returns ``(σ, u, v)``
+    with ``σ = uᵀWv``, a lower bound on ``‖W‖₂`` that converges at rate ``(σ₂/σ₁)^(2k)``."""
+    for _ in range(steps):
+        v = torch.nn.functional.normalize(W.mT @ u, dim=0)
+        u = torch.nn.functional.normalize(W @ v, dim=0)
+    return u @ W @ v, u, v
+
+
+def estimate_spectral_norm(M: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """Cheap deterministic estimate of ``‖M‖₂`` (power iteration from the column sums of
+    ``|M|``), used only to put gradients on a common scale."""
+    v = torch.nn.functional.normalize(M.abs().sum(0) + 1e-30, dim=0)
+    u = torch.nn.functional.normalize(M @ v, dim=0)
+    sigma, _, _ = power_iteration(M, u, v, steps)
+    return sigma.abs()
+
+
+def top_singular_pair(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact ``(σ₁, u₁, v₁)`` by SVD: the deterministic start for warm-started power iteration."""
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return S[0].to(W.dtype), U[:, 0].to(W.dtype), Vh[0].to(W.dtype)
+
+
+def minimize_lbfgs(value_and_grad, x0: torch.Tensor, max_evals: int, grad_tol: float,
+                   history_size: int = 10) -> tuple[torch.Tensor, int]:
+    """Minimise a smooth function with ``torch.optim.LBFGS`` (strong-Wolfe line search);
+    ``value_and_grad(x) -> (f, ∇f)`` is evaluated without autograd. Returns ``(x, evaluations)``."""
+    x = x0.detach().clone()
+    lbfgs = torch.optim.LBFGS([x], lr=1.0, max_iter=max_evals, max_eval=max_evals,
+                              tolerance_grad=grad_tol, tolerance_change=0.0,
+                              history_size=history_size, line_search_fn="strong_wolfe")
+    evaluations = 0
+
+    def closure():
+        nonlocal evaluations
+        evaluations += 1
+        value, grad = value_and_grad(x.detach())
+        x.grad = grad
+        return value
+
+    lbfgs.step(closure)
+    return x.detach(), evaluations
