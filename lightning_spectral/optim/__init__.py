@@ -1,10 +1,24 @@
 """Spectral-norm optimizers in pure PyTorch (no Lightning import): msign, Muon, MuonSGD and
-MuonAdamW with five inner solvers, manifold Muon, the spectral sphere/ball, and the factory."""
+MuonAdamW with five inner solvers, manifold Muon, the spectral sphere/ball, the geometric
+variants (Oblique, SL, Symplectic, L1-/Block-Stiefel, Doubly-Stochastic, Grassmann), and the
+factory."""
 
 from .base import MatrixOptimizer, NonFiniteGradientError
 from .budgeted import MuonAdamW, MuonSGD
 from .directions import DirectionInfo, spectral_ball_direction, stiefel_direction
 from .factory import OPTIMIZER_TYPES, create_optimizer
+from .geometric import (
+    BlockStiefel,
+    DoublyStochastic,
+    GeometricOptimizer,
+    Grassmann,
+    L1Stiefel,
+    Oblique,
+    SLMuon,
+    Symplectic,
+    sinkhorn,
+    symplectic_form,
+)
 from .linalg import TangentSpace, spectral_clip
 from .manifold import ManifoldMuon, SpectralBall
 from .msign import SCHEDULES, msign, msign_svd
@@ -23,7 +37,8 @@ from .solvers import (
 )
 
 __all__ = [
-    "ADMMSolver", "DirectionInfo", "DualAscentSolver", "FrankWolfeSolver", "InnerSolver", "ManifoldMuon",
+    "ADMMSolver", "BlockStiefel", "DoublyStochastic", "GeometricOptimizer", "Grassmann", "L1Stiefel", "Oblique",
+    "SLMuon", "Symplectic", "sinkhorn", "symplectic_form", "DirectionInfo", "DualAscentSolver", "FrankWolfeSolver", "InnerSolver", "ManifoldMuon",
     "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "NonFiniteGradientError", "OPTIMIZER_TYPES",
     "QuasiNewtonDualSolver", "SCHEDULES", "SOLVER_REGISTRY", "SolveInfo", "SpectralBall", "SpectralClipSolver",
     "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd",

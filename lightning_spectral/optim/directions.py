@@ -59,7 +59,7 @@ def stiefel_direction(
     *,
     mode: str = "inner",
     alpha: float = 0.1,
-    max_iters: int = 100,
+    max_iters: int = 300,
     tol: float = 1e-5,
     msign_steps: int = 10,
     schedule: str = "polar_express",
@@ -77,8 +77,11 @@ def stiefel_direction(
             projection, ``Ĝ + W X₀ = P_T(Ĝ)`` (exact for square ``W``). Keeping the correction
             rather than ``X`` itself makes the amortized mode track a gradient that changes
             direction from step to step. ``None``: ``Y = 0``.
-        mode: ``"inner"`` (dual descent until the tangency residual is below ``tol``) or
-            ``"amortized"`` (one dual step).
+        mode: ``"inner"`` (smoothed dual minimised by L-BFGS until the tangency residual is
+            below ``tol``; the direction is tangent and in the unit ball) or ``"amortized"``
+            (one dual step ``X ← X − α(WᵀΦ + ΦᵀW)``; the direction ``msign(Ĝ + WX)`` is then
+            projected onto the tangent space, so it is tangent whatever the dual's progress,
+            and ``info.residual`` is the tangency residual before that projection).
         alpha: amortized dual step on the normalised gradient, divided by ``‖W‖₂²``.
         orthonormal: ``W`` is on the manifold (skips the eigensolve of the general projection).
         certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + W X‖_*``.
@@ -94,10 +97,11 @@ def stiefel_direction(
     base = -space.multiplier(Ghat)
     X = base if Y is None else base + Y
     if mode == "amortized":
-        w_sq = 1.0 if orthonormal else float(torch.linalg.matrix_norm(Wt, ord=2)) ** 2
+        w_sq = space.norm**2
         Phi = msign(Ghat + Wt @ X, msign_steps, schedule)
         X_used, X = X, X - (alpha / max(w_sq, 1e-30)) * 2.0 * space.constraint(Phi)
         k, residual = 0, space.residual(Phi)
+        Phi = space.project(Phi)
     else:
         X, Phi, residual, k = _stiefel_inner(space, Ghat, X, max_iters, tol)
         X_used = X
@@ -106,39 +110,49 @@ def stiefel_direction(
         Phi = rescale_into_ball(space.project(Phi), 1.0)
         info.objective = float((Gt * Phi).sum())
         info.dual_value = float(scale * nuclear_norm(Ghat + Wt @ X_used))
-    elif mode == "inner":
-        Phi = space.project(Phi)
     return (Phi.mT if flip else Phi), X - base, info
 
 
+SMOOTHING = (1e-2, 1e-3, 1e-4)
+
+
 def _stiefel_inner(space, Ghat, X, max_iters, tol):
-    """Minimise ``f(X) = ‖Ĝ + W X‖_* = tr N^{1/2}``, ``N = MᵀM``, in the ``k × k`` Gram space:
-    ``N = ĜᵀĜ + PᵀX + XP + X(WᵀW)X`` with ``P = WᵀĜ``, and ``∇f = 2 sym((P + WᵀW X) N^{-1/2})``,
-    so each evaluation is one ``k × k`` eigensolve (float64) instead of an ``n × k`` msign, and
-    the exact polar factor ``Φ = M N^{+1/2}`` comes out at the end (pseudo-inverse: directions
-    where ``M`` is rank-deficient map to 0, as msign does). L-BFGS does the descent.
-    Returns ``(X, Φ, residual, evaluations − 1)``."""
+    """Minimise the dual ``‖Ĝ + W X‖_*`` in the ``k × k`` Gram space, smoothed.
+
+    With ``M = Ĝ + W X`` and ``N = MᵀM = ĜᵀĜ + PᵀX + XP + X(WᵀW)X`` (``P = WᵀĜ``), each
+    evaluation is one ``k × k`` eigensolve (float64) instead of an ``n × k`` msign. The nuclear
+    norm is not smooth where ``M`` loses rank (there ``msign(M)`` is not the primal optimum and
+    descent stalls), so L-BFGS minimises ``f_μ(X) = tr (N + μ²I)^{1/2}`` for ``μ`` in
+    :data:`SMOOTHING` (continuation, warm-started), whose gradient is
+    ``2 sym(Wᵀ Φ_μ)`` with ``Φ_μ = M (N + μ²I)^{-1/2}``. At a stationary point ``Φ_μ`` is exactly
+    tangent and ``‖Φ_μ‖₂ < 1`` (feasible), and ``‖M‖_* − ⟨M, Φ_μ⟩ ≤ kμ/2``: the duality gap is
+    set by the last ``μ`` (units of ``‖Ĝ‖₂ = 1``). Returns ``(X, Φ, residual, evaluations − 1)``."""
     W = space.W.double()
     G = Ghat.double()
     GtG, P, WtW = G.mT @ G, W.mT @ G, W.mT @ W
+    eye = torch.eye(GtG.shape[0], dtype=GtG.dtype, device=GtG.device)
 
-    def inv_sqrt(X):
-        N = GtG + P.mT @ X + X @ P + X @ WtW @ X
+    def smoothed(X, mu):
+        N = GtG + P.mT @ X + X @ P + X @ WtW @ X + (mu * mu) * eye
         lam, Q = torch.linalg.eigh(sym(N))
-        keep = lam > lam[-1].clamp_min(1e-300) * 1e-12
-        lam = torch.where(keep, lam, torch.zeros_like(lam))
-        inv = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
-        return lam.sqrt().sum(), (Q * inv) @ Q.mT
+        lam = lam.clamp_min(mu * mu)
+        return lam.sqrt().sum(), (Q * lam.rsqrt()) @ Q.mT
 
-    def value_and_grad(X):
+    grad_tol = tol * space.norm
+    evaluations = 0
+    X = X.double()
+    for mu in SMOOTHING:
+        def value_and_grad(X_, mu=mu):
+            X_ = sym(X_)
+            value, inv_sqrt = smoothed(X_, mu)
+            return value, 2.0 * sym((P + WtW @ X_) @ inv_sqrt)
+
+        budget = max(1, (max_iters - evaluations) // (len(SMOOTHING) - SMOOTHING.index(mu)))
+        X, used = minimize_lbfgs(value_and_grad, X, budget, max(grad_tol, 0.1 * mu * space.norm)
+                                 if mu != SMOOTHING[-1] else grad_tol)
         X = sym(X)
-        value, N_inv_sqrt = inv_sqrt(X)
-        return value, 2.0 * sym((P + WtW @ X) @ N_inv_sqrt)
-
-    grad_tol = tol * float(torch.linalg.matrix_norm(W, ord=2))
-    X, evaluations = minimize_lbfgs(value_and_grad, X.double(), max_iters, grad_tol)
-    X = sym(X)
-    Phi = ((G + W @ X) @ inv_sqrt(X)[1]).to(Ghat.dtype)
+        evaluations += used
+    Phi = ((G + W @ X) @ smoothed(X, SMOOTHING[-1])[1]).to(Ghat.dtype)
     return X.to(Ghat.dtype), Phi, space.residual(Phi), evaluations - 1
 
 

@@ -8,12 +8,17 @@ import torch
 from torch import nn
 
 from .budgeted import MuonAdamW, MuonSGD
+from .geometric import BlockStiefel, DoublyStochastic, Grassmann, L1Stiefel, Oblique, SLMuon, Symplectic
 from .manifold import ManifoldMuon, SpectralBall
 from .muon import Muon
 from .param_groups import build_param_groups
 from .solvers import get_inner_solver
 
-OPTIMIZER_TYPES = ("sgd", "adamw", "muon", "muon_sgd", "muon_adamw", "manifold_muon", "spectral_ball")
+GEOMETRIC = {
+    "oblique": Oblique, "sl_muon": SLMuon, "symplectic": Symplectic, "l1_stiefel": L1Stiefel,
+    "block_stiefel": BlockStiefel, "doubly_stochastic": DoublyStochastic, "grassmann": Grassmann,
+}
+OPTIMIZER_TYPES = ("sgd", "adamw", "muon", "muon_sgd", "muon_adamw", "manifold_muon", "spectral_ball", *GEOMETRIC)
 
 
 def create_optimizer(
@@ -33,7 +38,9 @@ def create_optimizer(
     (matrices vs the rest, no weight decay on the rest). ``inner_solver_type="none"`` or
     ``spectral_budget=None`` turns the budget off. Keyword arguments starting with ``solver_``
     go to the solver (``solver_tangent=True``, ``solver_max_iters=50``); the rest go to the
-    optimizer's constructor (``nesterov``, ``betas``, ``mode``, ``fallback_lr``…).
+    optimizer's constructor (``nesterov``, ``betas``, ``mode``, ``fallback_lr``…). The manifold
+    optimizers ignore ``momentum``/``weight_decay`` unless they take them (pass ``momentum=`` in
+    ``kwargs`` for ManifoldMuon/SpectralBall); their projection keeps the norms bounded.
     """
     if optimizer_type not in OPTIMIZER_TYPES:
         raise ValueError(f"unknown optimizer_type {optimizer_type!r}; choose one of {OPTIMIZER_TYPES}")
@@ -57,4 +64,6 @@ def create_optimizer(
                          inner_solver=solver, **kwargs)
     if optimizer_type == "manifold_muon":
         return ManifoldMuon(groups, lr=lr, **kwargs)
-    return SpectralBall(groups, lr=lr, **kwargs)
+    if optimizer_type == "spectral_ball":
+        return SpectralBall(groups, lr=lr, **kwargs)
+    return GEOMETRIC[optimizer_type](groups, lr=lr, momentum=momentum, **kwargs)

@@ -55,9 +55,11 @@ class TangentSpace:
             raise ValueError("TangentSpace expects a tall matrix (rows >= columns); transpose first")
         self.W = W
         self.orthonormal = orthonormal
+        self.norm = 1.0  # ‖W‖₂
         if not orthonormal:
             C = (W.mT @ W).double()
             lam, Q = torch.linalg.eigh(C)
+            self.norm = float(lam[-1].clamp_min(0.0).sqrt())
             denom = lam[:, None] + lam[None, :]
             tiny = denom.abs().max() * 1e-12
             self._Q = Q
@@ -85,7 +87,7 @@ class TangentSpace:
 
     def residual(self, A: torch.Tensor) -> torch.Tensor:
         """Scale-free tangency residual ``‖sym(WᵀA)‖_F / (‖W‖₂ ‖A‖_F)`` (0 on ``T``)."""
-        denom = spectral_norm(self.W) * torch.linalg.matrix_norm(A) + 1e-30
+        denom = self.norm * torch.linalg.matrix_norm(A) + 1e-30
         return torch.linalg.matrix_norm(self.constraint(A)) / denom
 
 
@@ -146,7 +148,7 @@ def minimize_lbfgs(value_and_grad, x0: torch.Tensor, max_evals: int, grad_tol: f
     ``value_and_grad(x) -> (f, ∇f)`` is evaluated without autograd. Returns ``(x, evaluations)``."""
     x = x0.detach().clone()
     lbfgs = torch.optim.LBFGS([x], lr=1.0, max_iter=max_evals, max_eval=max_evals,
-                              tolerance_grad=grad_tol, tolerance_change=0.0,
+                              tolerance_grad=grad_tol, tolerance_change=1e-12,
                               history_size=history_size, line_search_fn="strong_wolfe")
     evaluations = 0
 

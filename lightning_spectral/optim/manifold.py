@@ -59,7 +59,7 @@ class ManifoldMuon(MatrixOptimizer):
         mode: str = "amortized",
         dual_lr: float = 0.1,
         inner_tol: float = 1e-5,
-        inner_max_iters: int = 100,
+        inner_max_iters: int = 300,
         ns_steps: int = 8,
         ns_schedule: str = "polar_express",
         retraction_steps: int = 8,
@@ -96,15 +96,29 @@ class ManifoldMuon(MatrixOptimizer):
             G = as_matrix(ema_momentum(state, p.grad, group["momentum"], group["nesterov"])).float()
             W = as_matrix(p).float()
             Phi, Y, info = stiefel_direction(
-                W, G, state.get("dual"), mode=group["mode"], alpha=group["dual_lr"],
+                W, G, state.get("dual"), mode=group["mode"], alpha=self._dual_step(group, state),
                 max_iters=group["inner_max_iters"], tol=group["inner_tol"],
                 msign_steps=group["ns_steps"], schedule=group["ns_schedule"],
             )
             state["dual"] = Y
+            if "inner_residual" in state:
+                state["previous_residual"] = state["inner_residual"]
             record_inner(state, info.iterations, info.residual)
             step = group["lr"] * lr_scale(p.shape, group["adjust_lr"])
             W_new = msign(W - step * Phi, group["retraction_steps"], "polar_express")
             p.copy_(W_new.view_as(p))
+
+    @staticmethod
+    def _dual_step(group: dict[str, Any], state: dict) -> float:
+        """Amortized dual step with a safeguard: halved when the tangency residual rose since the
+        last step, regrown by 10 % up to ``dual_lr`` otherwise. (A fixed step oscillates on
+        square and near-square matrices, where ``‖G + WX‖_*`` is steep near its minimum.)"""
+        if group["mode"] != "amortized" or "previous_residual" not in state:
+            return group["dual_lr"]
+        rose = float(state["inner_residual"]) > float(state["previous_residual"])
+        step = state.get("dual_step", group["dual_lr"])
+        state["dual_step"] = step = 0.5 * step if rose else min(group["dual_lr"], 1.1 * step)
+        return step
 
     def _constraint_distance(self, group, p, state) -> Optional[float]:
         """``‖WᵀW − I‖_F / √k`` in tall orientation (``k`` columns)."""

@@ -180,8 +180,14 @@ class DualAscentSolver(InnerSolver):
 
     name = "dual_ascent"
 
+    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 500,
+                 clip_method: str = "svd"):
+        # 500: accelerated dual ascent needs O(√κ) iterations for a W of condition number κ²;
+        # on a 16×16 Gaussian W, 100 left the objective 6e-3 above ADMM's.
+        super().__init__(tangent, tol, max_iters, clip_method)
+
     def _solve(self, W, D, budget, space, state):
-        step = 1.0 / max(float(spectral_norm(W)) ** 2, 1e-30)
+        step = 1.0 / max(space.norm**2, 1e-30)
         X = state.get("solver_dual")
         X = torch.zeros(W.shape[1], W.shape[1], dtype=D.dtype, device=D.device) if X is None else X.to(D)
         Y, t = X, 1.0
@@ -207,7 +213,7 @@ class QuasiNewtonDualSolver(InnerSolver):
 
     name = "quasi_newton"
 
-    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 100,
+    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 300,
                  clip_method: str = "svd", memory_size: int = 10):
         super().__init__(tangent, tol, max_iters, clip_method)
         if int(memory_size) != memory_size or memory_size < 1:
@@ -223,7 +229,7 @@ class QuasiNewtonDualSolver(InnerSolver):
 
         X0 = state.get("solver_dual")
         X0 = torch.zeros(W.shape[1], W.shape[1], dtype=D.dtype, device=D.device) if X0 is None else X0.to(D)
-        grad_tol = self.tol * float(spectral_norm(W)) * float(torch.linalg.matrix_norm(D)) / W.shape[1]
+        grad_tol = self.tol * space.norm * float(torch.linalg.matrix_norm(D)) / W.shape[1]
         X, evaluations = minimize_lbfgs(negative_dual, X0, self.max_iters, grad_tol, self.memory_size)
         X = sym(X)
         state["solver_dual"] = X

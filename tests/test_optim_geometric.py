@@ -1,0 +1,357 @@
+"""The seven geometric optimizers (issue 4): each keeps its constraint through training, steps
+downhill, reports its constraint per matrix, handles closures and state, refuses bad input."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_spectral.optim.geometric import (
+    BlockStiefel,
+    DoublyStochastic,
+    Grassmann,
+    L1Stiefel,
+    Oblique,
+    SLMuon,
+    Symplectic,
+    sinkhorn,
+    symplectic_form,
+)
+from lightning_spectral.optim.param_groups import build_param_groups
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: one thread is faster than two and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(128, 8, generator=g)
+    teacher = torch.randn(8, 4, generator=g)
+    return X, (X @ teacher).argmax(1)
+
+
+def gram_error(W: torch.Tensor) -> float:
+    W = W if W.shape[0] >= W.shape[1] else W.mT
+    return float((W.mT @ W - torch.eye(W.shape[1])).norm() / W.shape[1] ** 0.5)
+
+
+# name: (class, kwargs for the MLP run, tolerance on the reported constraint, what it means)
+CASES = {
+    "oblique": (Oblique, dict(lr=0.05), 1e-6, "max |‖column‖ − 1|"),
+    "oblique_rows": (Oblique, dict(lr=0.05, dim="rows", radius=2.0), 1e-6, "max |‖row‖/2 − 1|"),
+    "sl": (SLMuon, dict(lr=0.01), 1e-4, "|det W − 1|"),
+    "symplectic": (Symplectic, dict(lr=0.02), 1e-6, "‖WᵀJW − J‖_F/(√n·max(1, ‖W‖₂²))"),
+    "l1_stiefel": (L1Stiefel, dict(lr=0.05, l1_weight=1e-3), 1e-5, "‖WᵀW − I‖_F/√k"),
+    "block_stiefel": (BlockStiefel, dict(lr=0.05, block_size=4), 1e-5, "max over blocks ‖XᵀX − I‖_F/√k"),
+    "doubly_stochastic": (DoublyStochastic, dict(lr=0.3), 1e-5, "max |row/col sum − 1|, negativity"),
+    "grassmann": (Grassmann, dict(lr=0.05), 1e-5, "‖WᵀW − I‖_F/√k"),
+    "l1_stiefel_riemannian": (L1Stiefel, dict(lr=0.5, direction="riemannian"), 1e-5, "‖WᵀW − I‖_F/√k"),
+}
+# Matrices of the MLP (8→16→16→4) kept on each manifold; the others take the AdamW fallback.
+ON_MANIFOLD = {
+    Oblique: {"0.weight", "2.weight", "4.weight"},
+    SLMuon: {"2.weight"},
+    Symplectic: {"2.weight"},
+    L1Stiefel: {"0.weight", "2.weight", "4.weight"},
+    BlockStiefel: {"0.weight", "2.weight", "4.weight"},
+    DoublyStochastic: {"2.weight"},
+    Grassmann: {"0.weight", "4.weight"},
+}
+
+
+def train(opt_cls, kwargs, steps=300, model=None):
+    model = model or mlp()
+    X, y = data()
+    opt = opt_cls(build_param_groups(model), **kwargs)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_constraint_holds_after_training(case):
+    opt_cls, kwargs, tol, _ = CASES[case]
+    model, opt, losses = train(opt_cls, kwargs)
+    assert losses[-1] < 0.6 * losses[0], f"{case} did not train: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    report = opt.constraint_report()
+    assert set(report) == ON_MANIFOLD[opt_cls]
+    for name, entry in report.items():
+        assert 0.0 <= entry["constraint"] <= tol, (case, name, entry)
+    W = dict(model.named_parameters())
+    # Independent checks of the same constraints, from the weights themselves.
+    if opt_cls is Oblique:
+        dim = 1 if kwargs.get("dim") == "rows" else 0
+        for name in report:
+            norms = W[name].detach().norm(dim=dim)
+            assert torch.allclose(norms, torch.full_like(norms, kwargs.get("radius", 1.0)), atol=1e-5)
+    elif opt_cls in (L1Stiefel, Grassmann):
+        for name in report:
+            assert gram_error(W[name].detach()) < tol
+    elif opt_cls is BlockStiefel:
+        for block in W["2.weight"].detach().split(4, dim=0):
+            assert gram_error(block) < tol
+    elif opt_cls is SLMuon:
+        M = W["2.weight"].detach().double()
+        assert abs(float(torch.linalg.det(M)) - 1.0) < tol
+        assert float(torch.linalg.cond(M)) < 1e5  # measured 8e3 here; |det − 1| grows with κ in float32
+    elif opt_cls is Symplectic:
+        M, J = W["2.weight"].detach().double(), symplectic_form(16)
+        assert float((M.mT @ J @ M - J).abs().max()) < 1e-5 * max(1.0, float(torch.linalg.matrix_norm(M, 2)) ** 2)
+    elif opt_cls is DoublyStochastic:
+        M = W["2.weight"].detach().double()
+        assert float(M.min()) >= 0.0
+        assert torch.allclose(M.sum(0), torch.ones(16, dtype=M.dtype), atol=1e-5)
+        assert torch.allclose(M.sum(1), torch.ones(16, dtype=M.dtype), atol=1e-5)
+        s = torch.linalg.svdvals(M)
+        assert float(s[1] / s[0]) > 0.3, "collapsed towards the rank-1 averaging matrix (the seed's bug)"
+
+
+def test_conv_kernels_are_out_by_in_kh_kw_matrices():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    x = torch.randn(4, 3, 6, 6)
+    for opt_cls in (Oblique, L1Stiefel):
+        opt = opt_cls([conv.weight], lr=0.05)
+        for _ in range(20):
+            opt.zero_grad()
+            conv(x).square().mean().backward()
+            opt.step()
+        W = conv.weight.detach().reshape(8, 27)
+        if opt_cls is Oblique:
+            assert torch.allclose(W.norm(dim=0), torch.ones(27), atol=1e-5)
+        else:
+            assert gram_error(W) < 1e-5
+
+
+# -- descent on f(W) = ½‖W − T‖² (+ λ‖W‖₁), T on the manifold --------------------------------
+DESCENT = {
+    "oblique": (Oblique, (6, 4), {}),
+    "sl": (SLMuon, (5, 5), {}),
+    "symplectic": (Symplectic, (6, 6), {}),
+    "l1_stiefel": (L1Stiefel, (7, 4), dict(l1_weight=0.1)),
+    "block_stiefel": (BlockStiefel, (8, 6), dict(block_size=4)),
+    "doubly_stochastic": (DoublyStochastic, (5, 5), {}),
+    "grassmann": (Grassmann, (7, 3), {}),
+    "grassmann_wide": (Grassmann, (3, 7), {}),
+}
+
+
+def on_manifold(opt_cls, shape, kwargs, seed):
+    torch.manual_seed(seed)
+    p = nn.Parameter(torch.randn(*shape))
+    opt_cls([p], lr=0.1, **kwargs)  # projects onto the manifold
+    return p
+
+
+@pytest.mark.parametrize("case", list(DESCENT))
+@pytest.mark.parametrize("direction", ["msign", "riemannian"])
+def test_step_is_a_descent_direction(case, direction):
+    opt_cls, shape, kwargs = DESCENT[case]
+    if opt_cls is DoublyStochastic and direction == "msign":
+        pytest.skip("the Birkhoff polytope takes the mirror step only")
+    extra = {} if opt_cls is DoublyStochastic else dict(direction=direction)
+    lam = kwargs.get("l1_weight", 0.0)
+    for seed in range(3):
+        T = on_manifold(opt_cls, shape, kwargs, 100 + seed).detach()
+        W = on_manifold(opt_cls, shape, kwargs, seed)
+
+        def objective():
+            return 0.5 * (W - T).square().sum() + lam * W.abs().sum()
+
+        opt = opt_cls([W], lr=1e-3, momentum=0.0, **kwargs, **extra)
+        before, W0 = objective().item(), W.detach().clone()
+        opt.zero_grad()
+        objective().backward()
+        grad = W.grad.clone() + 0.0
+        opt.step()
+        step = W.detach() - W0
+        assert float((grad * step).sum()) < 0, (case, direction, seed)
+        assert objective().item() < before, (case, direction, seed)
+        # and many steps keep going downhill on the manifold
+        opt = opt_cls([W], lr=0.02, momentum=0.0, **kwargs, **extra)
+        start = objective().item()
+        for _ in range(50):
+            opt.zero_grad()
+            objective().backward()
+            opt.step()
+        assert objective().item() < start, (case, direction, seed)
+
+
+def test_grassmann_is_not_the_seeds_uphill_step():
+    """The seed applied (I − WWᵀ)G to a merely row-normalised W: ⟨Pg, g⟩ < 0 was possible.
+    Here W is orthonormal, so the horizontal gradient is an orthogonal projection of G."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(10, 32))
+    opt = Grassmann([W], lr=0.05, momentum=0.0, direction="riemannian")
+    assert gram_error(W.detach()) < 1e-5
+    G = torch.randn(10, 32)
+    Wt, Gt = W.detach().mT, G.mT
+    P = Gt - Wt @ (Wt.mT @ Gt)
+    assert float((P * Gt).sum()) > 0 and torch.allclose((P * Gt).sum(), P.square().sum(), rtol=1e-4)
+    assert opt.constraint_report()["0.0"]["constraint"] < 1e-5
+
+
+# -- shapes, fallback, refusal ------------------------------------------------------------------
+def test_unsupported_shapes_follow_the_fallback_and_are_not_frozen():
+    model = mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, opt, _ = train(Grassmann, dict(lr=0.05), steps=5, model=model)
+    square = model[2].weight
+    assert "exp_avg" in opt.state[square]  # AdamW fallback, not a frozen Gr(n, n)
+    for name, p in model.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), name
+
+
+def test_block_stiefel_finds_its_parameters_or_refuses():
+    model = mlp()
+    _, opt, _ = train(BlockStiefel, dict(block_size=4), steps=2, model=model)
+    assert all("momentum_buffer" in opt.state[p] for p in (model[0].weight, model[2].weight, model[4].weight))
+    with pytest.raises(ValueError, match=r"'4\.weight'.*not divisible by block_size=8"):
+        BlockStiefel(build_param_groups(mlp()), block_size=8)
+    opt = BlockStiefel(build_param_groups(mlp()), block_size=8, unsupported="fallback")
+    assert set(opt.constraint_report()) == {"0.weight", "2.weight"}
+    with pytest.raises(ValueError, match="no matrix parameter fits"):
+        BlockStiefel(build_param_groups(mlp()), block_size=5, unsupported="fallback")
+
+
+@pytest.mark.parametrize("opt_cls", [SLMuon, Symplectic, DoublyStochastic, Grassmann])
+def test_refuses_when_nothing_fits_or_when_asked(opt_cls):
+    odd = nn.Linear(7, 7, bias=False) if opt_cls is not Grassmann else nn.Linear(6, 6, bias=False)
+    wide = nn.Linear(7, 3, bias=False)
+    shapes = [odd.weight] if opt_cls is Symplectic else [wide.weight]
+    if opt_cls is Grassmann:
+        shapes = [odd.weight]
+    with pytest.raises(ValueError, match="no matrix parameter fits"):
+        opt_cls(shapes, lr=0.1)
+    fits = nn.Linear(4, 4, bias=False) if opt_cls is not Grassmann else nn.Linear(4, 6, bias=False)
+    with pytest.raises(ValueError, match=r"parameter 'bad'.*cannot be kept on the manifold"):
+        opt_cls([("good", fits.weight), ("bad", shapes[0])], lr=0.1, unsupported="error")
+
+
+@pytest.mark.parametrize(
+    "opt_cls, kwargs, match",
+    [
+        (Oblique, dict(lr=0.0), "lr must be a positive"),
+        (Oblique, dict(lr=float("nan")), "lr must be a positive"),
+        (Oblique, dict(momentum=1.0), "momentum must be in"),
+        (Oblique, dict(direction="adam"), "direction must be one of"),
+        (Oblique, dict(dim="diagonal"), "dim must be one of"),
+        (Oblique, dict(radius=-1.0), "radius must be a positive"),
+        (Oblique, dict(unsupported="ignore"), "unsupported must be one of"),
+        (Oblique, dict(ns_schedule="nope"), "unknown msign schedule"),
+        (L1Stiefel, dict(l1_weight=-1e-3), "l1_weight must be"),
+        (L1Stiefel, dict(retraction_steps=0), "msign steps must be"),
+        (BlockStiefel, dict(block_size=0), "block_size must be an integer"),
+        (BlockStiefel, dict(block_size=4, blocks="heads"), "blocks must be one of"),
+        (DoublyStochastic, dict(normalize="l2"), "normalize must be"),
+        (DoublyStochastic, dict(init_temperature=0.0), "init_temperature must be"),
+        (DoublyStochastic, dict(sinkhorn_max_iters=0), "sinkhorn_max_iters must be"),
+        (SLMuon, dict(fallback="lion"), "fallback must be one of"),
+    ],
+)
+def test_bad_arguments(opt_cls, kwargs, match):
+    p = nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=match):
+        opt_cls([p], **kwargs)
+
+
+# -- report, closure, state ---------------------------------------------------------------------
+def test_constraint_report_names_every_matrix_on_the_manifold():
+    model = mlp()
+    opt = SLMuon(build_param_groups(model))
+    report = opt.constraint_report()
+    assert list(report) == ["2.weight"] and report["2.weight"]["constraint"] < 1e-5
+    ds = DoublyStochastic(build_param_groups(mlp()))
+    entry = ds.constraint_report()["2.weight"]
+    assert {"constraint", "inner_iterations", "inner_residual"} <= set(entry)
+
+
+@pytest.mark.parametrize("opt_cls", [Oblique, Symplectic, DoublyStochastic])
+def test_closure_is_called_and_its_loss_returned(opt_cls):
+    model = mlp()
+    X, y = data()
+    opt = opt_cls(build_param_groups(model))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [1] and isinstance(loss, torch.Tensor) and loss.ndim == 0
+
+
+@pytest.mark.parametrize(
+    "opt_cls, kwargs",
+    [(Oblique, {}), (SLMuon, {}), (Symplectic, {}), (L1Stiefel, {}), (BlockStiefel, dict(block_size=4)),
+     (DoublyStochastic, {}), (Grassmann, {})],
+)
+def test_state_dict_round_trip_continues_bit_identically(opt_cls, kwargs):
+    X, y = data()
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+
+    model = mlp()
+    opt = opt_cls(build_param_groups(model), **kwargs)
+    steps(model, opt, 4)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    clone = mlp(seed=1)
+    opt_clone = opt_cls(build_param_groups(clone), **kwargs)  # built first: it projects the weights
+    clone.load_state_dict(saved["model"])
+    opt_clone.load_state_dict(saved["opt"])
+    steps(model, opt, 3)
+    steps(clone, opt_clone, 3)
+    for (name, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_gradient_is_refused_without_touching_weights():
+    from lightning_spectral.optim import NonFiniteGradientError
+
+    model = mlp()
+    opt = Symplectic(build_param_groups(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[2].weight.grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match="2.weight"):
+        opt.step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+
+
+def test_sinkhorn_balances_near_permutations_quickly():
+    torch.manual_seed(0)
+    n = 32
+    K = torch.eye(n)[torch.randperm(n)] + 1e-4 * torch.rand(n, n)  # σ₂ ≈ 1: plain sweeps crawl
+    W, iterations, residual = sinkhorn(K, tol=1e-10, max_iters=100)
+    assert residual <= 1e-10 and iterations < 30
+    assert float(W.min()) >= 0 and torch.allclose(W.sum(0), torch.ones(n, dtype=W.dtype), atol=1e-12)
