@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_spectral.optim.factory import GEOMETRIC
 from lightning_spectral.optim import (
     OPTIMIZER_TYPES,
     ManifoldMuon,
@@ -395,8 +396,11 @@ def test_spectral_ball_keeps_radius(radius_mode, constraint, mode):
 
 
 # -- (i) every optimizer learns ---------------------------------------------------------------
+# The geometric types need square / block-divisible matrices: tests/test_optim_geometric.py covers
+# them on models they fit; here they go through the factory once below.
+CORE_TYPES = [t for t in OPTIMIZER_TYPES if t not in GEOMETRIC]
 ALL_FACTORIES = dict(OPTIMIZERS)
-for _type in OPTIMIZER_TYPES:
+for _type in CORE_TYPES:
     _kwargs = dict(lr=0.05)
     if _type in ("sgd", "muon_sgd"):
         _kwargs = dict(lr=0.1, inner_solver_type="dual_ascent")
@@ -420,7 +424,21 @@ def test_every_optimizer_learns(name, model_kind):
     assert end < start, (start, end)
 
 
-@pytest.mark.parametrize("optimizer_type", OPTIMIZER_TYPES)
+@pytest.mark.parametrize("optimizer_type", GEOMETRIC)
+def test_create_optimizer_geometric_types(optimizer_type):
+    """The factory builds each geometric optimizer over a model with a square, block-divisible
+    hidden layer; matrices the manifold cannot take go to the fallback when asked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    kwargs = dict(unsupported="fallback")
+    if optimizer_type == "block_stiefel":
+        kwargs["block_size"] = 4
+    opt = create_optimizer(model, optimizer_type, lr=0.01, **kwargs)
+    assert isinstance(opt, GEOMETRIC[optimizer_type])
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("optimizer_type", CORE_TYPES)
 def test_create_optimizer_types(optimizer_type):
     model = cnn()
     opt = create_optimizer(model, optimizer_type, inner_solver_type="dual_ascent", spectral_budget=0.1)

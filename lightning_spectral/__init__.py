@@ -1,0 +1,8 @@
+"""Lightning training for spectral-norm constrained optimization (Muon family)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("lightning_spectral")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"

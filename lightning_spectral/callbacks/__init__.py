@@ -1,0 +1,20 @@
+"""Lightning callbacks over :mod:`lightning_spectral.diagnostics`; they observe and never change training.
+
+Usable in any LightningModule. Loss-based callbacks (sharpness, GNS on one device) get their
+loss from, in order: a ``loss_fn(model, x, y)`` argument, the module's
+``loss_for_batch(batch)`` method, or ``criterion(module(x), y)`` on ``(x, y)`` batches.
+"""
+
+from lightning_spectral.callbacks._base import DiagnosticCallback
+from lightning_spectral.callbacks.constraint import ConstraintMonitor
+from lightning_spectral.callbacks.noise_scale import GradientNoiseScaleMonitor
+from lightning_spectral.callbacks.sharpness import SharpnessMonitor
+from lightning_spectral.callbacks.spectral import SpectralNormMonitor
+
+__all__ = [
+    "ConstraintMonitor",
+    "DiagnosticCallback",
+    "GradientNoiseScaleMonitor",
+    "SharpnessMonitor",
+    "SpectralNormMonitor",
+]

@@ -1,0 +1,156 @@
+"""Shared machinery of the diagnostic callbacks: schedule, step convention, logging, loss protocol.
+
+Step convention (all callbacks): a value logged at step ``s`` describes the parameters after
+``s`` optimizer steps, and ``s`` is ``trainer.fit_loop.epoch_loop._batches_that_stepped``, the
+step Lightning itself logs ``self.log`` values and ``LearningRateMonitor`` at. Measurements
+run in ``on_train_batch_start`` (so a metric at step ``s`` sits beside the training loss of
+the batch computed at the same parameters) or, per epoch, in ``on_train_epoch_end``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_spectral.diagnostics._utils import LossFn, xy_batch
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def log_step(trainer: pl.Trainer) -> int:
+    """The logging step: optimizer steps completed (counted once per batch, like Lightning's loggers)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def batch_loss(pl_module: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
+    """The loss of ``batch`` under the callbacks' protocol (see :func:`check_loss_protocol`)."""
+    if loss_fn is not None:
+        return loss_fn(pl_module, *xy_batch(batch))
+    if callable(getattr(pl_module, "loss_for_batch", None)):
+        return pl_module.loss_for_batch(batch)
+    x, y = xy_batch(batch)
+    return pl_module.criterion(pl_module(x), y)
+
+
+def check_loss_protocol(callback: str, pl_module: nn.Module, loss_fn: LossFn | None) -> None:
+    """Fail early unless a loss is available: ``loss_fn`` argument, ``loss_for_batch`` or ``criterion``."""
+    if loss_fn is None and not callable(getattr(pl_module, "loss_for_batch", None)) and not callable(
+        getattr(pl_module, "criterion", None)
+    ):
+        raise MisconfigurationException(
+            f"{callback} needs a loss. Pass `loss_fn(model, x, y)` to the callback, or give "
+            f"{type(pl_module).__name__} a method `loss_for_batch(batch) -> Tensor` (mean loss, no side effects) "
+            "or a `criterion(output, y)` attribute used with `(x, y)` batches."
+        )
+
+
+class DiagnosticCallback(Callback):
+    """Base class: runs ``measure`` every ``every_n_steps`` optimizer steps or every ``every_n_epochs`` epochs.
+
+    Subclasses implement ``measure(trainer, pl_module, batch, step)`` returning scalar metrics,
+    which are logged to every logger in ``trainer.loggers`` at ``step`` and kept in
+    ``last_metrics``. ``elapsed_s`` and ``num_measurements`` time the work (overhead = ``elapsed_s``
+    over the fit's wall time).
+    """
+
+    default_every_n_steps: int = 50
+    needs_batch: bool = False
+
+    def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = None) -> None:
+        check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        if every_n_steps is not None and every_n_epochs is not None:
+            raise ValueError("set either every_n_steps or every_n_epochs, not both")
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = (
+            every_n_steps if every_n_steps is not None or every_n_epochs else self.default_every_n_steps
+        )
+        self.last_metrics: dict[str, float] = {}
+        self.elapsed_s = 0.0
+        self.num_measurements = 0
+        self._last_step = -1
+        self._epoch_batch: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not trainer.loggers:
+            rank_zero_warn(f"{type(self).__name__}: the Trainer has no logger; values are kept in `last_metrics` only.")
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int
+    ) -> Mapping[str, float]:
+        raise NotImplementedError
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
+        start = time.perf_counter()
+        metrics = dict(self.measure(trainer, pl_module, batch, step))
+        self.elapsed_s += time.perf_counter() - start
+        self.num_measurements += 1
+        self._last_step = step
+        if metrics:
+            self.last_metrics = metrics
+            log_scalars(trainer, metrics, step)
+
+    def _step_due(self, step: int) -> bool:
+        # `_last_step` skips repeats of a step value (gradient accumulation) and measured steps after resuming.
+        return self.every_n_steps is not None and step % self.every_n_steps == 0 and step != self._last_step
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_epochs is not None:
+            if self.needs_batch:
+                self._epoch_batch = batch
+            return
+        step = log_step(trainer)
+        if self._step_due(step):
+            self._run(trainer, pl_module, batch, step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs is None or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if self.needs_batch and self._epoch_batch is None:
+            return
+        batch, self._epoch_batch = self._epoch_batch, None
+        self._run(trainer, pl_module, batch, log_step(trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict["last_step"])
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send ``metrics`` to every logger at ``step`` (loggers write on rank 0 only)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def histogram_writers(trainer: pl.Trainer) -> list[Callable[..., Any]]:
+    """``add_histogram`` of each logger whose experiment has one (TensorBoard), on global rank 0 only."""
+    if not trainer.is_global_zero:
+        return []
+    writers = (getattr(logger.experiment, "add_histogram", None) for logger in trainer.loggers)
+    return [w for w in writers if callable(w)]
+

@@ -1,0 +1,50 @@
+"""Pure-PyTorch training diagnostics (no Lightning import): spectral norms, sharpness, gradient noise scale.
+
+Loss convention, as in the notebook: ``loss_fn(model, x, y) -> scalar mean loss``.
+"""
+
+from lightning_spectral.diagnostics._utils import isolated
+from lightning_spectral.diagnostics.metrics_logger import MetricsLogger
+from lightning_spectral.diagnostics.noise_scale import (
+    GradientNoiseScale,
+    estimate_gradient_noise_scale,
+    grad_sq_norms,
+    noise_components,
+)
+from lightning_spectral.diagnostics.sharpness import (
+    HessianVectorProduct,
+    estimate_sam_sharpness,
+    estimate_sharpness,
+    hessian_top_eigenvalue,
+)
+from lightning_spectral.diagnostics.spectral import (
+    SpectralNormTracker,
+    compute_singular_values,
+    compute_spectral_norms,
+    conv_operator_norm,
+    power_iteration,
+    spectral_layers,
+    stable_rank,
+    weight_matrix,
+)
+
+__all__ = [
+    "GradientNoiseScale",
+    "HessianVectorProduct",
+    "MetricsLogger",
+    "SpectralNormTracker",
+    "compute_singular_values",
+    "compute_spectral_norms",
+    "conv_operator_norm",
+    "estimate_gradient_noise_scale",
+    "estimate_sam_sharpness",
+    "estimate_sharpness",
+    "grad_sq_norms",
+    "hessian_top_eigenvalue",
+    "isolated",
+    "noise_components",
+    "power_iteration",
+    "spectral_layers",
+    "stable_rank",
+    "weight_matrix",
+]

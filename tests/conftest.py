@@ -1,0 +1,106 @@
+"""Shared fixtures: the in-process CLI and tiny datasets in torchvision's real on-disk formats."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from torchvision.datasets import CIFAR10, MNIST
+
+from lightning_spectral.cli import SpectralCLI, cli_main
+
+QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., SpectralCLI]:
+    """``run_cli("fit", "--config", ...)`` runs the CLI quietly in ``tmp_path`` (relative ``logs/`` land there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning_spectral"])
+    return lambda subcommand, *args: cli_main([subcommand, *args, *QUIET])
+
+
+@dataclass
+class FakeDataset:
+    root: Path
+    train_images: np.ndarray  # N×C×H×W uint8, in file order
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _images(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDataset:
+    """Five training batches of 8 images and a test batch of 12, pickled as CIFAR-10's python version.
+
+    torchvision checks every file against the md5 sums in ``CIFAR10.train_list``/``test_list``/
+    ``meta``; those lists are replaced by the sums of the files written here, so the check still runs.
+    """
+    root = tmp_path / "cifar"
+    folder = root / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def write(name: str, images: np.ndarray, labels: np.ndarray) -> list[str]:
+        entry = {"batch_label": name, "labels": labels.tolist(), "data": images.reshape(len(images), -1)}
+        (folder / name).write_bytes(pickle.dumps(entry))
+        return [name, _md5(folder / name)]
+
+    train = [_images(rng, 8, (3, 32, 32)) for _ in range(5)]
+    test_images, test_labels = _images(rng, 12, (3, 32, 32))
+    monkeypatch.setattr(CIFAR10, "train_list", [write(f"data_batch_{i + 1}", *b) for i, b in enumerate(train)])
+    monkeypatch.setattr(CIFAR10, "test_list", [write("test_batch", test_images, test_labels)])
+    names = [f"class{i}" for i in range(10)]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")})
+    return FakeDataset(
+        root,
+        np.concatenate([b[0] for b in train]),
+        np.concatenate([b[1] for b in train]),
+        test_images,
+        test_labels,
+    )
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format of the MNIST files: magic (0x08 = uint8, ndim), big-endian dimensions, data."""
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_mnist(tmp_path: Path) -> FakeDataset:
+    """32 training and 16 test images as the four unpacked IDX files in ``<root>/MNIST/raw``."""
+    root = tmp_path / "mnist"
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_images, train_labels = _images(rng, 32, (1, 28, 28))
+    test_images, test_labels = _images(rng, 16, (1, 28, 28))
+    for prefix, images, labels in (("train", train_images, train_labels), ("t10k", test_images, test_labels)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[:, 0])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    assert {name.removesuffix(".gz") for name, _ in MNIST.resources} == {p.name for p in raw.iterdir()}
+    return FakeDataset(root, train_images, train_labels, test_images, test_labels)
+
+
+@pytest.fixture
+def unreachable_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the download URLs at a closed local port: a real urllib failure, with or without internet."""
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])

@@ -1,0 +1,328 @@
+"""Callbacks: they never change training, log with one step convention, validate, and checkpoint their state."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spectral.callbacks import (
+    ConstraintMonitor,
+    GradientNoiseScaleMonitor,
+    SharpnessMonitor,
+    SpectralNormMonitor,
+)
+from lightning_spectral.diagnostics import GradientNoiseScale, estimate_sharpness, grad_sq_norms
+
+N, D, C, BATCH = 96, 6, 3, 16  # 6 batches per epoch
+
+
+def make_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(N, D, generator=g)
+    return TensorDataset(x, (x[:, :C] * 2).argmax(1))
+
+
+class Net(pl.LightningModule):
+    """BatchNorm and dropout, so that a callback touching BN statistics or the RNG would show."""
+
+    def __init__(self, automatic: bool = True, lr: float = 0.1):
+        super().__init__()
+        self.automatic_optimization = automatic
+        self.lr = lr
+        self.net = nn.Sequential(nn.Linear(D, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, C))
+        self.criterion = nn.CrossEntropyLoss()
+        self.losses: list[float] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.criterion(self(x), y)
+        self.losses.append(loss.item())
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        return DataLoader(make_data(), batch_size=BATCH, shuffle=True)
+
+
+class NoLossNet(Net):
+    criterion = None
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+class BatchLossNet(NoLossNet):
+    def loss_for_batch(self, batch):
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_for_batch(batch)
+
+    def train_dataloader(self):
+        data = make_data()
+        return DataLoader([{"x": x, "y": y} for x, y in data], batch_size=BATCH)
+
+
+class ReportingSGD(torch.optim.SGD):
+    """Stands in for a manifold optimizer with the `constraint_report()` protocol."""
+
+    def constraint_report(self) -> dict[str, dict[str, float]]:
+        w = self.param_groups[0]["params"][0]
+        return {"net.0.weight": {"constraint": float(w.norm()), "inner_iterations": 3.0},
+                "net.4.weight": {"constraint": 0.5, "inner_iterations": 7.0}}
+
+
+class ReportingNet(Net):
+    def configure_optimizers(self):
+        return ReportingSGD(self.parameters(), lr=self.lr)
+
+
+class RecordingLogger(Logger):
+    """Duck-typed TensorBoard-like logger that records scalars and histograms with their steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.scalars: list[tuple[int, dict[str, float]]] = []
+        self.histograms: list[tuple[str, int]] = []
+
+    @property
+    def name(self):
+        return "rec"
+
+    @property
+    def version(self):
+        return 0
+
+    @property
+    def experiment(self):
+        return self
+
+    def add_histogram(self, tag, values, global_step=None):
+        self.histograms.append((tag, global_step))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.scalars.append((step, dict(metrics)))
+
+    def steps_of(self, key: str) -> list[int]:
+        return [s for s, m in self.scalars if key in m]
+
+
+def loss_fn(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def all_callbacks(n: int = 2, eval_mode: bool = True) -> list[Callback]:
+    return [
+        SpectralNormMonitor(every_n_steps=n),
+        SharpnessMonitor(every_n_steps=n, max_iter=5, eval_mode=eval_mode),
+        GradientNoiseScaleMonitor(every_n_steps=n, eval_mode=eval_mode),
+        ConstraintMonitor(every_n_steps=n),
+    ]
+
+
+def fit(model, tmp_path, callbacks=(), logger=False, **kwargs):
+    kwargs = {"max_epochs": 2, "enable_checkpointing": False, **kwargs}
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=logger, callbacks=list(callbacks), default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, **kwargs,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(model)
+    return trainer
+
+
+# ----------------------------------------------------------------------------- never change training
+
+
+@pytest.mark.parametrize("eval_mode", [True, False], ids=["eval", "train-mode-measurements"])
+@pytest.mark.parametrize("automatic", [True, False], ids=["automatic", "manual"])
+def test_callbacks_leave_the_trajectory_bit_identical(tmp_path, automatic, eval_mode):
+    """Same losses, weights and BN statistics with and without the callbacks (train-mode measurements
+    run dropout and update BN statistics, so they also exercise the RNG fork and the buffer restore)."""
+    runs = []
+    loggers = [CSVLogger(tmp_path), TensorBoardLogger(tmp_path)]
+    for callbacks, logger in [((), False), (all_callbacks(eval_mode=eval_mode), loggers)]:
+        pl.seed_everything(0)
+        model = Net(automatic)
+        fit(model, tmp_path, callbacks, logger)
+        runs.append((model.losses, [t.clone() for t in model.state_dict().values()]))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert len(losses_a) == 12 and losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(state_a, state_b))  # weights and BN running statistics
+
+
+# ----------------------------------------------------------------------------- logging and step convention
+
+
+def test_step_convention_histograms_and_values(tmp_path):
+    logger = RecordingLogger()
+    spectral, sharp, gns = SpectralNormMonitor(every_n_steps=3), SharpnessMonitor(every_n_steps=3, max_iter=300, tol=1e-7), \
+        GradientNoiseScaleMonitor(every_n_steps=3, num_chunks=2)
+    first: dict[str, Any] = {}
+
+    class Capture(Callback):  # state at step 0, before the callbacks above ran... they run first in list order
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                first["batch"] = [t.clone() for t in batch]
+                first["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    pl.seed_everything(0)
+    fit(Net(), tmp_path, [Capture(), spectral, sharp, gns], logger, max_epochs=1)
+    for key in ("spectral_norm/max", "stable_rank/net.0", "sharpness/lambda_max", "gns/b_simple"):
+        assert logger.steps_of(key) == [0, 3], key  # after 0 and 3 optimizer steps, 6 batches
+    assert sorted({t for t, _ in logger.histograms}) == ["singular_values/net.0", "singular_values/net.4"]
+    assert sorted({s for _, s in logger.histograms}) == [0, 3]
+    step0 = {k: v for s, m in logger.scalars if s == 0 for k, v in m.items()}
+    assert step0["sharpness/2_over_lr"] == pytest.approx(2 / 0.1)
+
+    ref = Net()
+    ref.load_state_dict(first["state"])
+    x, y = first["batch"]
+    sharp_ref = estimate_sharpness(ref, loss_fn, x, y, max_iter=200, tol=1e-8)
+    assert step0["sharpness/lambda_max"] == pytest.approx(sharp_ref, rel=1e-2)
+    exact = float(torch.linalg.matrix_norm(ref.net[0].weight.detach(), ord=2))
+    assert step0["spectral_norm/net.0"] == pytest.approx(exact, rel=1e-3)
+    ref.eval()
+    small, big = grad_sq_norms(lambda b: loss_fn(ref, *b), list(ref.parameters()), [(x[:8], y[:8]), (x[8:], y[8:])])
+    est = GradientNoiseScale()
+    est.update(small, big, 8, 16)
+    assert step0["gns/grad_sq"] == pytest.approx(est.grad_sq, rel=1e-5)
+    assert step0["gns/trace"] == pytest.approx(est.trace, rel=1e-5)
+
+
+def test_epoch_mode_and_csv(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    pl.seed_everything(0)
+    fit(Net(), tmp_path, [SpectralNormMonitor(every_n_epochs=1), GradientNoiseScaleMonitor(every_n_epochs=2)], logger)
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    step_col, norm_col, gns_col = header.index("step"), header.index("spectral_norm/max"), header.index("gns/b_simple")
+    cells = [r.split(",") for r in rows[1:]]
+    assert [int(c[step_col]) for c in cells if c[norm_col]] == [6, 12]  # end of each 6-batch epoch
+    assert [int(c[step_col]) for c in cells if c[gns_col]] == [12]
+
+
+def test_without_logger_keeps_last_metrics(tmp_path):
+    cb = SpectralNormMonitor(every_n_steps=5, method="svd")
+    with pytest.warns(UserWarning, match="no logger"):
+        fit(Net(), tmp_path, [cb], logger=False, max_epochs=1)
+    assert cb.num_measurements == 2 and cb.elapsed_s > 0
+    assert set(cb.last_metrics) >= {"spectral_norm/net.0", "spectral_norm/net.4", "spectral_norm/max"}
+
+
+# ----------------------------------------------------------------------------- loss protocol
+
+
+def test_loss_protocol(tmp_path):
+    with pytest.raises(MisconfigurationException, match="needs a loss"):
+        fit(NoLossNet(), tmp_path, [SharpnessMonitor(every_n_steps=1)], max_steps=1)
+    with pytest.raises(MisconfigurationException, match="needs a loss"):
+        fit(NoLossNet(), tmp_path, [GradientNoiseScaleMonitor(every_n_steps=1)], max_steps=1)
+    cb = SharpnessMonitor(every_n_steps=1, loss_fn=loss_fn, max_iter=3)
+    fit(NoLossNet(), tmp_path, [cb], max_steps=2)
+    assert cb.num_measurements == 2 and math.isfinite(cb.last_metrics["sharpness/lambda_max"])
+    cbs = [SharpnessMonitor(every_n_steps=1, max_iter=3), GradientNoiseScaleMonitor(every_n_steps=1)]
+    fit(BatchLossNet(), tmp_path, cbs, max_steps=2)  # dict batches through loss_for_batch
+    assert all(cb.num_measurements == 2 for cb in cbs)
+
+
+# ----------------------------------------------------------------------------- constraints
+
+
+def test_constraint_monitor(tmp_path):
+    logger = RecordingLogger()
+    fit(ReportingNet(), tmp_path, [ConstraintMonitor(every_n_steps=2)], logger, max_steps=5)
+    logged = {k: v for _, m in logger.scalars for k, v in m.items() if k.startswith("constraint/")}
+    assert logged["constraint/net.4.weight/inner_iterations"] == 7.0
+    assert logged["constraint/max/inner_iterations"] == 7.0
+    assert logger.steps_of("constraint/max/constraint") == [0, 2, 4]
+    with pytest.warns(UserWarning, match="constraint_report") as record:
+        fit(Net(), tmp_path, [ConstraintMonitor(every_n_steps=1)], max_steps=3)
+    assert sum("constraint_report" in str(w.message) for w in record) == 1
+
+
+# ----------------------------------------------------------------------------- arguments and state
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: SpectralNormMonitor(every_n_steps=0), "every_n_steps must be a positive int"),
+        (lambda: SpectralNormMonitor(every_n_steps=True), "every_n_steps"),
+        (lambda: SpectralNormMonitor(every_n_steps=5, every_n_epochs=1), "either every_n_steps or every_n_epochs"),
+        (lambda: SpectralNormMonitor(method="qr"), "method must be one of"),
+        (lambda: SharpnessMonitor(tol=0), "tol must be > 0"),
+        (lambda: SharpnessMonitor(loss_fn="nope"), "loss_fn must be callable"),
+        (lambda: GradientNoiseScaleMonitor(num_chunks=1), "num_chunks must be at least 2"),
+        (lambda: GradientNoiseScaleMonitor(ema_decay=1.5), "decay"),
+        (lambda: GradientNoiseScaleMonitor(mode="fast"), "mode must be one of"),
+    ],
+)
+def test_argument_validation(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_defaults_and_schedule_switch():
+    assert SpectralNormMonitor().every_n_steps == 50 and SharpnessMonitor().every_n_steps == 100
+    cb = SharpnessMonitor(every_n_epochs=2)
+    assert cb.every_n_steps is None and cb.every_n_epochs == 2
+
+
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = [SpectralNormMonitor(every_n_steps=2), GradientNoiseScaleMonitor(every_n_steps=1)]
+    fit(Net(), tmp_path, [*first, ckpt_cb], max_steps=4, enable_checkpointing=True)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain tensors and values only
+    assert {first[0].state_key, first[1].state_key} <= set(checkpoint["callbacks"])
+    second = [SpectralNormMonitor(every_n_steps=2), GradientNoiseScaleMonitor(every_n_steps=1)]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, callbacks=second, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(Net(), ckpt_path=tmp_path / "last.ckpt")  # restores, then stops: max_steps already reached
+    for a, b in zip(first, second):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and sa["last_step"] == sb["last_step"] == a._last_step
+    assert second[1].estimator.state_dict() == first[1].estimator.state_dict()
+    assert second[1].estimator.count == 4
+    va, vb = first[0].tracker.vectors, second[0].tracker.vectors
+    assert va.keys() == vb.keys() and all(torch.equal(va[k].cpu(), vb[k]) for k in va)
+
+
+def test_yaml_short_names_resolve():
+    from jsonargparse import ArgumentParser
+
+    import lightning_spectral.callbacks  # noqa: F401  (short names resolve for imported classes)
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[Callback])
+    cfg = parser.parse_args(['--callbacks=[{"class_path": "SpectralNormMonitor", "init_args": {"every_n_steps": 7}},'
+                             ' {"class_path": "GradientNoiseScaleMonitor", "init_args": {"ema_decay": 0.9}}]'])
+    spectral, gns = parser.instantiate(cfg).callbacks
+    assert isinstance(spectral, SpectralNormMonitor) and spectral.every_n_steps == 7
+    assert gns.estimator.decay == 0.9

@@ -1,0 +1,93 @@
+"""GradientNoiseScaleMonitor's DDP comm-hook path on 2 CPU processes (gloo, ddp_spawn)."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spectral.callbacks import GradientNoiseScaleMonitor
+from lightning_spectral.diagnostics import GradientNoiseScale
+
+PER_RANK = 8
+
+
+class LinReg(pl.LightningModule):
+    """No `criterion` and no `loss_for_batch`: the DDP path needs no loss protocol."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 5, generator=g)
+        return DataLoader(TensorDataset(x, x[:, :2] * 3 + torch.randn(64, 2, generator=g)), batch_size=PER_RANK)
+
+
+class Checker(Callback):
+    """After the monitor (list order): recompute local and averaged gradients independently and compare."""
+
+    def __init__(self, monitor: GradientNoiseScaleMonitor):
+        self.monitor = monitor
+        self.reference = GradientNoiseScale(monitor.estimator.decay)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = batch
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        assert self.monitor._recorder is not None, "the comm-hook path was not taken"
+        params = list(pl_module.parameters())
+        local = torch.autograd.grad(F.mse_loss(pl_module(self.batch[0]), self.batch[1]), params)
+        world = trainer.world_size
+        for g, p in zip(local, params):  # the hook's average is exactly DDP's default one
+            expected = trainer.strategy.reduce(g / world, reduce_op="sum")
+            assert torch.equal(p.grad, expected)
+        local_sq = trainer.strategy.reduce(sum(g.double().pow(2).sum() for g in local), reduce_op="sum") / world
+        global_sq = sum(p.grad.double().pow(2).sum() for p in params)
+        self.reference.update(float(local_sq), float(global_sq), PER_RANK, PER_RANK * world)
+        got, want = self.monitor.estimator.state_dict(), self.reference.state_dict()
+        assert got["count"] == want["count"]
+        for key in ("grad_sq", "trace"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (key, got, want)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
+def test_gns_ddp_comm_hook_two_processes(tmp_path):
+    monitor = GradientNoiseScaleMonitor(every_n_steps=2, ema_decay=0.5)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=[monitor, Checker(monitor)], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(LinReg())
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    cells = [r.split(",") for r in rows[1:] if r.split(",")[header.index("gns/b_simple")]]
+    assert [int(c[header.index("step")]) for c in cells] == [0, 2]
+    assert [float(c[header.index("gns/count")]) for c in cells] == [1.0, 3.0]  # updated every step, logged every 2
+
+
+def test_ddp_mode_requires_ddp(tmp_path):
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                         callbacks=[GradientNoiseScaleMonitor(mode="ddp")], default_root_dir=tmp_path)
+    with pytest.raises(MisconfigurationException, match="DistributedDataParallel"):
+        trainer.fit(LinReg())

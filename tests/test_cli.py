@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_spectral.module import SpectralModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+QUICKSTART = str(CONFIGS / "quickstart.yaml")
+RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))  # complete runs
+OVERLAYS = sorted(CONFIGS.glob("*/*.yaml"))  # configs/trainer/, configs/optim/, ...: added after a run
+
+
+def printed_config(run_cli, capsys, *args: str) -> dict:
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", *args, "--print_config")
+    assert info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def assert_applied(overlay: object, printed: object, key: str = "") -> None:
+    """Every value of ``overlay`` is in ``printed`` (short class names come back as full paths)."""
+    if isinstance(overlay, dict):
+        for k, v in overlay.items():
+            assert isinstance(printed, dict) and k in printed, f"{key}.{k} missing"
+            assert_applied(v, printed[k], f"{key}.{k}")
+    elif isinstance(overlay, list) and overlay and isinstance(overlay[0], dict):
+        assert isinstance(printed, list) and len(printed) == len(overlay), key
+        for i, (o, p) in enumerate(zip(overlay, printed)):
+            assert_applied(o, p, f"{key}[{i}]")
+    elif key.endswith(".class_path"):
+        assert printed.split(".")[-1] == overlay.split(".")[-1], key
+    else:
+        assert printed == overlay, key
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_every_run_config_parses(config: Path, run_cli, capsys) -> None:
+    raw = yaml.safe_load(config.read_text())
+    assert type(raw["seed_everything"]) is int  # explicit: `true` would mean 0
+    printed = printed_config(run_cli, capsys, "--config", str(config))
+    assert_applied(raw, printed)
+    assert printed["model"]["init_args"]["net"]["class_path"].startswith("lightning_spectral.models.")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_overlay_config_applies_to_a_run(overlay: Path, run_cli, capsys) -> None:
+    printed = printed_config(run_cli, capsys, "--config", QUICKSTART, "--config", str(overlay))
+    assert_applied(yaml.safe_load(overlay.read_text()), printed)
+    assert printed["data"]["class_path"] == "lightning_spectral.data.DigitsDataModule"  # the run's own part stays
+
+
+def test_short_class_names_resolve(run_cli, capsys) -> None:
+    printed = printed_config(
+        run_cli, capsys,
+        "--model", "SpectralModule", "--model.net", "ResNet18", "--model.net.width_mult", "0.5",
+        "--model.optimizer", "AdamW", "--model.optimizer.lr", "0.003", "--data", "MNISTDataModule",
+    )  # fmt: skip
+    model = printed["model"]["init_args"]
+    assert printed["model"]["class_path"] == "lightning_spectral.module.SpectralModule"
+    assert model["net"] == {"class_path": "lightning_spectral.models.ResNet18", "init_args": {"width_mult": 0.5}}
+    assert model["optimizer"]["class_path"] == "torch.optim.AdamW" and model["optimizer"]["init_args"]["lr"] == 0.003
+    assert model["scheduler"]["class_path"] == "lightning_spectral.module.CosineSchedule"
+    assert printed["data"]["class_path"] == "lightning_spectral.data.MNISTDataModule"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.init_args.optimzer.lr", "0.1"], "optimzer"),
+        (["--trainer.max_epochs", "many"], "max_epochs"),
+        (["--model.net", "NoSuchNet"], "NoSuchNet"),
+        (["--model.net.init_args.depth", "3"], "depth"),
+    ],
+)
+def test_wrong_key_or_type_gets_a_clear_error(args: list[str], expected: str, run_cli, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--config", QUICKSTART, *args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and expected in err and "Traceback" not in err
+
+
+def test_wrong_key_in_a_config_file(tmp_path: Path, run_cli, capsys) -> None:
+    config = yaml.safe_load(Path(QUICKSTART).read_text())
+    config["model"]["init_args"]["learning_rate"] = 0.1
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--config", str(tmp_path / "typo.yaml"))
+    assert info.value.code == 2 and "learning_rate" in capsys.readouterr().err
+
+
+def last_logged(run_dir: Path, tag: str) -> float:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events.Scalars(tag)[-1].value
+
+
+def test_quickstart_trains_and_the_checkpoint_reproduces_it(tmp_path: Path, run_cli) -> None:
+    fit = run_cli("fit", "--config", QUICKSTART, "--trainer.max_epochs=2")
+    run_dir = tmp_path / "logs" / "quickstart" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert Path(fit.trainer.log_dir).resolve() == run_dir and (run_dir / "config.yaml").exists() and last.exists()
+    assert fit.trainer.global_step == 2 * (1438 // 64)
+    logged = last_logged(run_dir, "val/acc")
+    assert logged > 0.6  # chance is 0.1; 15 epochs reach about 0.99 (README)
+    assert last_logged(run_dir, "lr/matrix") > 0
+
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["hyper_parameters"]["net"]["init_args"]["in_channels"] == 1  # linked from the data
+
+    validate = run_cli("validate", "--config", QUICKSTART, "--ckpt_path", str(last))
+    assert validate.trainer.callback_metrics["val/acc"].item() == logged
+    test = run_cli("test", "--config", QUICKSTART, "--ckpt_path", str(last))
+    assert test.trainer.callback_metrics["test/acc"].item() == logged  # the held-out split serves both
+    predict = run_cli("predict", "--config", QUICKSTART, "--ckpt_path", str(last))
+    predictions = torch.cat(predict.trainer.predict_loop.predictions)
+    labels = predict.datamodule.eval_set.tensors[1]
+    assert (predictions == labels).float().mean().item() == pytest.approx(logged, abs=1e-6)
+
+    rebuilt = SpectralModule.load_from_checkpoint(last).eval()
+    x = predict.datamodule.eval_set.tensors[0][:16]
+    assert torch.equal(rebuilt(x).argmax(1), predictions[:16])
+
+
+def fit_one_epoch_on(run_cli, config: str, data_dir: Path, batch_size: int):
+    return run_cli(
+        "fit", "--config", str(CONFIGS / config), f"--data.init_args.data_dir={data_dir}",
+        "--data.init_args.num_workers=0", f"--data.init_args.batch_size={batch_size}",
+        "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.log_every_n_steps=1",
+    )  # fmt: skip
+
+
+def test_cifar10_config_trains_on_files_in_real_format(fake_cifar10, run_cli) -> None:
+    cli = fit_one_epoch_on(run_cli, "cifar10_small_cnn_sgd.yaml", fake_cifar10.root, batch_size=8)
+    assert cli.trainer.global_step == 5  # 40 images in batches of 8
+    assert cli.model.net.features[0].in_channels == 3 and cli.model.net.fc2.out_features == 10
+    assert 0.0 <= cli.trainer.callback_metrics["val/acc"].item() <= 1.0
+
+
+def test_mnist_config_links_the_shape(fake_mnist, run_cli) -> None:
+    cli = fit_one_epoch_on(run_cli, "mnist_mlp_sgd.yaml", fake_mnist.root, batch_size=16)
+    assert cli.model.net.layers[1].in_features == 28 * 28 and cli.trainer.global_step == 2
+    assert cli.model.lr_schedulers() is None  # the source's MNIST runs keep the learning rate constant
+
+
+def test_offline_download_ends_the_cli_with_one_line(tmp_path: Path, run_cli, unreachable_downloads) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--config", str(CONFIGS / "cifar10_resnet18_sgd.yaml"), f"--data.init_args.data_dir={tmp_path}")
+    assert str(info.value.code).startswith(f"error: CIFAR-10 is missing or incomplete in '{tmp_path}'")
+
+
+def test_module_entry_point_reports_missing_data_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_spectral", "fit", "--config", str(CONFIGS / "mnist_mlp_sgd.yaml"),
+         f"--data.init_args.data_dir={tmp_path}", "--data.init_args.download=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: MNIST is missing or incomplete in '{tmp_path}'")
+
+
+def test_console_script() -> None:
+    script = Path(sys.executable).parent / "lightning-spectral"
+    result = subprocess.run(
+        [str(script), "fit", "--config", QUICKSTART, "--print_config"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    net = yaml.safe_load(result.stdout)["model"]["init_args"]["net"]
+    assert net["class_path"] == "lightning_spectral.models.SmallCNN"
+
+
+@pytest.mark.slow
+def test_ddp_config_runs_two_cpu_processes(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_spectral", "fit", "--config", QUICKSTART,
+         "--config", str(CONFIGS / "trainer" / "ddp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+         "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "logs" / "quickstart" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    # Each of the 2 ranks sees half of the 1438 training images: 11 batches of 64, not 22.
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1438 // 2 // 64

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_spectral.models import MLP, MODEL_REGISTRY, ResNet18, SmallCNN, get_model
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_names() -> None:
+    assert MODEL_REGISTRY == {"mlp": MLP, "small_cnn": SmallCNN, "resnet18": ResNet18}
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    # Parameter counts of the source's models at width 1, CIFAR-10 input (seed_sources.md §1.5).
+    [("mlp", 855_050), ("small_cnn", 1_070_794), ("resnet18", 11_173_962)],
+)
+def test_parameter_counts_match_the_source(name: str, expected: int) -> None:
+    assert n_params(get_model(name)) == expected
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+@pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 28), (1, 8), (3, 30)])
+def test_output_shape_for_each_input(name: str, channels: int, size: int) -> None:
+    model = get_model(name, num_classes=7, width_mult=0.25, in_channels=channels, image_size=size)
+    assert model(torch.randn(2, channels, size, size)).shape == (2, 7)
+
+
+def test_width_mult_scales_widths_by_truncation() -> None:
+    cnn = SmallCNN(width_mult=0.5)
+    assert (cnn.features[0].out_channels, cnn.features[2].out_channels, cnn.fc1.out_features) == (16, 32, 128)
+    assert MLP(width_mult=1.5).layers[1].out_features == 384
+    assert ResNet18(width_mult=0.3).conv1.out_channels == 19  # int(64 * 0.3)
+
+
+def test_resnet18_is_the_cifar_variant() -> None:
+    net = ResNet18()
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert all(m.bias is None for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert [stage[0].conv1.stride[0] for stage in (net.layer1, net.layer2, net.layer3, net.layer4)] == [1, 2, 2, 2]
+
+
+def test_mlp_depth_and_activation() -> None:
+    mlp = MLP(num_layers=1, in_channels=1, image_size=8)
+    assert [type(m) for m in mlp.layers] == [nn.Flatten, nn.Linear]
+    assert isinstance(MLP(activation="gelu").layers[2], nn.GELU)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: get_model("vit"), "unknown model 'vit'"),
+        (lambda: SmallCNN(image_size=3), "image_size must be >= 4"),
+        (lambda: ResNet18(image_size=0), "image_size must be >= 1"),
+        (lambda: MLP(width_mult=0.001), "down to 0"),
+        (lambda: MLP(width_mult=0.0), "width_mult must be > 0"),
+        (lambda: MLP(num_layers=0), "num_layers"),
+        (lambda: MLP(activation="tanh"), "activation"),
+        (lambda: SmallCNN(in_channels=0), "in_channels"),
+    ],
+)
+def test_bad_arguments_raise(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()

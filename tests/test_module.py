@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
+
+from lightning_spectral.data import DigitsDataModule
+from lightning_spectral.models import SmallCNN
+from lightning_spectral.module import CosineSchedule, SpectralModule
+
+
+def make_module(**kwargs) -> SpectralModule:
+    kwargs.setdefault("optimizer", lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    return SpectralModule(SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=0.25), 10, **kwargs)
+
+
+def make_trainer(tmp_path: Path, **kwargs) -> Trainer:
+    kwargs = {
+        "accelerator": "cpu",
+        "max_epochs": 2,
+        "limit_train_batches": 5,
+        "limit_val_batches": 2,
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        **kwargs,
+    }
+    return Trainer(**kwargs)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """A stand-in for a future optimizer of this package: it sees the groups and counts its steps."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, lr=lr)
+        self.steps = 0
+
+    def step(self, closure=None):
+        self.steps += 1
+        return super().step(closure)
+
+
+def test_param_groups_reach_the_optimizer() -> None:
+    module = make_module(
+        optimizer=torch.optim.AdamW,
+        scheduler=lambda opt: CosineSchedule(opt, total_steps=10),
+        exclude=["fc2.*"],
+        vector_weight_decay=0.0,
+    )
+    config = module.configure_optimizers()
+    optimizer = config["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    matrix, vector = optimizer.param_groups
+    assert (matrix["name"], matrix["matrix"], vector["name"], vector["matrix"]) == ("matrix", True, "vector", False)
+    assert matrix["param_names"] == ["features.0.weight", "features.2.weight", "fc1.weight"]
+    assert "fc2.weight" in vector["param_names"] and "fc1.bias" in vector["param_names"]
+    assert (matrix["weight_decay"], vector["weight_decay"]) == (0.01, 0.0)  # AdamW's default vs vector_weight_decay
+    assert isinstance(config["lr_scheduler"]["scheduler"], CosineSchedule)
+
+
+def test_one_optimizer_step_per_batch_and_lr_logged_per_group(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = make_module(optimizer=RecordingSGD, scheduler=lambda opt: CosineSchedule(opt, warmup_steps=2))
+    trainer = make_trainer(tmp_path, logger=CSVLogger(tmp_path))
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    optimizer = module.optimizers().optimizer
+    scheduler = module.lr_schedulers()
+    assert optimizer.steps == trainer.global_step == 10  # 2 epochs × 5 batches
+    assert scheduler.total_steps == 10 and scheduler.last_epoch == 10  # horizon = estimated_stepping_batches
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["lr/matrix"]]
+    assert [int(r["step"]) for r in rows] == list(range(10))
+    for row in rows:  # the lr each step used: warm-up 0.05, 0.1, then cosine to 0 at step 10
+        step = int(row["step"])
+        expected = 0.1 * ((step + 1) / 2 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 8)))
+        assert float(row["lr/matrix"]) == pytest.approx(expected) == float(row["lr/vector"])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_user_scheduler_and_constant_lr(tmp_path: Path) -> None:
+    module = make_module(scheduler=lambda opt: StepLR(opt, step_size=3, gamma=0.5))
+    trainer = make_trainer(tmp_path, logger=False, enable_checkpointing=False, max_epochs=1)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)  # 5 steps: one halving
+    constant = make_module(scheduler=None)
+    assert isinstance(constant.configure_optimizers(), torch.optim.SGD)
+
+
+def test_checkpoint_is_weights_only_and_resumes_optimizer_state(tmp_path: Path) -> None:
+    seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = make_trainer(tmp_path, logger=False, max_epochs=1, callbacks=[checkpoint])
+    trainer.fit(make_module(), DigitsDataModule(batch_size=32))
+    state = torch.load(checkpoint.last_model_path, weights_only=True)
+    assert state["hyper_parameters"] == {"num_classes": 10, "exclude": None, "vector_weight_decay": 0.0}
+    assert state["lr_schedulers"][0]["total_steps"] == 5
+    assert all("momentum_buffer" in s for s in state["optimizer_states"][0]["state"].values())
+
+    module = make_module()
+    resumed = make_trainer(tmp_path, logger=False, max_epochs=2, enable_checkpointing=False)
+    resumed.fit(module, DigitsDataModule(batch_size=32), ckpt_path=checkpoint.last_model_path)
+    scheduler = module.lr_schedulers()
+    assert resumed.global_step == scheduler.last_epoch == 10
+    assert scheduler.total_steps == 5  # the restored horizon: the decay ended with the first run
+
+
+def test_cosine_schedule_factors() -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = CosineSchedule(optimizer, total_steps=12, warmup_steps=4, min_lr_ratio=0.1)
+    factors = [schedule.lr_factor(s) for s in (0, 3, 4, 8, 12, 20)]
+    assert factors == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1, 0.1])
+    open_ended = CosineSchedule(optimizer)
+    assert open_ended.lr_factor(0) == 1.0
+    with pytest.raises(RuntimeError, match="total_steps is unset"):
+        open_ended.lr_factor(1)
+    with pytest.raises(ValueError, match="must exceed warmup_steps"):
+        CosineSchedule(optimizer, total_steps=4, warmup_steps=4)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        CosineSchedule(optimizer, min_lr_ratio=2.0)
+
+
+def test_unbounded_training_needs_a_horizon(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, logger=False, max_epochs=-1)
+    with pytest.raises(ValueError, match="max_epochs or trainer.max_steps"):
+        trainer.fit(make_module(), DigitsDataModule())
+
+
+def test_plateau_scheduler_is_refused() -> None:
+    with pytest.raises(TypeError, match="ReduceLROnPlateau"):
+        make_module(scheduler=ReduceLROnPlateau).configure_optimizers()
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: make_module(vector_weight_decay=-1.0), "vector_weight_decay"),
+        (lambda: SpectralModule(SmallCNN(), num_classes=1), "num_classes"),
+    ],
+)
+def test_bad_arguments_raise(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
