@@ -12,11 +12,21 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from torchvision.datasets import CIFAR10, MNIST
 
 from lightning_spectral.cli import SpectralCLI, cli_main
 
 QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One BLAS thread for modules of tiny-matrix tests: faster, and immune to a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -18,12 +18,7 @@ import torch
 from lightning_spectral.optim import msign_svd, spectral_ball_direction, stiefel_direction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def stiefel_case(shape, seed):

@@ -23,13 +23,7 @@ from lightning_spectral.optim.geometric import (
 from lightning_spectral.optim.param_groups import build_param_groups
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster than two and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def mlp(seed: int = 0) -> nn.Sequential:

@@ -23,13 +23,7 @@ from lightning_spectral.optim.msign import INPUT_SAFETY
 SHAPES = [(64, 64), (128, 32), (32, 128), (100, 77)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small matrices: one BLAS thread is faster and immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -35,13 +35,7 @@ SHAPES = [(24, 16), (16, 24), (16, 16)]
 EXACT_SOLVERS = ["dual_ascent", "quasi_newton", "admm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matrices: one BLAS thread is faster and immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_case(shape, seed=0, orthonormal=False, eta_factor=0.3):
