@@ -1,6 +1,14 @@
-"""``python -m lightning_spectral fit|validate|test|predict --config FILE`` (also ``lightning-spectral``)."""
+"""``python -m lightning_spectral fit|validate|test|predict --config FILE`` (also ``lightning-spectral``).
+
+``python -m lightning_spectral study --config configs/studies/<name>.yaml`` runs a study (a grid of
+such fits; see :mod:`lightning_spectral.experiments.cli`). A study is not a Trainer method, so it
+is dispatched here, before LightningCLI parses the Trainer subcommands; each of its runs is an
+ordinary ``fit`` of :class:`SpectralCLI` with its own config file and TensorBoard log.
+"""
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -23,8 +31,22 @@ class SpectralCLI(LightningCLI):
             )
 
 
-def cli_main(args: ArgsType = None) -> SpectralCLI:
-    """Run the CLI on ``args`` (default: ``sys.argv``); a missing dataset ends it with a one-line error."""
+def cli_main(args: ArgsType = None) -> SpectralCLI | None:
+    """Run the CLI on ``args`` (default: ``sys.argv``); a missing dataset ends it with a one-line error.
+
+    ``study ...`` goes to :func:`lightning_spectral.experiments.cli.study_main` (returns ``None``).
+    """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "study":
+        from lightning_spectral.experiments.cli import study_main
+
+        try:
+            code = study_main(list(argv[1:]))
+        except DatasetUnavailableError as err:
+            raise SystemExit(f"error: {err}") from None
+        if args is None and code:
+            raise SystemExit(code)
+        return None
     try:
         return SpectralCLI(
             SpectralModule,

@@ -4,6 +4,7 @@ Loss convention, as in the notebook: ``loss_fn(model, x, y) -> scalar mean loss`
 """
 
 from lightning_spectral.diagnostics._utils import isolated
+from lightning_spectral.diagnostics.lr_scan import lr_stability_scan
 from lightning_spectral.diagnostics.metrics_logger import MetricsLogger
 from lightning_spectral.diagnostics.noise_scale import (
     GradientNoiseScale,
@@ -38,6 +39,7 @@ __all__ = [
     "conv_operator_norm",
     "estimate_gradient_noise_scale",
     "estimate_sam_sharpness",
+    "lr_stability_scan",
     "estimate_sharpness",
     "grad_sq_norms",
     "hessian_top_eigenvalue",

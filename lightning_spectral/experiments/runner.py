@@ -1,0 +1,251 @@
+"""Running a study: each run an ordinary Lightning fit in its own directory, skipped once finished.
+
+Layout under ``<out_dir>/<study>/``::
+
+    runs/<run_id>/run.yaml        the complete LightningCLI config of the run (``fit --config`` it by hand)
+    runs/<run_id>/tensorboard/    its TensorBoard log (``tensorboard --logdir <out_dir>/<study>/runs``)
+    runs/<run_id>/checkpoints/    last.ckpt while it runs (deleted when it finishes, unless keep_checkpoints)
+    runs/<run_id>/history.json    per-epoch metrics (also .csv)
+    runs/<run_id>/result.json     written last: the run is finished when this exists (and matches run.yaml)
+    report/                       collect's tables (Markdown, JSON, CSV) and figures (PNG)
+
+A run is finished when ``result.json`` exists and records the hash of the current config; a
+changed config makes it pending again. An interrupted run restarts; if ``checkpoints/last.ckpt``
+exists it resumes from there (model, optimizer, scheduler, callbacks and the recorded epochs).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lightning_spectral.experiments.recorder import EpochRecorder, write_json
+from lightning_spectral.experiments.spec import Run, Study, config_hash, expand, get_dotted
+
+DIAGNOSTIC_DEFAULTS: dict[str, Any] = {
+    "every_n_epochs": 1,  # measure once per epoch, at its end (the notebook's cadence)
+    "spectral": True,  # SpectralNormMonitor (exact svd), max over layers and per layer
+    "sharpness": True,  # SharpnessMonitor: top Hessian eigenvalue on the epoch's last batch
+    "noise_scale": True,  # GradientNoiseScaleMonitor (split mode) on the epoch's last batch
+    "noise_scale_ema": 0.5,
+    "constraint": True,  # ConstraintMonitor (TensorBoard) for optimizers with constraint_report()
+    "final_train_eval": False,  # accuracy on the whole training set after fit (seed 000)
+    "keep_checkpoints": False,
+}
+
+
+def study_dir(study: Study, out_dir: str | Path) -> Path:
+    return Path(out_dir) / study.name
+
+
+def run_dir(study: Study, run: Run, out_dir: str | Path) -> Path:
+    return study_dir(study, out_dir) / "runs" / run.run_id
+
+
+def diagnostics(study: Study) -> dict[str, Any]:
+    return {**DIAGNOSTIC_DEFAULTS, **study.diagnostics}
+
+
+def full_config(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
+    """The run's LightningCLI config with the study's logger, checkpoint and diagnostic callbacks."""
+    config = dict(run.config)
+    directory = run_dir(study, run, out_dir)
+    diag = diagnostics(study)
+    every = {"every_n_epochs": int(diag["every_n_epochs"])}
+    callbacks: list[dict[str, Any]] = []
+    if diag["spectral"]:
+        callbacks.append({"class_path": "lightning_spectral.callbacks.SpectralNormMonitor",
+                          "init_args": {**every, "method": "svd", "log_histograms": False}})
+    if diag["sharpness"]:
+        callbacks.append({"class_path": "lightning_spectral.callbacks.SharpnessMonitor", "init_args": dict(every)})
+    if diag["noise_scale"]:
+        callbacks.append({"class_path": "lightning_spectral.callbacks.GradientNoiseScaleMonitor",
+                          "init_args": {**every, "mode": "split", "ema_decay": float(diag["noise_scale_ema"])}})
+    if diag["constraint"]:
+        callbacks.append({"class_path": "lightning_spectral.callbacks.ConstraintMonitor",
+                          "init_args": {"every_n_steps": 10}})
+    callbacks.append({"class_path": "lightning_spectral.experiments.recorder.EpochRecorder",
+                      "init_args": {"out_dir": str(directory), "final_train_eval": bool(diag["final_train_eval"])}})
+    callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True}})
+    trainer = dict(config.get("trainer", {}))
+    trainer.update({
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": str(directory), "name": "tensorboard", "version": 0,
+                                 "default_hp_metric": False}},
+        "callbacks": callbacks,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    })
+    trainer.setdefault("log_every_n_steps", 10)
+    config["trainer"] = trainer
+    return config
+
+
+def is_finished(directory: Path, expected_hash: str) -> bool:
+    result = directory / "result.json"
+    if not result.exists():
+        return False
+    try:
+        import json
+
+        return json.loads(result.read_text()).get("config_hash") == expected_hash
+    except (OSError, ValueError):
+        return False
+
+
+def run_hash(study: Study, run: Run, out_dir: str | Path) -> str:
+    if study.kind == "lr_scan":
+        return config_hash({"config": run.config, "scan": study.scan})
+    return config_hash(full_config(study, run, out_dir))
+
+
+def pending_runs(study: Study, out_dir: str | Path) -> list[Run]:
+    return [r for r in expand(study) if not is_finished(run_dir(study, r, out_dir), run_hash(study, r, out_dir))]
+
+
+def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    if not history:
+        return {}
+    last = history[-1]
+    finals = {f"final_{k}": v for k, v in last.items() if k not in ("epoch", "step") and not k.startswith("spectral_norm/")}
+    accs = [h.get("val_acc", math.nan) for h in history if isinstance(h.get("val_acc"), float)]
+    finite = [a for a in accs if math.isfinite(a)]
+    times = [h["step_time_ms"] for h in history if "step_time_ms" in h]
+    return {**finals, "epochs": last.get("epoch"), "best_val_acc": max(finite) if finite else math.nan,
+            "mean_step_time_ms": sum(times) / len(times) if times else math.nan,
+            "total_time_s": sum(h.get("time", 0.0) for h in history)}
+
+
+def execute_train(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
+    """Fit one run through :class:`~lightning_spectral.cli.SpectralCLI` (``run=False``) and write ``result.json``."""
+    from lightning_spectral.cli import SpectralCLI
+    from lightning_spectral.data import ImageDataModule
+    from lightning_spectral.module import SpectralModule
+
+    directory = run_dir(study, run, out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = full_config(study, run, out_dir)
+    digest = config_hash(config)
+    (directory / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    last = directory / "checkpoints" / "last.ckpt"
+    previous = directory / "result.json"
+    if previous.exists():  # stale result of another config
+        previous.unlink()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the study's own arguments are not the run's
+    try:
+        cli = SpectralCLI(
+            SpectralModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+            args=["--config", str(directory / "run.yaml")], run=False,
+        )
+    finally:
+        sys.argv = argv
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, EpochRecorder))
+    status, error = "finished", None
+    start = time.perf_counter()
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
+    except FloatingPointError as err:  # NonFiniteGradientError: the optimizer refused a NaN/Inf gradient
+        status, error = "diverged", str(err)
+    if recorder.diverged:
+        status = "diverged"
+    result = {
+        "study": study.name, "run_id": run.run_id, "axes": run.axes, "values": run.values, "seed": run.seed,
+        "status": status, "error": error, "config_hash": digest, "wall_time_s": time.perf_counter() - start,
+        "resumed_from": str(last) if last.exists() else None,
+        **_summary(recorder.history),
+        **{f"final_{k}" if not k.startswith("final") else k: v for k, v in recorder.final.items()},
+        "history": recorder.history,
+    }
+    if not diagnostics(study)["keep_checkpoints"]:
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    write_json(previous, result)
+    return result
+
+
+def execute_lr_scan(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
+    """One :func:`lr_stability_scan` of the run's model and optimizer on the training data."""
+    import torch
+    import torch.nn.functional as F
+
+    from lightning_spectral.experiments.build import build_data, build_net, build_optimizer
+    from lightning_spectral.diagnostics.lr_scan import lr_stability_scan
+
+    directory = run_dir(study, run, out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "run.yaml").write_text(yaml.safe_dump({"config": run.config, "scan": study.scan}, sort_keys=False))
+    data = build_data(run.config)
+    scan = dict(study.scan)
+    lr_range = tuple(scan.pop("lr_range", (1e-3, 2.0)))
+    device = scan.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    out = lr_stability_scan(
+        lambda: build_net(run.config, data),
+        lambda model, lr: build_optimizer(run.config, model, lr),
+        lambda model, x, y: F.cross_entropy(model(x), y),
+        data.train_dataloader(), lr_range=lr_range, device=device, seed=run.seed, **scan,
+    )
+    result = {"study": study.name, "run_id": run.run_id, "axes": run.axes, "values": run.values, "seed": run.seed,
+              "status": "finished", "config_hash": run_hash(study, run, out_dir),
+              "wall_time_s": time.perf_counter() - start, **out}
+    write_json(directory / "result.json", result)
+    return result
+
+
+def execute(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
+    return (execute_lr_scan if study.kind == "lr_scan" else execute_train)(study, run, out_dir)
+
+
+def run_study(study: Study, out_dir: str | Path, only: list[str] | None = None, force: bool = False,
+              log: Callable[[str], None] = print) -> dict[str, list[str]]:
+    """Run every pending run (or the ``only`` ids) in this process, one after the other.
+
+    A run that raises is reported and the others go on; its directory keeps no ``result.json``,
+    so the next invocation retries it. Returns ``{"ran", "skipped", "failed"}`` run ids.
+    """
+    runs = expand(study)
+    if only:
+        unknown = set(only) - {r.run_id for r in runs}
+        if unknown:
+            raise SystemExit(f"error: unknown run id(s) {sorted(unknown)}; list them with --print_runs")
+        runs = [r for r in runs if r.run_id in only]
+    done: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": []}
+    for i, run in enumerate(runs, 1):
+        directory = run_dir(study, run, out_dir)
+        if not force and is_finished(directory, run_hash(study, run, out_dir)):
+            done["skipped"].append(run.run_id)
+            continue
+        log(f"[{study.name} {i}/{len(runs)}] {run.run_id}")
+        try:
+            result = execute(study, run, out_dir)
+        except Exception as err:  # noqa: BLE001 - keep the grid going; the run stays pending
+            from lightning_spectral.data import DatasetUnavailableError
+
+            if isinstance(err, DatasetUnavailableError):
+                raise
+            log(f"  FAILED: {type(err).__name__}: {err}")
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "error.txt").write_text(traceback.format_exc())
+            done["failed"].append(run.run_id)
+            continue
+        done["ran"].append(run.run_id)
+        acc = result.get("final_val_acc", result.get("max_stable_lr"))
+        log(f"  {result['status']}: {acc if acc is None else f'{acc:.4g}'} in {result['wall_time_s']:.1f}s")
+    return done
+
+
+def run_commands(study: Study, study_args: list[str], out_dir: str | Path, include_finished: bool = False) -> list[str]:
+    """One shell command per (pending) run: ``python -m lightning_spectral study <study_args> --run <id>``."""
+    runs = expand(study) if include_finished else pending_runs(study, out_dir)
+    prefix = " ".join(shlex.quote(a) for a in ["python", "-m", "lightning_spectral", "study", *study_args])
+    return [f"{prefix} --run {shlex.quote(r.run_id)}" for r in runs]

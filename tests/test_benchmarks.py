@@ -1,0 +1,40 @@
+"""Smoke test of the benchmark command (issue 7): ``--quick`` runs on tiny shapes and fills every section."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_produces_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    sections = result["sections"]
+    assert set(sections) == {"optimizer_step", "targets", "msign_accuracy", "inner_solvers", "training_loop",
+                             "callbacks", "memory"}
+    for model in ("mlp", "resnet18"):
+        rows = sections["optimizer_step"][model]["rows"]
+        for name in ("Muon", "torch.optim.Muon", "torch AdamW", "floor: NS-5 float32 bmm", "ManifoldMuon amortized",
+                     "SpectralBall inner", "MuonSGD admm +tangent"):
+            assert rows[name]["median_s"] > 0 and rows[name]["over_floor"] > 0, (model, name)
+        assert rows["Muon"]["state_bytes_per_param"] == 4.0  # one float32 momentum buffer
+    assert len(sections["msign_accuracy"]["rows"]) == 4 * 8
+    assert {r["solver"] for r in sections["inner_solvers"]["budgeted"]["rows"]} == {
+        "spectral_clip", "frank_wolfe", "dual_ascent", "quasi_newton", "admm"}
+    assert all(r["duality_gap"] >= -1e-4 for r in sections["inner_solvers"]["directions"]["rows"])
+    assert sections["training_loop"]["ratio"] > 0
+    assert {"SpectralNormMonitor", "SharpnessMonitor", "GradientNoiseScaleMonitor", "ConstraintMonitor"} <= set(
+        sections["callbacks"]["rows"])
+    for heading in ("### 1.", "### 2.", "### 3.", "### 4.", "### 5.", "### 6."):
+        assert heading in proc.stdout
+    assert elapsed < 20, f"the quick benchmark took {elapsed:.1f} s (budget 20 s)"

@@ -1,0 +1,228 @@
+"""The study runner: grid expansion, resume, aggregation, print-runs commands, and lr_stability_scan."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lightning_spectral.cli import cli_main
+from lightning_spectral.experiments import lr_stability_scan
+from lightning_spectral.experiments.report import collect, group_results, mean_std
+from lightning_spectral.experiments.runner import pending_runs, run_study
+from lightning_spectral.experiments.spec import expand, load_study, set_dotted
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+STUDIES = sorted((ROOT / "configs" / "studies").glob("*/*.yaml"))
+
+
+def write_study(tmp_path: Path, **extra) -> Path:
+    study = {
+        "name": "tiny",
+        "base": str(QUICKSTART),
+        "set": {"trainer.max_epochs": 2, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 1,
+                "trainer.accelerator": "cpu", "data.init_args.batch_size": 16},
+        "seeds": [0],
+        "grids": [{"optimizer": [
+            {"name": "SGD", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD",
+                                                                  "init_args": {"lr": 0.05}}}},
+            {"name": "MuonSGD", "set": {"model.init_args.optimizer": {
+                "class_path": "lightning_spectral.optim.MuonSGD",
+                "init_args": {"lr": 0.05, "spectral_budget": 0.1}}}},
+        ]}],
+        "diagnostics": {"sharpness": False, "noise_scale": False, "constraint": False},
+        "report": {"sections": ["metric_grid"]},
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+# -- grid expansion ---------------------------------------------------------------------------
+def test_grid_expansion(tmp_path: Path) -> None:
+    path = write_study(tmp_path, seeds=[0, 1], grids=[
+        {"optimizer": [{"name": "SGD", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD",
+                                                                              "init_args": {"lr": 0.1}}}}],
+         "lr": {"key": "model.init_args.optimizer.init_args.lr", "values": [0.01, 0.3]}},
+        {"axes": {"optimizer": [{"name": "AdamW", "set": {"model.init_args.optimizer.class_path": "torch.optim.AdamW"}}]},
+         "seeds": [5]},
+        {"optimizer": [{"name": "SGD", "set": {}}], "lr": {"key": "model.init_args.optimizer.init_args.lr",
+                                                          "values": [0.01]}},  # duplicates of the first grid's ids
+    ])
+    runs = expand(load_study(path))
+    assert [r.run_id for r in runs] == [
+        "optimizer=SGD__lr=0.01__seed=0", "optimizer=SGD__lr=0.01__seed=1",
+        "optimizer=SGD__lr=0.3__seed=0", "optimizer=SGD__lr=0.3__seed=1", "optimizer=AdamW__seed=5",
+    ]
+    sgd = runs[2].config
+    assert sgd["seed_everything"] == 0 and runs[1].config["seed_everything"] == 1
+    assert sgd["model"]["init_args"]["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.3}}
+    assert sgd["trainer"]["max_epochs"] == 2  # the study's `set`
+    assert sgd["data"]["class_path"] == "lightning_spectral.data.DigitsDataModule"  # from the base
+    assert runs[2].axes == {"optimizer": "SGD", "lr": "0.3"} and runs[2].values["lr"] == 0.3
+    assert runs[0].group == runs[1].group == "optimizer=SGD, lr=0.01"
+
+
+def test_set_dotted_merges_dicts_and_replaces_class_specs() -> None:
+    config = {"opt": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}}}
+    set_dotted(config, "opt", {"init_args": {"lr": 0.2}})  # no class_path: merged
+    assert config["opt"]["init_args"] == {"lr": 0.2, "momentum": 0.9}
+    set_dotted(config, "opt", {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-3}})  # a class spec: replaced
+    assert config["opt"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": 1e-3}}
+    set_dotted(config, "opt.init_args.nesterov", True)
+    assert config["opt"]["init_args"] == {"lr": 1e-3, "nesterov": True}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shipped_studies_expand(path: Path) -> None:
+    study = load_study(path)
+    runs = expand(study)
+    assert runs and len({r.run_id for r in runs}) == len(runs)
+    for run in runs:
+        assert isinstance(run.config["seed_everything"], int)
+        assert run.config["model"]["init_args"]["optimizer"]["class_path"]
+        for key in ("lr", "spectral_budget", "weight_decay", "momentum"):  # YAML 1.1 reads `1e-3` as a string
+            value = run.config["model"]["init_args"]["optimizer"].get("init_args", {}).get(key)
+            assert value is None or isinstance(value, (int, float)), (run.run_id, key, value)
+    for key in ("divergence_threshold", "steps_per_lr", "num_lrs"):
+        assert not isinstance(study.scan.get(key), str)
+
+
+# -- aggregation ------------------------------------------------------------------------------
+def test_mean_std_is_sample_std_over_finite_values() -> None:
+    stat = mean_std([0.9, 0.8, 0.7, math.nan])
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(0.8) and stat["std"] == pytest.approx(0.1)
+    one = mean_std([0.5])
+    assert one["mean"] == 0.5 and math.isnan(one["std"])
+    assert mean_std([])["n"] == 0
+
+
+def test_group_results_aggregates_seeds(tmp_path: Path) -> None:
+    runs = expand(load_study(write_study(tmp_path, seeds=[0, 1, 2])))
+    results = []
+    for run in runs:
+        acc = {"SGD": 0.5, "MuonSGD": 0.7}[run.axes["optimizer"]] + 0.1 * run.seed
+        history = [{"epoch": 1, "val_acc": acc - 0.1}, {"epoch": 2, "val_acc": acc}]
+        results.append((run, {"seed": run.seed, "status": "finished", "final_val_acc": acc, "history": history}))
+    groups = group_results(results)
+    assert list(groups) == ["optimizer=SGD", "optimizer=MuonSGD"]
+    stats = groups["optimizer=MuonSGD"]["stats"]["final_val_acc"]
+    assert stats["n"] == 3 and stats["mean"] == pytest.approx(0.8) and stats["std"] == pytest.approx(0.1)
+    curve = groups["optimizer=SGD"]["curves"]
+    assert curve["mean"][0]["val_acc"] == pytest.approx(0.5) and curve["std"][1]["val_acc"] == pytest.approx(0.1)
+
+
+# -- running, resume, collect, print-runs -------------------------------------------------------
+def test_run_resume_collect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    study = load_study(write_study(tmp_path, diagnostics={"sharpness": False, "noise_scale": False,
+                                                          "keep_checkpoints": True}))
+    out = tmp_path / "out"
+    done = run_study(study, out, log=lambda _: None)
+    assert done == {"ran": ["optimizer=SGD__seed=0", "optimizer=MuonSGD__seed=0"], "skipped": [], "failed": []}
+    run_dir = out / "tiny" / "runs" / "optimizer=MuonSGD__seed=0"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "finished" and result["epochs"] == 2 and len(result["history"]) == 2
+    assert {"train_loss", "val_acc", "max_spectral_norm", "step_time_ms", "lr"} <= set(result["history"][-1])
+    assert result["final_solver_inner_iterations"] == 0  # exact clipping: no iterations
+    assert set(result["final_spectral_norms"]) == {"net.features.0", "net.features.2", "net.fc1", "net.fc2"}
+    assert (run_dir / "run.yaml").exists() and list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+
+    # A re-run skips finished runs.
+    assert run_study(study, out, log=lambda _: None) == {"ran": [], "skipped": [r.run_id for r in expand(study)],
+                                                         "failed": []}
+    # An interrupted run (no result.json) resumes from last.ckpt, keeping the recorded epochs.
+    (run_dir / "result.json").unlink()
+    assert [r.run_id for r in pending_runs(study, out)] == ["optimizer=MuonSGD__seed=0"]
+    assert run_study(study, out, log=lambda _: None)["ran"] == ["optimizer=MuonSGD__seed=0"]
+    resumed = json.loads((run_dir / "result.json").read_text())
+    assert resumed["resumed_from"].endswith("last.ckpt") and resumed["history"] == result["history"]
+    # A changed config makes the run pending again.
+    changed = load_study(write_study(tmp_path), {"set.optimizer_note": None, "seeds": [0],
+                                                 "set.trainer.limit_val_batches": 2})
+    assert len(pending_runs(changed, out)) == 2
+
+    report = collect(study, out, docs_dir=tmp_path / "docs")
+    summary = (report / "summary.md").read_text()
+    assert "| SGD | 1 |" in summary and "| MuonSGD | 1 |" in summary
+    data = json.loads((report / "results.json").read_text())
+    assert len(data["runs"]) == 2 and data["groups"][0]["stats"]["final_val_acc"]["n"] == 1
+    assert (report / "runs.csv").read_text().count("\n") == 3 and (report / "tiny_metrics.png").stat().st_size > 0
+    assert "](figures/tiny_metrics.png)" in (tmp_path / "docs" / "tiny.md").read_text()
+
+
+def test_print_runs_and_cli_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path)
+    args = ["study", "--config", str(path), "--out_dir", "out", "--max_epochs", "1"]
+    assert cli_main([*args, "--print_runs"]) is None
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 2
+    first = shlex.split(commands[0])
+    assert first[:4] == ["python", "-m", "lightning_spectral", "study"]
+    assert first[-2:] == ["--run", "optimizer=SGD__seed=0"] and "--max_epochs" in first and "--print_runs" not in first
+    cli_main(first[3:])  # the printed command runs that run only (in process)
+    capsys.readouterr()
+    cli_main([*args, "--print_runs"])
+    assert capsys.readouterr().out.strip().splitlines() == commands[1:]  # only the pending one is left
+    cli_main([*args, "--print_runs", "--all"])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    cli_main([*args, "--collect"])
+    assert (tmp_path / "out" / "tiny" / "report" / "summary.md").exists()
+
+
+# -- lr_stability_scan ------------------------------------------------------------------------
+class Scalar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+
+def quadratic(curvature: float):
+    return lambda model, x, y: 0.5 * curvature * model.w**2
+
+
+LOADER = [(torch.zeros(1), torch.zeros(1))]
+
+
+def test_lr_scan_matches_the_gradient_descent_threshold() -> None:
+    """GD on ½Lw² multiplies w by (1 − ηL): it converges for η < 2/L and diverges above."""
+    curvature = 4.0  # 2/L = 0.5
+    out = lr_stability_scan(Scalar, lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), quadratic(curvature),
+                            LOADER, lr_range=(0.05, 2.0), num_lrs=12, steps_per_lr=300)
+    lrs = np.logspace(np.log10(0.05), np.log10(2.0), 12)
+    assert out["lr_values"] == pytest.approx(list(lrs))
+    assert out["converged"] == [bool(lr < 2 / curvature) for lr in lrs]
+    assert out["max_stable_lr"] == pytest.approx(max(lr for lr in lrs if lr < 2 / curvature))
+    assert all(math.isinf(v) for v, ok in zip(out["final_losses"], out["converged"]) if not ok)
+    assert all(v < 1e-3 for v, ok in zip(out["final_losses"], out["converged"]) if ok)
+
+
+def test_lr_scan_without_a_stable_lr_returns_nan() -> None:
+    """The seed's bug B7: if the smallest lr diverges, there is no stable lr (the seed returned lr_values[0])."""
+    out = lr_stability_scan(Scalar, lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), quadratic(4.0), LOADER,
+                            lr_values=[3.0, 1.0, 0.1], steps_per_lr=200)
+    assert out["lr_values"] == [0.1, 1.0, 3.0] and out["converged"] == [True, False, False]
+    assert out["max_stable_lr"] == pytest.approx(0.1)
+    none = lr_stability_scan(Scalar, lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), quadratic(4.0), LOADER,
+                             lr_values=[1.0, 3.0], steps_per_lr=200)
+    assert none["converged"] == [False, False] and math.isnan(none["max_stable_lr"])
+
+
+def test_lr_scan_on_a_network_is_reproducible() -> None:
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(3)]
+    ce = lambda model, x, y: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    kwargs = dict(lr_range=(1e-2, 1e4), num_lrs=4, steps_per_lr=20, divergence_threshold=50.0)
+    a = lr_stability_scan(lambda: nn.Linear(4, 3), lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), ce, data, **kwargs)
+    b = lr_stability_scan(lambda: nn.Linear(4, 3), lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), ce, data, **kwargs)
+    assert a == b and a["converged"][0] and not a["converged"][-1]
