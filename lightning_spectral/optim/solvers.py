@@ -56,7 +56,8 @@ from .msign import msign
 class SolveInfo:
     """``iterations``: inner iterations (clip or msign evaluations); ``tangent_residual``:
     scale-free ``‖sym(WᵀA)‖_F/(‖W‖₂‖A‖_F)`` of the returned step (0 without tangency);
-    ``norm_excess``: ``max(0, ‖A‖₂/η − 1)``."""
+    ``norm_excess``: ``max(0, ‖A‖₂/η − 1)`` of the returned step (0 up to round-off: every
+    solver ends with the rescale into the ball, whose norm it computes once)."""
 
     iterations: int
     tangent_residual: float
@@ -113,11 +114,17 @@ class InnerSolver:
             A, iterations = self._solve(Wt, Dt, float(spectral_budget), space, state)
         if space is not None:
             A = space.project(A)
-        A = rescale_into_ball(A, spectral_budget)
+        if iterations == 0 and space is None and self.clip_method == "svd" and self.exact_without_tangent:
+            excess = 0.0  # an exact clip: its singular values are min(σ, η) by construction
+        else:
+            norm = float(spectral_norm(A))
+            if norm > spectral_budget:
+                A = A * (spectral_budget / norm)
+            excess = max(0.0, min(norm, spectral_budget) / spectral_budget - 1.0)
         self.last_info = SolveInfo(
             iterations=iterations,
             tangent_residual=float(space.residual(A)) if space is not None else 0.0,
-            norm_excess=max(0.0, float(spectral_norm(A)) / spectral_budget - 1.0),
+            norm_excess=excess,
         )
         return (A.mT if flip else A).reshape(delta.shape).to(delta.dtype)
 

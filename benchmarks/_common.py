@@ -1,0 +1,179 @@
+"""Shared pieces of the benchmark: parameter shapes, gradients with a power-law spectrum,
+the float32 Newton–Schulz floor, interleaved timing and Markdown formatting."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+Shape = tuple[int, int]
+
+
+def model_shapes(name: str, quick: bool = False) -> list[Shape]:
+    """``out × in·kh·kw`` of every ≥2-D parameter of the model (conv kernels flattened).
+
+    ``quick`` shrinks the widths (ResNet-18 at ``width_mult=1/16``, the MLP on 8×8 inputs with
+    width 1/8) so the smoke test runs in seconds; the shapes keep their aspect ratios."""
+    from lightning_spectral.models import MLP, ResNet18
+
+    if name == "resnet18":
+        model = ResNet18(width_mult=1 / 16 if quick else 1.0)
+    elif name == "mlp":
+        model = MLP(image_size=8 if quick else 32, width_mult=1 / 8 if quick else 1.0)
+    else:
+        raise ValueError(name)
+    return [(p.shape[0], p[0].numel()) for p in model.parameters() if p.ndim >= 2]
+
+
+def random_orthonormal(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    Q, R = torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64))
+    return (Q * torch.sign(torch.diagonal(R))).float()
+
+
+def with_spectrum(n: int, m: int, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random ``n × m`` matrix with the given singular values (random singular vectors)."""
+    k = min(n, m)
+    U, V = random_orthonormal(n, k, generator), random_orthonormal(m, k, generator)
+    return (U * sigma[:k].float()) @ V.mT
+
+
+def power_law(n: int, m: int, generator: torch.Generator, exponent: float = 1.0) -> torch.Tensor:
+    """Gradient-like matrix: ``σᵢ = i^(−exponent)`` (σ₁ = 1), random singular vectors."""
+    k = min(n, m)
+    return with_spectrum(n, m, torch.arange(1, k + 1, dtype=torch.float64) ** -exponent, generator)
+
+
+class GradientStream:
+    """Gradients as in training: a fixed power-law "signal" per matrix plus fresh noise of
+    ``noise`` times its RMS each step (consecutive steps are correlated, so warm starts matter).
+    Precomputes ``pool`` noise draws and cycles through them (cheap per step)."""
+
+    def __init__(self, shapes: Sequence[Shape], seed: int = 0, noise: float = 0.5, pool: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        self.base = [power_law(n, m, g) for n, m in shapes]
+        self.noise = [[torch.randn(n, m, generator=g) * (noise * float(b.norm()) / math.sqrt(n * m))
+                       for (n, m), b in zip(shapes, self.base)] for _ in range(pool)]
+        self.t = 0
+
+    def grads(self, t: int | None = None) -> list[torch.Tensor]:
+        t = self.t if t is None else t
+        self.t = t + 1
+        return [b + e for b, e in zip(self.base, self.noise[t % len(self.noise)])]
+
+
+def make_params(shapes: Sequence[Shape], seed: int = 1) -> list[torch.nn.Parameter]:
+    """Kaiming-scaled 2-D weights, one per shape."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n, m, generator=g) * math.sqrt(2.0 / m)) for n, m in shapes]
+
+
+def set_grads(params: Iterable[torch.nn.Parameter], grads: Iterable[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
+# -- the floor ----------------------------------------------------------------------------------
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+
+def stack_by_shape(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Same-shaped matrices stacked (``B × n × m``), in short-side (wide) orientation."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
+    for M in mats:
+        groups[tuple(M.shape)].append(M if M.shape[0] <= M.shape[1] else M.mT)
+    return [torch.stack(ms).contiguous() for ms in groups.values()]
+
+
+def ns_floor(stacks: Sequence[torch.Tensor], steps: int = 5, coefficients=JORDAN) -> list[torch.Tensor]:
+    """The bare float32 quintic Newton–Schulz loop over pre-stacked wide matrices: a Frobenius
+    normalisation, then per step ``A = X Xᵀ``, ``B = bA + cA²``, ``X = aX + BX`` (three batched
+    GEMMs, two fused with the adds). No momentum, no copies, no update: the floor."""
+    a, b, c = coefficients
+    out = []
+    for X in stacks:
+        X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + 1e-7)
+        for _ in range(steps):
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
+        out.append(X)
+    return out
+
+
+def ns_flops(shapes: Sequence[Shape], steps: int = 5) -> float:
+    """``steps·(4 m²n + 2 m³)`` per ``m × n`` matrix (``m`` the short side)."""
+    total = 0.0
+    for n, m in shapes:
+        s, l = min(n, m), max(n, m)
+        total += 4 * s * s * l + 2 * s**3
+    return steps * total
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def now() -> float:
+    return time.perf_counter()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def interleaved(cases: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                cap_s: float = math.inf, log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Run every case ``warmup`` times, then ``repeats`` rounds A B C … A B C …, and return each
+    case's times and median. A case whose last warm-up call took longer than ``cap_s`` is not
+    repeated: its median is that last (warm-started) warm-up call, and ``capped=True``."""
+    results: dict[str, dict] = {name: {"warmup_s": [], "times_s": [], "capped": False} for name in cases}
+    for name, fn in cases.items():
+        for _ in range(warmup):
+            results[name]["warmup_s"].append(timed(fn))
+        results[name]["capped"] = bool(results[name]["warmup_s"]) and results[name]["warmup_s"][-1] > cap_s
+        if log:
+            log(f"  warm {name}: {', '.join(f'{t:.3f}' for t in results[name]['warmup_s'])} s")
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            if not results[name]["capped"]:
+                results[name]["times_s"].append(timed(fn))
+    for r in results.values():
+        r["median_s"] = median(r["times_s"] or r["warmup_s"][-1:])
+    return results
+
+
+# -- formatting -----------------------------------------------------------------------------------
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if not math.isfinite(x):
+        return "—"
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000 or abs(x) < 1e-3:
+        return f"{x:.2e}"
+    return f"{x:.{digits}g}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
+    return "\n".join(lines)
