@@ -70,6 +70,15 @@ def test_cifar10_reads_the_md5_checked_batches(fake_cifar10) -> None:
     assert augmented.shape == (8, 3, 32, 32) and not all(torch.equal(a, augmented[0]) for a in augmented)
 
 
+def test_cifar10_without_augmentation_trains_on_the_plain_images(fake_cifar10) -> None:
+    """``augment=False`` (seed 000): training images are exactly the normalised stored pixels."""
+    dm = prepared(CIFAR10DataModule(data_dir=str(fake_cifar10.root), num_workers=0, augment=False))
+    mean = torch.tensor(CIFAR10DataModule.mean).view(3, 1, 1)
+    std = torch.tensor(CIFAR10DataModule.std).view(3, 1, 1)
+    expected = (torch.from_numpy(fake_cifar10.train_images[0]).float() / 255 - mean) / std
+    torch.testing.assert_close(dm.train_set[0][0], expected)
+
+
 def test_cifar10_corrupted_file_is_reported(fake_cifar10) -> None:
     batch = fake_cifar10.root / CIFAR10.base_folder / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-1] + b"\0")

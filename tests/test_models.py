@@ -68,3 +68,13 @@ def test_mlp_depth_and_activation() -> None:
 def test_bad_arguments_raise(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_mlp_explicit_hidden_sizes_without_bias() -> None:
+    """Seed 000's MLP: 3072-128-64-10, no biases (widths scaled by width_mult)."""
+    model = MLP(hidden_sizes=[128, 64], bias=False)
+    assert [tuple(p.shape) for p in model.parameters()] == [(128, 3072), (64, 128), (10, 64)]
+    half = MLP(hidden_sizes=[128, 64], width_mult=0.5)
+    assert [tuple(p.shape) for p in half.parameters() if p.ndim == 2] == [(64, 3072), (32, 64), (10, 32)]
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        MLP(hidden_sizes=[])

@@ -6,7 +6,7 @@ import socket
 from abc import abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torchvision.transforms as T
 from torch.utils.data import Dataset
@@ -112,7 +112,14 @@ class CIFAR10DataModule(TorchvisionDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
+    def __init__(self, *args: Any, augment: bool = True, **kwargs: Any) -> None:
+        """``augment=False`` trains on the plain normalised images (seed 000 did)."""
+        super().__init__(*args, **kwargs)
+        self.augment = augment
+
     def train_transform(self) -> T.Compose:
+        if not self.augment:
+            return self.eval_transform()
         return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), self.eval_transform()])
 
     def placement_hint(self, root: Path) -> str:

@@ -20,6 +20,9 @@ class MLP(nn.Module):
         width_mult: scales the hidden width 256.
         num_layers: number of Linear layers (1 is a linear classifier).
         activation: ``"relu"`` or ``"gelu"``.
+        hidden_sizes: explicit hidden widths (e.g. ``[128, 64]``, seed 000's MLP), scaled by
+            ``width_mult``; overrides ``num_layers``. ``None``: ``num_layers − 1`` layers of 256.
+        bias: biases in the Linear layers (seed 000's MLP has none).
     """
 
     def __init__(
@@ -30,6 +33,8 @@ class MLP(nn.Module):
         width_mult: float = 1.0,
         num_layers: int = 3,
         activation: Literal["relu", "gelu"] = "relu",
+        hidden_sizes: list[int] | None = None,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         check_input(in_channels, image_size, num_classes)
@@ -38,13 +43,16 @@ class MLP(nn.Module):
         if activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
         act = nn.ReLU if activation == "relu" else nn.GELU
-        hidden = scaled_width(256, width_mult)
+        if hidden_sizes is not None and (not hidden_sizes or min(hidden_sizes) < 1):
+            raise ValueError(f"hidden_sizes must be a non-empty list of positive widths, got {hidden_sizes}")
+        base = hidden_sizes if hidden_sizes is not None else [256] * (num_layers - 1)
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_channels * image_size * image_size
-        for _ in range(num_layers - 1):
-            layers += [nn.Linear(width, hidden), act()]
+        for size in base:
+            hidden = scaled_width(size, width_mult)
+            layers += [nn.Linear(width, hidden, bias=bias), act()]
             width = hidden
-        layers.append(nn.Linear(width, num_classes))
+        layers.append(nn.Linear(width, num_classes, bias=bias))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
