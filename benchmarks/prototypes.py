@@ -7,8 +7,7 @@ so every singular value of ``W − lrΦ`` lies in ``[1, √(1 + lr²‖Φ‖₂�
 the normalisation, the fixed-point quintic ``p(σ) = (15σ − 10σ³ + 3σ⁵)/8`` (the last Polar-Express
 triple; ``p(1 + e) = 1 + 2.5e³ + O(e⁴)``, monotone) takes ``e = 0.005`` (lr = 0.1) to ``3e-7`` in
 one step and ``e = 0.12`` (lr = 0.5) to ``2e-7`` in two. :func:`polar_retract` does that;
-:class:`ManifoldMuonFastRetraction` is ``ManifoldMuon`` with it (its ``_matrix_step`` copied, the
-retraction line changed).
+:class:`ManifoldMuonFastRetraction` is ``ManifoldMuon`` with it (``_retract`` overridden).
 """
 
 from __future__ import annotations
@@ -18,9 +17,6 @@ from typing import Any
 import torch
 
 from lightning_spectral.optim import ManifoldMuon
-from lightning_spectral.optim.base import ema_momentum, lr_scale, record_inner
-from lightning_spectral.optim.directions import stiefel_direction
-from lightning_spectral.optim.linalg import as_matrix
 from lightning_spectral.optim.msign import _quintic_step
 
 
@@ -36,22 +32,8 @@ def polar_retract(Y: torch.Tensor, steps: int = 2) -> torch.Tensor:
 class ManifoldMuonFastRetraction(ManifoldMuon):
     """``ManifoldMuon`` whose retraction is :func:`polar_retract` (``retraction_steps`` steps)."""
 
-    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        for p in params:
-            state = self.state[p]
-            G = as_matrix(ema_momentum(state, p.grad, group["momentum"], group["nesterov"])).float()
-            W = as_matrix(p).float()
-            Phi, Y, info = stiefel_direction(
-                W, G, state.get("dual"), mode=group["mode"], alpha=self._dual_step(group, state),
-                max_iters=group["inner_max_iters"], tol=group["inner_tol"],
-                msign_steps=group["ns_steps"], schedule=group["ns_schedule"],
-            )
-            state["dual"] = Y
-            if "inner_residual" in state:
-                state["previous_residual"] = state["inner_residual"]
-            record_inner(state, info.iterations, info.residual)
-            step = group["lr"] * lr_scale(p.shape, group["adjust_lr"])
-            p.copy_(polar_retract(W - step * Phi, group["retraction_steps"]).view_as(p))
+    def _retract(self, group: dict[str, Any], Y: torch.Tensor) -> torch.Tensor:
+        return polar_retract(Y, group["retraction_steps"])
 
 
 def spectral_module_throttled_lr():
@@ -63,24 +45,9 @@ def spectral_module_throttled_lr():
     from lightning_spectral.module import SpectralModule
 
     class ThrottledLR(SpectralModule):
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            optimizer = self.optimizers()
+        def _log_learning_rates(self, optimizer, batch_size):
             trainer = self.trainer
             if trainer.loggers and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-                self.log_dict({f"lr/{g.get('name', f'group{i}')}": g["lr"] for i, g in enumerate(optimizer.param_groups)},
-                              on_step=True, on_epoch=False, batch_size=len(y))
-            logits = self(x)
-            loss = self.criterion(logits, y)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
-            self.train_acc(logits, y)
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
-            return loss.detach()
+                super()._log_learning_rates(optimizer, batch_size)
 
     return ThrottledLR

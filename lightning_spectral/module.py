@@ -144,12 +144,7 @@ class SpectralModule(LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         optimizer = self.optimizers()
-        self.log_dict(
-            {f"lr/{g.get('name', f'group{i}')}": g["lr"] for i, g in enumerate(optimizer.param_groups)},
-            on_step=True,
-            on_epoch=False,
-            batch_size=len(y),
-        )
+        self._log_learning_rates(optimizer, len(y))
         logits = self(x)
         loss = self.criterion(logits, y)
         optimizer.zero_grad()
@@ -162,6 +157,15 @@ class SpectralModule(LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss.detach()
+
+    def _log_learning_rates(self, optimizer: Optimizer, batch_size: int) -> None:
+        """Log each parameter group's learning rate as ``lr/<group name>``, every step."""
+        self.log_dict(
+            {f"lr/{g.get('name', f'group{i}')}": g["lr"] for i, g in enumerate(optimizer.param_groups)},
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

@@ -273,7 +273,18 @@ class Oblique(GeometricOptimizer):
 
 
 # ---------------------------------------------------------------------------------------------
-class SLMuon(GeometricOptimizer):
+class _MatrixGroupOptimizer(GeometricOptimizer):
+    """Shared constructor of the optimizers on a matrix Lie group (:class:`SLMuon`,
+    :class:`Symplectic`): a step in Lie-algebra coordinates, optionally orthogonalised by msign."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
+                 direction: str = "msign", ns_steps: int = 5, ns_schedule: str = "jordan", **kwargs: Any):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, direction=direction, ns_steps=ns_steps,
+                        ns_schedule=ns_schedule)
+        super().__init__(params, defaults, **kwargs)
+
+
+class SLMuon(_MatrixGroupOptimizer):
     """The special linear group ``SL(n) = {W : det W = 1}`` (volume preserving), for square
     matrices; non-square ones take the fallback rule (``unsupported="fallback"``) or are refused.
 
@@ -298,11 +309,6 @@ class SLMuon(GeometricOptimizer):
     values below ``1e-3·σ₁`` (a singular matrix has no volume to rescale), rescale.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
-                 direction: str = "msign", ns_steps: int = 5, ns_schedule: str = "jordan", **kwargs: Any):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, direction=direction, ns_steps=ns_steps,
-                        ns_schedule=ns_schedule)
-        super().__init__(params, defaults, **kwargs)
 
     def _unsupported_reason(self, group, shape):
         return None if shape[0] == shape[1] else f"SL(n) needs a square matrix, got {tuple(shape)}"
@@ -357,7 +363,7 @@ def symplectic_form(n: int, device=None, dtype=torch.float64) -> torch.Tensor:
     return J
 
 
-class Symplectic(GeometricOptimizer):
+class Symplectic(_MatrixGroupOptimizer):
     """The symplectic group ``Sp(2k) = {W : WᵀJW = J}``, ``J = [[0, I], [−I, 0]]``, for square
     matrices of even size; other shapes take the fallback rule or are refused.
 
@@ -375,11 +381,6 @@ class Symplectic(GeometricOptimizer):
     symplectic at all).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
-                 direction: str = "msign", ns_steps: int = 5, ns_schedule: str = "jordan", **kwargs: Any):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, direction=direction, ns_steps=ns_steps,
-                        ns_schedule=ns_schedule)
-        super().__init__(params, defaults, **kwargs)
 
     def _unsupported_reason(self, group, shape):
         if shape[0] != shape[1] or shape[0] % 2:

@@ -105,8 +105,11 @@ class ManifoldMuon(MatrixOptimizer):
                 state["previous_residual"] = state["inner_residual"]
             record_inner(state, info.iterations, info.residual)
             step = group["lr"] * lr_scale(p.shape, group["adjust_lr"])
-            W_new = msign(W - step * Phi, group["retraction_steps"], "polar_express")
-            p.copy_(W_new.view_as(p))
+            p.copy_(self._retract(group, W - step * Phi).view_as(p))
+
+    def _retract(self, group: dict[str, Any], Y: torch.Tensor) -> torch.Tensor:
+        """Back onto the manifold: the polar factor ``msign(Y)`` by ``retraction_steps`` Polar-Express steps."""
+        return msign(Y, group["retraction_steps"], "polar_express")
 
     @staticmethod
     def _dual_step(group: dict[str, Any], state: dict) -> float:
