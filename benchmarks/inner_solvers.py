@@ -63,7 +63,7 @@ def budgeted(quick: bool, log) -> dict:
             continue
         for cap in caps:
             if name == "frank_wolfe" and cap > 30:
-                continue  # ≈ 0.15 s per iteration here (an L-BFGS Stiefel solve per oracle call)
+                continue  # each dual step is up to fw_iters (100) SVD-exact msigns
             settings.append((name, f"max_iters={cap}", {"max_iters": cap, "tol": 1e-12}))
         if name != "frank_wolfe":
             settings.append((name, "defaults", {}))

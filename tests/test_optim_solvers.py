@@ -6,10 +6,12 @@ Without tangency A* is the SVD clip ``U min(Σ, η) Vᵀ`` (computed here in flo
 is no closed form, so feasibility is recomputed here (SVD norm, ``WᵀA + AᵀW``) and the objectives
 are compared with each other. Measured on the seeded cases below (binding budget η = 0.3‖Δ‖₂):
 
-- no tangency: dual_ascent / quasi_newton / admm ≈ 8e-7 relative to the SVD clip;
-  frank_wolfe: 2.5e-2 … 8.9e-2 at 5 iterations, 0.6e-2 … 1.7e-2 at 100 (O(1/k));
-- tangency: dual_ascent, quasi_newton, admm agree within ≈ 3e-4 relative objective, frank_wolfe
-  (10 iterations) is 0.6 … 2.5 % worse, spectral_clip 7 … 17 % worse; tangency residual ≈ 1e-7.
+- no tangency: dual_ascent / quasi_newton / admm ≈ 8e-7 relative to the SVD clip; frank_wolfe
+  (pairwise, linear rate) 2e-6 … 5e-5 in 20 … 160 oracle calls (plain Frank–Wolfe, O(1/k), was
+  0.6e-2 … 1.7e-2 at 100);
+- tangency: dual_ascent, quasi_newton, admm, frank_wolfe agree within ≈ 3e-4 relative objective
+  (frank_wolfe: 0.9k … 39k oracle calls, an msign each), spectral_clip 7 … 17 % worse; tangency
+  residual ≈ 1e-7.
   A square W that is not orthonormal makes the dual ill-conditioned: at 100 iterations
   dual_ascent was 5.7e-3 and quasi_newton 2.5e-3 above ADMM's objective, hence their default
   caps of 500 and 300 evaluations.
@@ -32,7 +34,7 @@ from lightning_spectral.optim import (
 )
 
 SHAPES = [(24, 16), (16, 24), (16, 16)]
-EXACT_SOLVERS = ["dual_ascent", "quasi_newton", "admm"]
+EXACT_SOLVERS = ["dual_ascent", "quasi_newton", "admm", "frank_wolfe"]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -100,22 +102,36 @@ def test_spectral_clip_solver_is_uniform_rescale(shape, eta_factor):
     assert rel(A, expected) <= 1e-6
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_frank_wolfe_without_tangency_converges_sublinearly(shape):
-    """Projection-free, O(1/k): the error to the SVD clip falls with the iteration budget and every
-    iterate is feasible. Its known limit: ~1e-2, not 1e-4, at 100 iterations (measured 0.6e-2 …
-    1.7e-2), which is why it is excluded from the 1e-4 test above."""
+@pytest.mark.parametrize("shape", SHAPES + [(48, 32)])
+def test_frank_wolfe_converges_linearly_and_stays_feasible(shape):
+    """Pairwise Frank–Wolfe: every iterate is in the ball, and the error to the SVD clip falls
+    geometrically with the iteration budget (plain Frank–Wolfe is O(1/k): 1e-2 after 100)."""
     W, D, eta = make_case(shape, seed=3)
-    ref = svd_clip(D, eta)
+    ref = svd_clip(D.double(), eta)
     errors = []
-    for iters in (5, 20, 100):
-        A = get_inner_solver("frank_wolfe", max_iters=iters)(W, D, eta)
-        assert float(torch.linalg.matrix_norm(A.double(), ord=2)) <= eta * (1 + 1e-4)
+    for iters in (10, 40, 160):
+        solver = get_inner_solver("frank_wolfe", fw_iters=iters, tol=1e-9)
+        A = solver(W.double(), D.double(), eta)
+        assert solver.last_info.iterations <= iters
+        assert float(torch.linalg.matrix_norm(A, ord=2)) <= eta * (1 + 1e-12)
         errors.append(rel(A, ref))
-    assert errors[0] > errors[1] > errors[2], errors
-    assert errors[2] <= 2e-2, errors
-    # never worse than the baseline it starts from
-    assert objective(A, D) <= objective(get_inner_solver("spectral_clip")(W, D, eta), D)
+    assert errors[0] > 10 * errors[1] > 100 * errors[2], errors
+    assert errors[2] <= 1e-9, errors
+
+
+def test_frank_wolfe_atom_cap_keeps_the_combination_exact():
+    """With the active set capped far below its need, merged atoms slow the tail, but every
+    iterate stays feasible and the answer still approaches the clip."""
+    W, D, eta = make_case((48, 32), seed=3, eta_factor=0.5)
+    solver = get_inner_solver("frank_wolfe", max_atoms=4, fw_iters=300)
+    A = solver(W, D, eta)
+    assert float(torch.linalg.matrix_norm(A.double(), ord=2)) <= eta * (1 + 1e-6)
+    start = get_inner_solver("spectral_clip")(W, D, eta)
+    assert rel(A, svd_clip(D, eta)) < 0.1 * rel(start, svd_clip(D, eta))
+    with pytest.raises(ValueError, match="max_atoms"):
+        get_inner_solver("frank_wolfe", max_atoms=1)
+    with pytest.raises(ValueError, match="fw_iters"):
+        get_inner_solver("frank_wolfe", fw_iters=0)
 
 
 def test_frank_wolfe_not_binding_is_exact():
@@ -129,14 +145,13 @@ _TANGENT_CACHE: dict = {}
 
 def tangent_results(shape, orthonormal):
     """All five solvers with ``tangent=True`` and their default caps on one case (cached:
-    frank_wolfe is slow, so it gets 10 iterations)."""
+    frank_wolfe's dual loop takes thousands of msigns)."""
     key = (shape, orthonormal)
     if key not in _TANGENT_CACHE:
         W, D, eta = make_case(shape, seed=4, orthonormal=orthonormal)
         out = {}
         for name in SOLVER_REGISTRY:
-            solver = get_inner_solver(name, tangent=True, max_iters=10) if name == "frank_wolfe" else \
-                get_inner_solver(name, tangent=True)
+            solver = get_inner_solver(name, tangent=True)
             out[name] = (solver(W, D, eta), solver.last_info)
         _TANGENT_CACHE[key] = (W, D, eta, out)
     return _TANGENT_CACHE[key]
@@ -157,14 +172,12 @@ def test_tangent_solvers_are_feasible(shape, orthonormal):
 
 @pytest.mark.parametrize("shape,orthonormal", TANGENT_CASES)
 def test_tangent_solvers_objective_vs_best(shape, orthonormal):
-    """dual_ascent, quasi_newton, admm within 1e-3 of the best; frank_wolfe (10 iterations) within
-    3e-2; the spectral_clip baseline never better than the best nor than frank_wolfe."""
+    """Every solver but the spectral_clip baseline within 1e-3 of the best; the baseline never
+    better than the best."""
     W, D, eta, out = tangent_results(shape, orthonormal)
     values = {name: objective(A, D) for name, (A, _) in out.items()}
     best = min(values.values())
-    assert (values["frank_wolfe"] - best) / best <= 3e-2, values
     assert values["spectral_clip"] >= best
-    assert values["spectral_clip"] >= values["frank_wolfe"]
     for name in EXACT_SOLVERS:
         assert (values[name] - best) / best <= 1e-3, (name, values)
 
@@ -213,10 +226,9 @@ def test_conv_shaped_weights(name):
     W = torch.randn(6, 2, 3, 3, generator=g) / 4
     D = 0.1 * torch.randn(6, 2, 3, 3, generator=g)
     eta = 0.3 * float(torch.linalg.matrix_norm(D.reshape(6, -1).double(), ord=2))
-    kwargs = dict(max_iters=5) if name == "frank_wolfe" else {}
-    A = get_inner_solver(name, **kwargs)(W, D, eta)
+    A = get_inner_solver(name)(W, D, eta)
     assert A.shape == D.shape
-    flat = get_inner_solver(name, **kwargs)(W.reshape(6, -1), D.reshape(6, -1), eta)
+    flat = get_inner_solver(name)(W.reshape(6, -1), D.reshape(6, -1), eta)
     assert torch.allclose(A.reshape(6, -1), flat, atol=1e-6)
     if name in EXACT_SOLVERS:
         assert rel(A.reshape(6, -1), svd_clip(D.reshape(6, -1), eta)) <= 1e-4
