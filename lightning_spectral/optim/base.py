@@ -9,6 +9,15 @@ non-finite gradient before touching any weight, then updates every group: one
 
 State is only tensors and plain Python values in ``self.state[p]``, so ``state_dict()`` loads
 with ``torch.load(weights_only=True)``.
+
+Under ``torch.distributed`` (DDP: every rank holds the same all-reduced gradients) the matrix
+work is split: each matrix has one owner rank (greedy by its msign cost, ``m·n·min(m, n)``),
+only the owner runs the matrix rule on it, and the owners then broadcast the new weights and
+the matrix's whole optimizer state. Every rank ends the step with bit-identical weights and
+state (rank 0's checkpoint is complete) while the msign/inner-solve time falls with the number
+of ranks. The price is a broadcast of the matrices and their state (1–3× their size) per step,
+on top of DDP's gradient all-reduce. Set ``optimizer.distribute_work = False`` to repeat the
+work on every rank instead.
 """
 
 from __future__ import annotations
@@ -21,6 +30,11 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from .param_groups import MATRIX_KEY, split_by_rule
+
+try:
+    import torch.distributed as dist
+except ImportError:  # a torch build without distributed support
+    dist = None
 
 FALLBACKS = ("adamw", "sgd")
 LR_ADJUSTMENTS = ("none", "original", "match_rms_adamw", "spectral")
@@ -139,15 +153,62 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.check_finite:
             self._check_finite()
+        owners = self._owners()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if group[MATRIX_KEY] and owners is not None:
+                params = [p for p in params if owners[p] == dist.get_rank()]
             if not params:
                 continue
             if group[MATRIX_KEY]:
                 self._matrix_step(group, params)
             else:
                 self._fallback_step(group, params)
+        if owners is not None:
+            self._broadcast_owned(owners)
         return loss
+
+    distribute_work = True
+
+    def _owners(self) -> Optional[dict[torch.Tensor, int]]:
+        """Owner rank of every matrix with a gradient, or ``None`` when the work is not split.
+        Greedy longest-processing-time assignment on ``m·n·min(m, n)``: the same on every rank
+        (it depends on the shapes and the parameter order only)."""
+        if not (self.distribute_work and dist is not None and dist.is_available() and dist.is_initialized()):
+            return None
+        world = dist.get_world_size()
+        if world == 1:
+            return None
+        matrices = [p for g in self.param_groups if g[MATRIX_KEY] for p in g["params"] if p.grad is not None]
+        load = [0] * world
+        owners: dict[torch.Tensor, int] = {}
+        for index in sorted(range(len(matrices)), key=lambda i: -_msign_cost(matrices[i])):
+            rank = min(range(world), key=load.__getitem__)
+            owners[matrices[index]] = rank
+            load[rank] += _msign_cost(matrices[index])
+        return owners
+
+    def _broadcast_owned(self, owners: dict[torch.Tensor, int]) -> None:
+        """From each owner: its matrices and their state. The layout (state keys, shapes, plain
+        values) goes first as a small object, so ranks that never held a state can allocate it."""
+        me = dist.get_rank()
+        for owner in range(dist.get_world_size()):
+            params = [p for p in owners if owners[p] == owner]
+            layout = [_state_layout(self.state[p]) for p in params] if me == owner else None
+            box = [layout]
+            dist.broadcast_object_list(box, src=owner)
+            tensors = []
+            for p, entries in zip(params, box[0]):
+                state = self.state[p]
+                tensors.append(p.data)
+                for key, spec in entries.items():
+                    if spec[0] == "value":
+                        state[key] = spec[1]
+                        continue
+                    if me != owner:
+                        state[key] = torch.empty(spec[1], dtype=spec[2], device=torch.device(spec[3]))
+                    tensors.append(state[key])
+            _broadcast_tensors(tensors, owner, params[0].device if params else None)
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         raise NotImplementedError
@@ -221,6 +282,31 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _constraint_distance(self, group: dict[str, Any], p: torch.Tensor, state: dict) -> Optional[float]:
         return None
+
+
+def _msign_cost(p: torch.Tensor) -> int:
+    rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
+    return rows * cols * min(rows, cols)
+
+
+def _state_layout(state: dict) -> dict[str, tuple]:
+    return {key: ("tensor", tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else ("value", v)
+            for key, v in state.items()}
+
+
+def _broadcast_tensors(tensors: list[torch.Tensor], src: int, device: Optional[torch.device]) -> None:
+    """Broadcast in place, one flat buffer per dtype, staged on ``device`` (the parameters'
+    device: NCCL cannot send CPU tensors such as scalar step counters)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype, group in by_dtype.items():
+        flat = torch.cat([t.reshape(-1).to(device) for t in group])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def record_inner(state: dict, iterations: int, residual: Any) -> None:
