@@ -6,7 +6,23 @@ from abc import ABC, abstractmethod
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+class EpochSeededSampler(RandomSampler):
+    """A random order that depends only on ``(seed, epoch)``: Lightning calls :meth:`set_epoch`
+    before every epoch, so a run resumed from an epoch-end checkpoint sees the same batches as
+    the uninterrupted run (a plain ``shuffle=True`` draws from the global RNG, whose state a
+    checkpoint does not hold). Under DDP Lightning replaces any ``RandomSampler`` with its
+    ``DistributedSampler``, which is epoch-seeded the same way."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed((self.seed + epoch) % (1 << 64))
 
 
 class ImageDataModule(LightningDataModule, ABC):
@@ -59,7 +75,8 @@ class ImageDataModule(LightningDataModule, ABC):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            # seed: torch's initial seed, which ``seed_everything`` sets
+            sampler=EpochSeededSampler(dataset, torch.initial_seed()) if shuffle else None,
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -37,6 +37,10 @@ except ImportError:  # a torch build without distributed support
     dist = None
 
 FALLBACKS = ("adamw", "sgd")
+# Constrained optimizers move their weights onto the constraint set when they are built, except
+# weights already within this distance of it: Lightning builds the optimizer *after* restoring a
+# checkpoint's weights, and re-projecting those would perturb a resumed run in the last bits.
+ON_CONSTRAINT_TOL = 1e-3
 LR_ADJUSTMENTS = ("none", "original", "match_rms_adamw", "spectral")
 
 

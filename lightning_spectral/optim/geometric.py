@@ -46,7 +46,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .base import MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, record_inner
+from .base import ON_CONSTRAINT_TOL, MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, record_inner
 from .linalg import as_matrix, sym
 from .msign import check_schedule, msign, msign_svd
 
@@ -175,12 +175,13 @@ class GeometricOptimizer(MatrixOptimizer):
 
     @torch.no_grad()
     def _project_onto_manifold(self) -> None:
-        """Start on the manifold (once, when the optimizer is built)."""
+        """Start on the manifold (once, when the optimizer is built), unless already there (see
+        :data:`~lightning_spectral.optim.base.ON_CONSTRAINT_TOL`)."""
         for group in self.param_groups:
             if not group["matrix"]:
                 continue
             for p in group["params"]:
-                if self.on_manifold(group, p):
+                if self.on_manifold(group, p) and self._constraint_distance(group, p, self.state[p]) > ON_CONSTRAINT_TOL:
                     W = as_matrix(p).float()
                     X = self._project_point(group, self._view(group, W), self.state[p])
                     p.copy_(self._unview(group, X, W.shape).view_as(p))

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from .base import MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, lr_scale, record_inner
+from .base import ON_CONSTRAINT_TOL, MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, lr_scale, record_inner
 from .directions import spectral_ball_direction, stiefel_direction
 from .linalg import as_matrix, orient, power_iteration, top_singular_pair
 from .msign import check_schedule, msign, msign_svd
@@ -84,11 +84,13 @@ class ManifoldMuon(MatrixOptimizer):
 
     @torch.no_grad()
     def _project_onto_manifold(self) -> None:
-        """Start on the manifold: ``W ← U Vᵀ`` (exact polar factor, once)."""
+        """Start on the manifold: ``W ← U Vᵀ`` (exact polar factor, once), unless ``W`` is there
+        already (see :data:`~lightning_spectral.optim.base.ON_CONSTRAINT_TOL`)."""
         for group in self.param_groups:
             if group["matrix"]:
                 for p in group["params"]:
-                    p.copy_(msign_svd(as_matrix(p).float()).view_as(p))
+                    if self._constraint_distance(group, p, self.state[p]) > ON_CONSTRAINT_TOL:
+                        p.copy_(msign_svd(as_matrix(p).float()).view_as(p))
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         for p in params:
@@ -207,7 +209,8 @@ class SpectralBall(MatrixOptimizer):
             for p in group["params"]:
                 W = as_matrix(p).float()
                 sigma, u, v = top_singular_pair(W)
-                p.copy_(self._retract(group, W, sigma, self.radius(group, p)).view_as(p))
+                if abs(self._constraint_distance(group, p, self.state[p])) > ON_CONSTRAINT_TOL:
+                    p.copy_(self._retract(group, W, sigma, self.radius(group, p)).view_as(p))
                 self.state[p].update(u=u, v=v, dual=0.0)
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
