@@ -22,6 +22,7 @@ work on every rank instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterable, Optional
 
@@ -157,6 +158,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.check_finite:
             self._check_finite()
+        with _autocast_disabled():
+            self._update()
+        return loss
+
+    def _update(self) -> None:
         owners = self._owners()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -170,7 +176,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 self._fallback_step(group, params)
         if owners is not None:
             self._broadcast_owned(owners)
-        return loss
 
     distribute_work = True
 
@@ -286,6 +291,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _constraint_distance(self, group: dict[str, Any], p: torch.Tensor, state: dict) -> Optional[float]:
         return None
+
+
+def _autocast_disabled() -> contextlib.ExitStack:
+    """The update runs outside autocast. Lightning calls ``optimizer.step()`` inside
+    ``training_step``, i.e. inside the ``bf16-mixed``/``16-mixed`` autocast region, where every
+    matmul of msign and of the retractions would silently drop to 16 bits (measured: the
+    Stiefel constraint drifted to 5e-3 in 6 steps instead of 2e-7). Where 16 bits are safe the
+    optimizers ask for them explicitly (``ns_dtype``)."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if device_type == "cpu" or torch.cuda.is_available():
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def _msign_cost(p: torch.Tensor) -> int:
