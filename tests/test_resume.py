@@ -15,6 +15,7 @@ On 2 processes (gloo) the same, marked slow.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,22 +82,25 @@ def _losses(path: Path) -> dict[int, str]:
     return {int(step): value for step, value in (line.split() for line in path.read_text().splitlines())}
 
 
-def _assert_equal(a, b, where: str) -> None:
+def _assert_equal(a, b, where: str, rtol: float = 0.0) -> None:
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, where
+        assert torch.equal(a, b) if rtol == 0 else torch.allclose(a, b, rtol=rtol, atol=0), where
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), (where, sorted(a), sorted(b))
         for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
+            _assert_equal(a[k], b[k], f"{where}.{k}", rtol)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
+            _assert_equal(x, y, f"{where}[{i}]", rtol)
+    elif isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=rtol) or (a != a and b != b), (where, a, b)  # NaN: not yet estimated
     else:
-        assert a == b or (a != a and b != b), (where, a, b)  # NaN == NaN for not-yet-estimated values
+        assert a == b, (where, a, b)
 
 
-def _check_resume(tmp_path: Path, extra: list[str], ranks: int) -> None:
+def _check_resume(tmp_path: Path, extra: list[str], ranks: int, callback_rtol: float = 0.0) -> None:
     (tmp_path / "resume_probe.py").write_text(PROBE)
     full = _fit(tmp_path / "full", tmp_path, "full", extra)
     assert full.returncode == 0, full.stderr[-4000:]
@@ -115,7 +119,10 @@ def _check_resume(tmp_path: Path, extra: list[str], ranks: int) -> None:
         assert {s: reference[s] for s in after} == after, f"rank {rank}: losses differ after resuming"
         end_full = torch.load(tmp_path / f"full.rank{rank}.end.pt", weights_only=True)
         end_resumed = torch.load(tmp_path / f"resumed.rank{rank}.end.pt", weights_only=True)
-        _assert_equal(end_full, end_resumed, f"rank{rank}")
+        _assert_equal(end_full["weights"], end_resumed["weights"], f"rank{rank}.weights")
+        _assert_equal(end_full["optimizer"], end_resumed["optimizer"], f"rank{rank}.optimizer")
+        if rank == 0:  # the checkpoint holds rank 0's callbacks (rank-zero monitors keep nothing elsewhere)
+            _assert_equal(end_full["callbacks"], end_resumed["callbacks"], "rank0.callbacks", callback_rtol)
 
 
 OPTIMIZERS = {
@@ -133,5 +140,9 @@ def test_killed_run_resumes_identically(tmp_path: Path, name: str) -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="2-process gloo DDP through the popen launcher")
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_killed_ddp_run_resumes_identically(tmp_path: Path, name: str) -> None:
+    # Weights and optimizer state bit for bit. The gradient-noise monitor's running sums agree to
+    # 1e-6 relative only: it sums squared norms per DDP gradient bucket, and DDP rebuilds its
+    # buckets after the first step of every run, so the resumed run adds in another order
+    # (measured: 5e-9 relative).
     _check_resume(tmp_path, ["--config", str(OPTIMIZERS[name]), "--trainer.strategy=ddp",
-                             "--trainer.devices=2", "--trainer.accelerator=cpu"], ranks=2)
+                             "--trainer.devices=2", "--trainer.accelerator=cpu"], ranks=2, callback_rtol=1e-6)
