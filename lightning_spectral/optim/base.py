@@ -27,15 +27,12 @@ import math
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from .param_groups import MATRIX_KEY, split_by_rule
 
-try:
-    import torch.distributed as dist
-except ImportError:  # a torch build without distributed support
-    dist = None
 
 FALLBACKS = ("adamw", "sgd")
 # Constrained optimizers move their weights onto the constraint set when they are built, except
@@ -183,7 +180,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """Owner rank of every matrix with a gradient, or ``None`` when the work is not split.
         Greedy longest-processing-time assignment on ``m·n·min(m, n)``: the same on every rank
         (it depends on the shapes and the parameter order only)."""
-        if not (self.distribute_work and dist is not None and dist.is_available() and dist.is_initialized()):
+        if not (self.distribute_work and dist.is_available() and dist.is_initialized()):
             return None
         world = dist.get_world_size()
         if world == 1:

@@ -209,8 +209,9 @@ class SpectralBall(MatrixOptimizer):
             for p in group["params"]:
                 W = as_matrix(p).float()
                 sigma, u, v = top_singular_pair(W)
-                if abs(self._constraint_distance(group, p, self.state[p])) > ON_CONSTRAINT_TOL:
-                    p.copy_(self._retract(group, W, sigma, self.radius(group, p)).view_as(p))
+                R = self.radius(group, p)
+                if abs(float(sigma) / R - 1.0) > ON_CONSTRAINT_TOL:  # σ₁ at hand: no second SVD
+                    p.copy_(self._retract(group, W, sigma, R).view_as(p))
                 self.state[p].update(u=u, v=v, dual=0.0)
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

@@ -38,7 +38,6 @@ from typing import Optional
 
 import torch
 
-from .directions import stiefel_direction
 from .linalg import (
     TangentSpace,
     as_matrix,
