@@ -114,12 +114,14 @@ def render_inner(sec: dict) -> str:
 
 
 def render_loop(sec: dict) -> str:
-    return table(["loop", "ms/step", "ratio"], [
-        ["plain PyTorch (SGD)", sec["plain_step_s"] * 1e3, 1.0],
-        ["SpectralModule + Trainer (SGD)", sec["lightning_step_s"] * 1e3, sec["ratio"]],
-        ["same, lr logged every log_every_n_steps [proto]", sec["proto_step_s"] * 1e3, sec["proto_ratio"]],
-    ]) + (f"\n\n{sec['steps_per_epoch']} steps/epoch, per-step time = (T({sec['epochs'][1]} ep) − T({sec['epochs'][0]} ep))"
-          f"/extra steps, median of {sec['repeats']} interleaved repeats; Trainer start-up ≈ {sec['lightning_startup_s']:.2f} s.")
+    rows, notes = [], []
+    for name, w in sec["workloads"].items():
+        rows += [[f"{name}: plain PyTorch (SGD)", w["plain_step_s"] * 1e3, 1.0],
+                 [f"{name}: SpectralModule + Trainer (SGD)", w["lightning_step_s"] * 1e3, w["ratio"]]]
+        notes.append(f"{name}: {w['steps_per_epoch']} steps/epoch, per-step time = (T({w['epochs'][1]} ep) − "
+                     f"T({w['epochs'][0]} ep))/extra steps, median of {w['repeats']} interleaved repeats.")
+    return table(["loop", "ms/step", "ratio"], rows) + "\n\n" + " ".join(notes) + (
+        f" Trainer start-up ≈ {sec['lightning_startup_s']:.2f} s.")
 
 
 def render_callbacks(sec: dict) -> str:

@@ -1,11 +1,13 @@
 """Sections 4 and 5: Lightning training-loop overhead and callback overhead.
 
-Section 4: ``SpectralModule(SmallCNN)`` on the digits (``DigitsDataModule``, batch 64, SGD
-lr 0.05 momentum 0.9, no scheduler), fitted by a ``Trainer`` without progress bar, logger,
-checkpointing, model summary or validation, against a plain PyTorch loop over the same
-DataLoader, model and optimizer. Per-step time excludes start-up: each is run for ``E₁`` and
-``E₂`` epochs and the difference divided by the extra steps; the four runs are interleaved and
-repeated, medians reported.
+Section 4: ``SpectralModule(SmallCNN)`` with SGD (lr 0.05, momentum 0.9, no scheduler), fitted
+by a ``Trainer`` without progress bar, logger, checkpointing, model summary or validation,
+against a plain PyTorch loop over the same DataLoader, model and optimizer, on two workloads:
+the digits (``DigitsDataModule``, 8×8, batch 64: a 10 ms step, where Lightning's fixed cost per
+step shows most) and CIFAR-10-shaped random images (3×32×32, batch 128, the CIFAR configs'
+setting). Per-step time excludes start-up: each is run for ``E₁`` and ``E₂`` epochs and the
+difference divided by the extra steps; the four runs are interleaved and repeated, medians
+reported.
 
 Section 5: the same fit (with the module's default cosine schedule, as a user would have it) for
 a fixed number of epochs, with and without each callback at its default frequency, interleaved;
@@ -40,27 +42,36 @@ def _data(batch_size: int):
     return dm
 
 
-def _model(seed: int = 0):
+def _cifar_shaped_data(batch_size: int = 128, batches: int = 16):
+    """Random 3×32×32 images and labels, as a ``LightningDataModule`` (no download)."""
+    import lightning.pytorch as pl
+
+    g = torch.Generator().manual_seed(0)
+    n = batch_size * batches
+    images, labels = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return pl.LightningDataModule.from_datasets(torch.utils.data.TensorDataset(images, labels),
+                                                batch_size=batch_size, num_workers=0)
+
+
+def _model(seed: int = 0, in_channels: int = 1, image_size: int = 8):
     from lightning_spectral.models import SmallCNN
 
     torch.manual_seed(seed)
-    return SmallCNN(num_classes=10, in_channels=1, image_size=8)
+    return SmallCNN(num_classes=10, in_channels=in_channels, image_size=image_size)
 
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
 
 
 def fit_lightning(dm, epochs: int, callbacks=(), optimizer=SGD, scheduler=None, max_steps: int = -1,
-                  module_cls=None) -> float:
+                  model=_model) -> float:
     """Wall time of ``Trainer.fit`` (trainer construction included, it is part of start-up)."""
     import lightning.pytorch as pl
 
     from lightning_spectral.module import SpectralModule
 
-    module_cls = module_cls or SpectralModule
-
     def go():
-        module = module_cls(_model(), num_classes=10, optimizer=optimizer, scheduler=scheduler)
+        module = SpectralModule(model(), num_classes=10, optimizer=optimizer, scheduler=scheduler)
         trainer = pl.Trainer(max_epochs=epochs, max_steps=max_steps, accelerator="cpu", devices=1,
                              enable_progress_bar=False, logger=False, enable_checkpointing=False,
                              enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -70,15 +81,15 @@ def fit_lightning(dm, epochs: int, callbacks=(), optimizer=SGD, scheduler=None, 
     return timed(go)
 
 
-def fit_plain(dm, epochs: int) -> float:
+def fit_plain(dm, epochs: int, model=_model) -> float:
     def go():
-        model = _model()
-        model.train()
-        opt = SGD(model.parameters())
+        net = model()
+        net.train()
+        opt = SGD(net.parameters())
         criterion = torch.nn.CrossEntropyLoss()
         for _ in range(epochs):
             for x, y in dm.train_dataloader():
-                loss = criterion(model(x), y)
+                loss = criterion(net(x), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -88,34 +99,33 @@ def fit_plain(dm, epochs: int) -> float:
 
 def loop_overhead(quick: bool, log) -> dict:
     _quiet()
-    dm = _data(64)
-    steps_per_epoch = len(dm.train_dataloader())
-    e1, e2 = (1, 2) if quick else (2, 8)
-    repeats = 1 if quick else 5
-    fit_lightning(dm, 1), fit_plain(dm, 1)  # warm-up: imports, allocator, dataset
-    from .prototypes import spectral_module_throttled_lr
-
-    proto = spectral_module_throttled_lr()
-    t = {k: [] for k in ("pl1", "pl2", "proto1", "proto2", "plain1", "plain2")}
-    for _ in range(repeats):
-        t["pl1"].append(fit_lightning(dm, e1))
-        t["proto1"].append(fit_lightning(dm, e1, module_cls=proto))
-        t["plain1"].append(fit_plain(dm, e1))
-        t["pl2"].append(fit_lightning(dm, e2))
-        t["proto2"].append(fit_lightning(dm, e2, module_cls=proto))
-        t["plain2"].append(fit_plain(dm, e2))
-    extra = (e2 - e1) * steps_per_epoch
-    proto_step = [(b - a) / extra for a, b in zip(t["proto1"], t["proto2"])]
-    pl_step = [(b - a) / extra for a, b in zip(t["pl1"], t["pl2"])]
-    plain_step = [(b - a) / extra for a, b in zip(t["plain1"], t["plain2"])]
-    ratios = [a / b for a, b in zip(pl_step, plain_step)]
-    startup = [a - e1 * steps_per_epoch * s for a, s in zip(t["pl1"], pl_step)]
-    log(f"[loop] lightning {median(pl_step) * 1e3:.2f} ms/step, plain {median(plain_step) * 1e3:.2f} ms/step")
-    return {"steps_per_epoch": steps_per_epoch, "epochs": [e1, e2], "repeats": repeats,
-            "lightning_step_s": median(pl_step), "plain_step_s": median(plain_step),
-            "ratio": median(ratios), "ratios": ratios, "proto_step_s": median(proto_step),
-            "proto_ratio": median([a / b for a, b in zip(proto_step, plain_step)]), "lightning_startup_s": median(startup),
-            "raw_s": t}
+    cifar_model = functools.partial(_model, in_channels=3, image_size=32)
+    workloads = {
+        "digits 8×8, batch 64": (_data(64), _model, (1, 2) if quick else (2, 8)),
+        "CIFAR-10-shaped 3×32×32, batch 128": (_cifar_shaped_data(batches=2 if quick else 8), cifar_model,
+                                                (1, 2) if quick else (1, 3)),
+    }
+    out = {}
+    for name, (dm, model, (e1, e2)) in workloads.items():
+        repeats = 1 if quick else (7 if name.startswith("digits") else 3)
+        steps_per_epoch = len(dm.train_dataloader())
+        fit_lightning(dm, 1, model=model), fit_plain(dm, 1, model=model)  # warm-up: imports, allocator
+        t = {k: [] for k in ("pl1", "pl2", "plain1", "plain2")}
+        for _ in range(repeats):
+            t["pl1"].append(fit_lightning(dm, e1, model=model))
+            t["plain1"].append(fit_plain(dm, e1, model=model))
+            t["pl2"].append(fit_lightning(dm, e2, model=model))
+            t["plain2"].append(fit_plain(dm, e2, model=model))
+        extra = (e2 - e1) * steps_per_epoch
+        pl_step = [(b - a) / extra for a, b in zip(t["pl1"], t["pl2"])]
+        plain_step = [(b - a) / extra for a, b in zip(t["plain1"], t["plain2"])]
+        ratios = [a / b for a, b in zip(pl_step, plain_step)]
+        startup = [a - e1 * steps_per_epoch * s for a, s in zip(t["pl1"], pl_step)]
+        log(f"[loop] {name}: lightning {median(pl_step) * 1e3:.2f} ms/step, plain {median(plain_step) * 1e3:.2f} ms/step")
+        out[name] = {"steps_per_epoch": steps_per_epoch, "epochs": [e1, e2], "repeats": repeats,
+                     "lightning_step_s": median(pl_step), "plain_step_s": median(plain_step),
+                     "ratio": median(ratios), "ratios": ratios, "lightning_startup_s": median(startup), "raw_s": t}
+    return {"workloads": out, "lightning_startup_s": out["digits 8×8, batch 64"]["lightning_startup_s"]}
 
 
 def callback_overhead(quick: bool, log, startup_s: float = 0.0) -> dict:

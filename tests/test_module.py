@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
@@ -83,6 +83,52 @@ def test_one_optimizer_step_per_batch_and_lr_logged_per_group(tmp_path: Path) ->
         expected = 0.1 * ((step + 1) / 2 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / 8)))
         assert float(row["lr/matrix"]) == pytest.approx(expected) == float(row["lr/vector"])
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+class AccuracyRecorder(Callback):
+    """Counts, per epoch, the batches' correct predictions (the model frozen: lr = 0), and reads
+    ``train/acc`` at epoch end as a callback would."""
+
+    def __init__(self) -> None:
+        self.counts: list[list[int]] = []
+        self.train_acc: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.counts.append([0, 0])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        x, y = batch
+        with torch.no_grad():
+            self.counts[-1][0] += int((pl_module(x).argmax(1) == y).sum())
+        self.counts[-1][1] += len(y)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.train_acc.append(float(trainer.callback_metrics["train/acc"]))
+
+
+def test_train_accuracy_is_the_epochs_and_lr_logged_on_logging_steps(tmp_path: Path) -> None:
+    """``train/acc`` is the accuracy over the epoch's batches, visible to callbacks at epoch end;
+    the learning rates are logged on the steps the logger writes (every ``log_every_n_steps``)
+    and not paid for on the others."""
+    seed_everything(0)
+    module = make_module(optimizer=lambda params: torch.optim.SGD(params, lr=0.0), scheduler=None)
+    recorder = AccuracyRecorder()
+    trainer = make_trainer(tmp_path, logger=CSVLogger(tmp_path), log_every_n_steps=3, callbacks=[recorder],
+                           limit_val_batches=0)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    expected = [correct / total for correct, total in recorder.counts]
+    assert len(expected) == 2 and all(total == 5 * 32 for _, total in recorder.counts)
+    assert recorder.train_acc == pytest.approx(expected, abs=1e-6)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["lr/matrix"]] == [2, 5, 8]
+    assert [float(r["train/acc"]) for r in rows if r["train/acc"]] == pytest.approx(expected, abs=1e-6)
+
+    stopped = AccuracyRecorder()  # max_steps inside the first epoch: its part is logged
+    trainer = make_trainer(tmp_path, logger=False, max_steps=3, callbacks=[stopped], limit_val_batches=0)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert stopped.counts[0][1] == 3 * 32
+    assert stopped.train_acc == pytest.approx([stopped.counts[0][0] / (3 * 32)], abs=1e-6)
 
 
 def test_user_scheduler_and_constant_lr(tmp_path: Path) -> None:
