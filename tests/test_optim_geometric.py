@@ -253,7 +253,7 @@ def test_refuses_when_nothing_fits_or_when_asked(opt_cls):
         (Oblique, dict(unsupported="ignore"), "unsupported must be one of"),
         (Oblique, dict(ns_schedule="nope"), "unknown msign schedule"),
         (L1Stiefel, dict(l1_weight=-1e-3), "l1_weight must be"),
-        (L1Stiefel, dict(retraction_steps=0), "msign steps must be"),
+        (L1Stiefel, dict(retraction_tol=0.0), "retraction_tol must be a positive"),
         (BlockStiefel, dict(block_size=0), "block_size must be an integer"),
         (BlockStiefel, dict(block_size=4, blocks="heads"), "blocks must be one of"),
         (DoublyStochastic, dict(normalize="l2"), "normalize must be"),

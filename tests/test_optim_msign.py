@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from lightning_spectral.optim import SCHEDULES, TangentSpace, msign, msign_svd, spectral_clip
-from lightning_spectral.optim.msign import INPUT_SAFETY
+from lightning_spectral.optim.linalg import top_singular_triple
+from lightning_spectral.optim.msign import FIXED_POINT_QUINTIC, INPUT_SAFETY, _fixed_point_steps, polar_retraction
 
 SHAPES = [(64, 64), (128, 32), (32, 128), (100, 77)]
 
@@ -201,3 +202,92 @@ def test_tangent_projection_is_orthogonal_projection(shape, orthonormal):
 def test_tangent_space_rejects_wide():
     with pytest.raises(ValueError):
         TangentSpace(torch.randn(4, 8, generator=gen(0)))
+
+
+def _tangent_step(shape, lr, seed=0):
+    """``W − lr·D`` with ``W`` orthonormal and ``D`` a unit-norm tangent direction at ``W``."""
+    g = torch.Generator().manual_seed(seed)
+    W = msign_svd(torch.randn(*shape, generator=g, dtype=torch.float64))
+    space = TangentSpace(W if W.shape[-2] >= W.shape[-1] else W.mT, orthonormal=True)
+    D = space.project(torch.randn(space.W.shape, generator=g, dtype=torch.float64))
+    D = D / torch.linalg.matrix_norm(D, ord=2, keepdim=True)
+    D = D if W.shape[-2] >= W.shape[-1] else D.mT
+    return (W - lr * D).float()
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (300, 40), (40, 300), (3, 64, 16)])
+@pytest.mark.parametrize("lr", [0.02, 0.1, 0.5])
+def test_polar_retraction_is_the_polar_factor(shape, lr):
+    """After a tangent step the retraction is the exact polar factor (SVD) to float32 accuracy,
+    with every singular value within its tolerance of 1; the step count follows the bound."""
+    Y = _tangent_step(shape, lr)
+    R = polar_retraction(Y)
+    assert R.shape == Y.shape and R.dtype == Y.dtype
+    exact = msign_svd(Y.double())
+    assert float((R.double() - exact).abs().max()) < 5e-6
+    sigma = torch.linalg.svdvals(R.double())
+    assert float((sigma - 1).abs().max()) < 1e-6
+
+
+def test_fixed_point_step_count():
+    """The count is the exact worst case of the scalar map: at the counted step both ends of
+    ``|σ² − 1| ≤ δ`` are within tol of 1, one step earlier one is not."""
+    a, b, c = FIXED_POINT_QUINTIC
+    for delta in (1e-4, 1e-2, 0.1, 0.5, 0.9):
+        steps = _fixed_point_steps(delta, 1e-6, 20)
+        ends = [math.sqrt(1 - delta), math.sqrt(1 + delta)]
+        for k in range(steps + 1):
+            if k == steps - 1:
+                assert max(abs(x - 1) for x in ends) > 1e-6
+            if k < steps:
+                ends = [a * x + b * x**3 + c * x**5 for x in ends]
+        assert max(abs(x - 1) for x in ends) <= 1e-6
+    assert [_fixed_point_steps(d, 1e-6, 6) for d in (1e-6, 1e-2, 0.05, 0.5)] == [0, 1, 2, 3]
+    assert _fixed_point_steps(1.0, 1e-6, 6) is None and _fixed_point_steps(math.nan, 1e-6, 6) is None
+
+
+def test_polar_retraction_far_from_orthonormal_falls_back_to_msign():
+    """A matrix nowhere near orthonormal (a Gaussian one) still gets its polar factor (through
+    an 8-step Polar-Express msign), not the divergent fixed-point iteration."""
+    Y = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)) * 3.0
+    R = polar_retraction(Y)
+    assert torch.equal(R, msign(Y, 8, "polar_express"))
+    assert float((R.double() - msign_svd(Y.double())).abs().max()) < 1e-3
+
+
+def _with_singular_values(n, m, sigma, seed=0):
+    g = gen(seed)
+    k = min(n, m)
+    U, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    return ((U * sigma) @ V.T).float()
+
+
+SPECTRA = {
+    "gaussian": lambda k: None,
+    "gap 1e-3": lambda k: torch.cat([torch.tensor([1.0, 0.999]), torch.linspace(0.9, 0.1, k - 2)]).double(),
+    "cluster": lambda k: 1.0 - 1e-5 * torch.arange(k, dtype=torch.float64) ** 2 / k,  # a flat top, as after msign steps
+}
+
+
+@pytest.mark.parametrize("shape", [(200, 50), (50, 200), (64, 64)])
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+@pytest.mark.parametrize("warm", [False, True])
+def test_top_singular_triple_matches_svd(shape, spectrum, warm):
+    """Lanczos' σ₁ is within its tolerance of the SVD's (a lower bound up to round-off), and
+    ``(u, v)`` is a consistent unit pair with ``W v = σ u``, on hard spectra too (a 1e-3 gap,
+    a cluster at the top), cold or warm-started from a nearby matrix's pair."""
+    n, m = shape
+    sigma = SPECTRA[spectrum](min(n, m))
+    W = torch.randn(n, m, generator=gen(3)) if sigma is None else _with_singular_values(n, m, sigma)
+    exact_s = torch.linalg.svdvals(W.double())[0]
+    start = None
+    if warm:
+        _, u0, v0, _ = top_singular_triple(W + 1e-2 * torch.randn(n, m, generator=gen(4)))
+        start = (u0, v0)
+    s, u, v, iterations = top_singular_triple(W, start, tol=1e-6)
+    assert abs(float(s) / float(exact_s) - 1) <= 1e-6
+    assert float(s) <= float(exact_s) * (1 + 1e-6)
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert float((W @ v - s * u).norm()) <= 1e-5 * float(s)
+    assert 1 <= iterations <= min(n, m)

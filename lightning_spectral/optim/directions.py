@@ -99,9 +99,10 @@ def stiefel_direction(
     if mode == "amortized":
         w_sq = space.norm**2
         Phi = msign(Ghat + Wt @ X, msign_steps, schedule)
-        X_used, X = X, X - (alpha / max(w_sq, 1e-30)) * 2.0 * space.constraint(Phi)
-        k, residual = 0, space.residual(Phi)
-        Phi = space.project(Phi)
+        C = space.constraint(Phi)  # the dual gradient is 2C; one product serves all three uses
+        X_used, X = X, X - (alpha / max(w_sq, 1e-30)) * 2.0 * C
+        k, residual = 0, space.residual(Phi, C)
+        Phi = space.project(Phi, C)
     else:
         X, Phi, residual, k = _stiefel_inner(space, Ghat, X, max_iters, tol)
         X_used = X

@@ -48,7 +48,7 @@ import torch
 
 from .base import ON_CONSTRAINT_TOL, MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, record_inner
 from .linalg import as_matrix, sym
-from .msign import check_schedule, msign, msign_svd
+from .msign import check_schedule, msign, msign_svd, polar_retraction
 
 DIRECTIONS = ("riemannian", "msign")
 UNSUPPORTED = ("fallback", "error")
@@ -430,8 +430,9 @@ class Symplectic(_MatrixGroupOptimizer):
 class _StiefelBlocks(GeometricOptimizer):
     """Matrices seen as a batch of blocks, each on its own Stiefel manifold (tall orientation:
     ``XᵀX = I`` for every block ``X``); the whole matrix is one block unless a subclass says
-    otherwise. Retraction: the polar factor, ``retraction_steps`` Polar-Express steps in float32
-    (``W − lr·D`` with tangent ``D`` has singular values ``≥ 1``: well conditioned)."""
+    otherwise. Retraction: the polar factor by :func:`~lightning_spectral.optim.msign.polar_retraction`
+    to ``retraction_tol`` in float32 (``W − lr·D`` with tangent ``D`` has singular values in
+    ``[1, √(1 + lr²‖D‖₂²)]``: one or two fixed-point steps)."""
 
     def _blocking(self, group: dict[str, Any], shape: torch.Size) -> tuple[str, int]:
         return "rows", shape[0]
@@ -454,7 +455,7 @@ class _StiefelBlocks(GeometricOptimizer):
         return A - X @ sym(X.mT @ A)
 
     def _retract(self, group, X, D, step, state, ctx):
-        return msign(X - step * D, group["retraction_steps"], "polar_express")
+        return polar_retraction(X - step * D, group["retraction_tol"])
 
     def _project_point(self, group, X, state):
         return msign_svd(X)
@@ -466,10 +467,10 @@ class _StiefelBlocks(GeometricOptimizer):
         return float((torch.linalg.matrix_norm(X.mT @ X - eye) / math.sqrt(k)).max())
 
 
-def _stiefel_defaults(lr, momentum, nesterov, direction, ns_steps, ns_schedule, retraction_steps, **extra):
-    check_schedule("polar_express", retraction_steps)
+def _stiefel_defaults(owner, lr, momentum, nesterov, direction, ns_steps, ns_schedule, retraction_tol, **extra):
+    check_positive(owner, retraction_tol=retraction_tol)
     return dict(lr=lr, momentum=momentum, nesterov=nesterov, direction=direction, ns_steps=ns_steps,
-                ns_schedule=ns_schedule, retraction_steps=retraction_steps, **extra)
+                ns_schedule=ns_schedule, retraction_tol=retraction_tol, **extra)
 
 
 class L1Stiefel(_StiefelBlocks):
@@ -486,11 +487,11 @@ class L1Stiefel(_StiefelBlocks):
 
     def __init__(self, params: Iterable[Any], lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
                  direction: str = "msign", l1_weight: float = 1e-4, ns_steps: int = 5, ns_schedule: str = "jordan",
-                 retraction_steps: int = 8, **kwargs: Any):
+                 retraction_tol: float = 1e-6, **kwargs: Any):
         if not isinstance(l1_weight, (int, float)) or not math.isfinite(l1_weight) or l1_weight < 0:
             raise ValueError(f"L1Stiefel: l1_weight must be a finite number >= 0, got {l1_weight!r}")
-        defaults = _stiefel_defaults(lr, momentum, nesterov, direction, ns_steps, ns_schedule,
-                                     retraction_steps, l1_weight=float(l1_weight))
+        defaults = _stiefel_defaults(type(self).__name__, lr, momentum, nesterov, direction, ns_steps, ns_schedule,
+                                     retraction_tol, l1_weight=float(l1_weight))
         super().__init__(params, defaults, **kwargs)
 
     def _riemannian_gradient(self, group, X, G, ctx):
@@ -514,12 +515,12 @@ class BlockStiefel(_StiefelBlocks):
 
     def __init__(self, params: Iterable[Any], block_size: int = 64, blocks: str = "rows", lr: float = 0.05,
                  momentum: float = 0.9, nesterov: bool = True, direction: str = "msign", ns_steps: int = 5,
-                 ns_schedule: str = "jordan", retraction_steps: int = 8, unsupported: str = "error",
+                 ns_schedule: str = "jordan", retraction_tol: float = 1e-6, unsupported: str = "error",
                  **kwargs: Any):
         _check_int("BlockStiefel", "block_size", block_size)
         _check_orientation("BlockStiefel", "blocks", blocks)
-        defaults = _stiefel_defaults(lr, momentum, nesterov, direction, ns_steps, ns_schedule,
-                                     retraction_steps, block_size=block_size, blocks=blocks)
+        defaults = _stiefel_defaults(type(self).__name__, lr, momentum, nesterov, direction, ns_steps, ns_schedule,
+                                     retraction_tol, block_size=block_size, blocks=blocks)
         super().__init__(params, defaults, unsupported=unsupported, **kwargs)
 
     def _blocking(self, group, shape):
@@ -552,10 +553,10 @@ class Grassmann(_StiefelBlocks):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
-                 direction: str = "msign", ns_steps: int = 5, ns_schedule: str = "jordan", retraction_steps: int = 8,
+                 direction: str = "msign", ns_steps: int = 5, ns_schedule: str = "jordan", retraction_tol: float = 1e-6,
                  **kwargs: Any):
-        defaults = _stiefel_defaults(lr, momentum, nesterov, direction, ns_steps, ns_schedule,
-                                     retraction_steps)
+        defaults = _stiefel_defaults(type(self).__name__, lr, momentum, nesterov, direction, ns_steps, ns_schedule,
+                                     retraction_tol)
         super().__init__(params, defaults, **kwargs)
 
     def _unsupported_reason(self, group, shape):

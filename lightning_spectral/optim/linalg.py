@@ -73,22 +73,21 @@ class TangentSpace:
         """``W S``: the adjoint of :meth:`constraint` applied to a symmetric multiplier."""
         return self.W @ S
 
-    def multiplier(self, A: torch.Tensor) -> torch.Tensor:
-        """The symmetric ``S`` with ``P_T(A) = A − W S``."""
+    def multiplier(self, A: torch.Tensor, constraint: torch.Tensor | None = None) -> torch.Tensor:
+        """The symmetric ``S`` with ``P_T(A) = A − W S`` (``constraint``: ``sym(WᵀA)`` if at hand)."""
+        C = self.constraint(A) if constraint is None else constraint
         if self.orthonormal:
-            return self.constraint(A)
-        R = (self.W.mT @ A).double()
-        R = R + R.mT
+            return C
         Q = self._Q
-        return (Q @ ((Q.mT @ R @ Q) * self._inv) @ Q.mT).to(A.dtype)
+        return (Q @ ((Q.mT @ (2.0 * C.double()) @ Q) * self._inv) @ Q.mT).to(A.dtype)
 
-    def project(self, A: torch.Tensor) -> torch.Tensor:
-        return A - self.W @ self.multiplier(A)
+    def project(self, A: torch.Tensor, constraint: torch.Tensor | None = None) -> torch.Tensor:
+        return A - self.W @ self.multiplier(A, constraint)
 
-    def residual(self, A: torch.Tensor) -> torch.Tensor:
+    def residual(self, A: torch.Tensor, constraint: torch.Tensor | None = None) -> torch.Tensor:
         """Scale-free tangency residual ``‖sym(WᵀA)‖_F / (‖W‖₂ ‖A‖_F)`` (0 on ``T``)."""
-        denom = self.norm * torch.linalg.matrix_norm(A) + 1e-30
-        return torch.linalg.matrix_norm(self.constraint(A)) / denom
+        C = self.constraint(A) if constraint is None else constraint
+        return torch.linalg.matrix_norm(C) / (self.norm * torch.linalg.matrix_norm(A) + 1e-30)
 
 
 def spectral_clip(delta: torch.Tensor, budget: float, method: str = "svd") -> torch.Tensor:
@@ -134,6 +133,53 @@ def estimate_spectral_norm(M: torch.Tensor, steps: int = 4) -> torch.Tensor:
     u = torch.nn.functional.normalize(M @ v, dim=0)
     sigma, _, _ = power_iteration(M, u, v, steps)
     return sigma.abs()
+
+
+def top_singular_triple(
+    W: torch.Tensor, warm: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-6,
+    max_iters: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(σ₁, u₁, v₁, iterations)`` of ``W`` by Lanczos on the short side's Gram matrix
+    ``A = WᵀW`` (one GEMM; the iterations are then ``k × k`` matrix–vector products, in float64
+    with full reorthogonalisation), started from the short side's vector of ``warm = (u, v)``
+    (e.g. the last step's top pair) or from the column sums of ``|W|``.
+
+    The top Ritz value ``θ`` never exceeds ``σ₁²`` and converges to it fast even where the top
+    singular values cluster (power iteration crawls there, at the rate ``(σ₂/σ₁)²``). Stops when
+    the Ritz residual ``r`` (an eigenvalue of ``A`` lies within ``r`` of ``θ``) is at most
+    ``2·tol·θ``, i.e. ``σ₁`` to ``tol`` relative, when the space is exhausted (then exact), or
+    after ``max_iters``. ``σ₁ = ‖W v₁‖`` is recomputed from ``W`` itself.
+    """
+    flip = is_wide(W)
+    M = W.mT if flip else W
+    work = M if M.dtype in (torch.float32, torch.float64) else M.float()
+    A = (work.mT @ work).double()
+    k = A.shape[0]
+    q = (A.abs().sum(0) + 1e-30) if warm is None else warm[0 if flip else 1].double() + 1e-30
+    q = q / q.norm()
+    iters = min(max_iters, k)
+    Q = torch.zeros(iters, k, dtype=A.dtype, device=A.device)
+    T = torch.zeros(iters, iters, dtype=torch.float64)
+    for j in range(iters):
+        Q[j] = q
+        w = A @ q
+        T[j, j] = float(q @ w)
+        basis = Q[: j + 1]
+        for _ in range(2):  # classical Gram–Schmidt twice: orthogonal to round-off
+            w = w - basis.mT @ (basis @ w)
+        beta = float(w.norm())
+        theta, S = torch.linalg.eigh(T[: j + 1, : j + 1])
+        if beta * abs(float(S[-1, -1])) <= 2.0 * tol * float(theta[-1]) or beta <= 1e-12 * float(theta[-1]):
+            break
+        if j + 1 < iters:
+            T[j, j + 1] = T[j + 1, j] = beta
+            q = w / beta
+    v = (basis.mT @ S[:, -1].to(A.device)).to(work.dtype)
+    Mv = work @ v
+    sigma = torch.linalg.vector_norm(Mv)
+    u = Mv / sigma.clamp_min(torch.finfo(work.dtype).tiny)
+    u, v = u.to(W.dtype), v.to(W.dtype)
+    return sigma.to(W.dtype), *((v, u) if flip else (u, v)), j + 1
 
 
 def top_singular_pair(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
