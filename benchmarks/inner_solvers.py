@@ -121,17 +121,21 @@ def directions(quick: bool, log) -> dict:
         Phi, Y, _ = stiefel_direction(W_st[-1], G, Y, mode="inner", max_iters=300, tol=1e-7)
         W_st.append(msign_svd(W_st[-1] - 0.1 * Phi))
         _, u, v = top_singular_pair(W_sb[-1])
-        Phi, lam, _ = spectral_ball_direction(G, u, v, lam, mode="inner", tol=1e-8)
+        Phi, lam, _ = spectral_ball_direction(G, u, v, lam, mode="inner", tol=1e-8, msign_steps=8)
         Wn = W_sb[-1] - 0.1 * Phi
         W_sb.append(Wn / torch.linalg.matrix_norm(Wn, ord=2))
     G = grads[-1]
 
-    settings = [("stiefel", "amortized", {"mode": "amortized"})]
+    # msign as the optimizers' defaults: 5 Polar-Express steps amortized, 8 in the sphere's inner mode.
+    amortized = {"mode": "amortized", "msign_steps": 5, "schedule": "polar_express_5"}
+    inner_sb = {"mode": "inner", "msign_steps": 8, "schedule": "polar_express"}
+    settings = [("stiefel", "amortized", amortized)]
     settings += [("stiefel", f"inner max_iters={c}", {"mode": "inner", "max_iters": c, "tol": 1e-9}) for c in caps]
+    settings += [("stiefel", "inner tol=2e-3 (section 1's 1e-3-gap setting)", {"mode": "inner", "max_iters": 300, "tol": 2e-3})]
     settings += [("stiefel", "inner defaults (ManifoldMuon: tol 1e-5, ≤300)", {"mode": "inner", "max_iters": 300, "tol": 1e-5})]
-    settings += [("spectral_ball", "amortized", {"mode": "amortized"})]
-    settings += [("spectral_ball", f"inner tol={t:g}", {"mode": "inner", "tol": t}) for t in tols]
-    settings += [("spectral_ball", "inner defaults (SpectralBall: tol 1e-4, ≤50)", {"mode": "inner", "tol": 1e-4, "max_iters": 50})]
+    settings += [("spectral_ball", "amortized", amortized)]
+    settings += [("spectral_ball", f"inner tol={t:g}", {**inner_sb, "tol": t}) for t in tols]
+    settings += [("spectral_ball", "inner defaults (SpectralBall: tol 1e-4, ≤50)", {**inner_sb, "tol": 1e-4, "max_iters": 50})]
 
     cases, runs = {}, {}
     for method, label, kw in settings:

@@ -35,3 +35,17 @@ def test_quick_benchmark_produces_every_section(tmp_path: Path) -> None:
         sections["callbacks"]["rows"])
     for heading in ("### 1.", "### 2.", "### 3.", "### 4.", "### 5.", "### 6."):
         assert heading in proc.stdout
+
+
+def test_quick_distributed_benchmark_times_split_and_repeated_work(tmp_path: Path) -> None:
+    """``benchmarks.distributed --quick``: two gloo processes time every optimizer with its matrix
+    work split across the ranks and repeated on both."""
+    out = tmp_path / "distributed.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--quick", "--repeats", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {"Muon", "ManifoldMuon amortized", "SpectralBall amortized"} <= set(rows)
+    for name, row in rows.items():
+        assert row["split_s"] > 0 and row["repeated_s"] > 0, name
+        assert row["ratio"] == row["split_s"] / row["repeated_s"]
