@@ -46,12 +46,13 @@ def optimizer_configs(model: str, quick: bool = False) -> dict[str, tuple[Callab
     for solver in SOLVERS:
         for tangent in (False, True):
             name = f"MuonSGD {solver}{' +tangent' if tangent else ''}"
-            note = f"max_iters={SOLVER_MAX_ITERS}" if solver != "spectral_clip" else "closed form"
-            cfgs[name] = ((lambda s, t: lambda ps: O.MuonSGD(
-                ps, lr=0.1, spectral_budget=BUDGET,
-                inner_solver=O.get_inner_solver(s, tangent=t, **({} if s == "spectral_clip" else
-                                                                  {"max_iters": SOLVER_MAX_ITERS}))))(solver, tangent),
-                note)
+            caps = {} if solver == "spectral_clip" else {"max_iters": SOLVER_MAX_ITERS}
+            if solver == "frank_wolfe":  # its default, 100 steps per projection, is the accurate reference
+                caps["fw_iters"] = SOLVER_MAX_ITERS
+            note = ", ".join(f"{k}={v}" for k, v in caps.items()) or "closed form"
+            cfgs[name] = ((lambda s, t, caps: lambda ps: O.MuonSGD(
+                ps, lr=0.1, spectral_budget=BUDGET, inner_solver=O.get_inner_solver(s, tangent=t, **caps)))(
+                solver, tangent, caps), note)
     cfgs.update({
         "ManifoldMuon amortized": (lambda ps: O.ManifoldMuon(ps, mode="amortized"),
                                    "defaults: PE-5 direction, fixed-point retraction to 1e-6"),

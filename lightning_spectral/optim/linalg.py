@@ -137,18 +137,19 @@ def estimate_spectral_norm(M: torch.Tensor, steps: int = 4) -> torch.Tensor:
 
 def top_singular_triple(
     W: torch.Tensor, warm: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-6,
-    max_iters: int = 64,
+    max_iters: int = 64, check_every: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """``(σ₁, u₁, v₁, iterations)`` of ``W`` by Lanczos on the short side's Gram matrix
     ``A = WᵀW`` (one GEMM; the iterations are then ``k × k`` matrix–vector products, in float64
     with full reorthogonalisation), started from the short side's vector of ``warm = (u, v)``
     (e.g. the last step's top pair) or from the column sums of ``|W|``.
 
-    The top Ritz value ``θ`` never exceeds ``σ₁²`` and converges to it fast even where the top
-    singular values cluster (power iteration crawls there, at the rate ``(σ₂/σ₁)²``). Stops when
-    the Ritz residual ``r`` (an eigenvalue of ``A`` lies within ``r`` of ``θ``) is at most
-    ``2·tol·θ``, i.e. ``σ₁`` to ``tol`` relative, when the space is exhausted (then exact), or
-    after ``max_iters``. ``σ₁ = ‖W v₁‖`` is recomputed from ``W`` itself.
+    The top Ritz value ``θ`` never exceeds ``σ₁²`` (it is a Rayleigh–Ritz value on an orthonormal
+    basis) and converges to it fast even where the top singular values cluster (power iteration
+    crawls there, at the rate ``(σ₂/σ₁)²``). Every ``check_every`` iterations (one host sync, not
+    one per iteration) it stops if the Ritz residual ``r`` (an eigenvalue of ``A`` lies within
+    ``r`` of ``θ``) is at most ``2·tol·θ``, i.e. ``σ₁`` to ``tol`` relative; also when the space is
+    exhausted (exact) or after ``max_iters``. ``σ₁ = ‖W v₁‖`` is recomputed from ``W`` itself.
     """
     flip = is_wide(W)
     M = W.mT if flip else W
@@ -159,21 +160,24 @@ def top_singular_triple(
     q = q / q.norm()
     iters = min(max_iters, k)
     Q = torch.zeros(iters, k, dtype=A.dtype, device=A.device)
-    T = torch.zeros(iters, iters, dtype=torch.float64)
+    alphas, betas = torch.zeros(iters, dtype=A.dtype, device=A.device), torch.zeros_like(Q[:, 0])
+    tiny = torch.finfo(A.dtype).tiny
     for j in range(iters):
         Q[j] = q
         w = A @ q
-        T[j, j] = float(q @ w)
+        alphas[j] = q @ w
         basis = Q[: j + 1]
         for _ in range(2):  # classical Gram–Schmidt twice: orthogonal to round-off
             w = w - basis.mT @ (basis @ w)
-        beta = float(w.norm())
-        theta, S = torch.linalg.eigh(T[: j + 1, : j + 1])
-        if beta * abs(float(S[-1, -1])) <= 2.0 * tol * float(theta[-1]) or beta <= 1e-12 * float(theta[-1]):
+        betas[j] = w.norm()
+        q = w / betas[j].clamp_min(tiny)
+        if (j + 1) % check_every and j + 1 < iters:
+            continue
+        a, b = alphas[: j + 1].cpu(), betas[: j + 1].cpu()
+        T = torch.diag(a) + torch.diag(b[:-1], 1) + torch.diag(b[:-1], -1)
+        theta, S = torch.linalg.eigh(T)
+        if float(b[-1] * S[-1, -1].abs()) <= 2.0 * tol * float(theta[-1]):
             break
-        if j + 1 < iters:
-            T[j, j + 1] = T[j + 1, j] = beta
-            q = w / beta
     v = (basis.mT @ S[:, -1].to(A.device)).to(work.dtype)
     Mv = work @ v
     sigma = torch.linalg.vector_norm(Mv)
