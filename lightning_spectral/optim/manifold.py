@@ -47,7 +47,8 @@ class ManifoldMuon(MatrixOptimizer):
         inner_tol, inner_max_iters: inner mode's tangency tolerance and evaluation cap.
         ns_steps, ns_schedule: msign of the amortized direction (the inner mode uses none):
             five Polar-Express steps, as many as ``Muon``'s; one dual step per training step is
-            no more accurate than that, and an 8-step msign cost 0.5× ``Muon`` more.
+            no more accurate than that, and 8 steps made the whole step 28 % slower on
+            ResNet-18's shapes with no gain in training on the digits MLP.
         retraction_tol: the retraction's bound on ``max |σᵢ(W) − 1|`` after each step.
         adjust_lr: per-shape step scale (:func:`~lightning_spectral.optim.base.lr_scale`).
     """
