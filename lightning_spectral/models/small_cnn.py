@@ -1,4 +1,4 @@
-"""The source's ``SmallConvNet``: two 3×3 convolutions, two max-pools, two Linear layers."""
+"""``SmallCNN``: two 3×3 convolutions, two max-pools, two Linear layers."""
 
 from __future__ import annotations
 

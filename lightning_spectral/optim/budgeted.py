@@ -1,15 +1,15 @@
 """MuonSGD and MuonAdamW: a base rule proposes a raw step, an inner solver fits it to a
-spectral budget (seed 001, DESIGN §2).
+spectral budget.
 
 For each matrix ``W`` the base rule (momentum SGD or AdamW) proposes ``Δ``; the step taken is
 ``A* = argmin ‖A − Δ‖_F s.t. ‖A‖₂ ≤ η [, WᵀA + AᵀW = 0]`` (see :mod:`.solvers`). Limits:
 ``η → ∞`` is plain SGD/AdamW; ``‖Δ‖₂ ≫ η`` gives ``η·msign(Δ)``, Muon with step ``η``.
 
 ``spectral_budget`` is an absolute bound on the spectral norm of each matrix's per-step change
-(not multiplied by lr, not scaled by shape: the seed's meaning). Decision: by default the budget
+(not multiplied by lr, not scaled by shape). Decision: by default the budget
 follows the learning-rate schedule (``η_t = η · lr_t / lr_0``, ``lr_0`` the group's
 ``initial_lr`` that torch schedulers record), so a cosine schedule anneals the Muon-like regime
-too; ``budget_follows_lr=False`` keeps it fixed as the seed did.
+too; ``budget_follows_lr=False`` keeps it fixed.
 """
 
 from __future__ import annotations

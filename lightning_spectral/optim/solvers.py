@@ -1,4 +1,4 @@
-"""Inner solvers of the budgeted optimizers (seed 001, DESIGN §2).
+"""Inner solvers of the budgeted optimizers (:mod:`.budgeted`).
 
 Every solver answers the same convex problem, so they can be compared on cost and accuracy
 against one exact answer::
@@ -6,7 +6,8 @@ against one exact answer::
     A* = argmin ‖A − Δ‖_F   s.t.   ‖A‖₂ ≤ η,   [ WᵀA + AᵀW = 0  when built with tangent=True ]
 
 ``Δ`` is the base rule's raw *descent* step (``−lr·d``), ``η`` the spectral budget; ``A*`` is
-the feasible step nearest to it (the seed minimised ``⟨Δ, A⟩`` instead, which steps uphill).
+the feasible step nearest to it (minimising ``⟨Δ, A⟩`` instead would step uphill, since ``Δ`` is
+already a descent step).
 Without the tangency constraint the answer is singular-value clipping ``U min(Σ, η) Vᵀ``, which
 the three dual/splitting solvers return at once (their multiplier lives on the tangency
 constraint, so without it there is nothing to iterate). With it they iterate:
