@@ -10,11 +10,12 @@ from typing import Any
 
 from torch import nn
 
+from lightning_spectral.models.gpt import GPT
 from lightning_spectral.models.mlp import MLP
 from lightning_spectral.models.resnet import ResNet18
 from lightning_spectral.models.small_cnn import SmallCNN
 
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLP, "small_cnn": SmallCNN, "resnet18": ResNet18}
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {"mlp": MLP, "small_cnn": SmallCNN, "resnet18": ResNet18, "gpt": GPT}
 
 
 def get_model(name: str, num_classes: int = 10, width_mult: float = 1.0, **kwargs: Any) -> nn.Module:
@@ -24,4 +25,4 @@ def get_model(name: str, num_classes: int = 10, width_mult: float = 1.0, **kwarg
     return MODEL_REGISTRY[name](num_classes=num_classes, width_mult=width_mult, **kwargs)
 
 
-__all__ = ["MLP", "MODEL_REGISTRY", "ResNet18", "SmallCNN", "get_model"]
+__all__ = ["GPT", "MLP", "MODEL_REGISTRY", "ResNet18", "SmallCNN", "get_model"]
