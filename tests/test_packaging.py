@@ -1,0 +1,79 @@
+"""Packaging: the optimizers need only torch, the wheel ships the configs, the quick start runs
+from an empty directory after a wheel install, and ``--config`` finds the shipped configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lightning_spectral.config_files import CONFIG_DIR, find_config, list_configs, resolve_config, resolve_config_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_ONLY = ("lightning", "torchvision", "torchmetrics", "tensorboard", "jsonargparse", "sklearn", "matplotlib")
+
+
+def _run(args, cwd, env=None, timeout=240):
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_core_dependencies_are_torch_only():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {dep.split(">")[0].split("=")[0].split("[")[0].split("!")[0].strip() for dep in project["dependencies"]}
+    assert names == {"torch", "numpy"}
+    train = " ".join(project["optional-dependencies"]["train"])
+    assert "lightning>=" in train and "!=2.6.2" in train and "!=2.6.3" in train
+    assert "lightning_spectral[train]" in project["optional-dependencies"]["dev"]
+
+
+def test_optim_and_diagnostics_import_without_the_training_extra(tmp_path):
+    """Blocks every training-only package, then builds and steps the optimizers and runs a diagnostic."""
+    script = f"""
+import sys, importlib.machinery
+class Block:  # finds the training-only packages, and fails to load them (as if not installed)
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {TRAINING_ONLY!r}:
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ImportError('blocked: ' + spec.name)
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, Block())
+import torch
+from torch import nn
+import lightning_spectral.optim as O
+from lightning_spectral.diagnostics import compute_spectral_norms
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+for opt in (O.Muon(net.parameters(), lr=0.02), O.MuonSGD(net.parameters(), lr=0.1, spectral_budget=0.1),
+            O.ManifoldMuon(net.parameters(), lr=0.05)):
+    net.zero_grad(); net(torch.randn(5, 8)).square().sum().backward(); opt.step()
+norms = compute_spectral_norms(net)
+assert all(torch.isfinite(torch.tensor(float(v))) for v in norms.values()), norms
+assert not any(m.split('.')[0] in {TRAINING_ONLY!r} for m in sys.modules)
+print('ok')
+"""
+    result = _run([sys.executable, "-c", script], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
+    names = list_configs()
+    assert "quickstart" in names and "optim/muon" in names and "studies/digits/baseline" in names
+    assert len(names) == len(list(CONFIG_DIR.rglob("*.yaml")))
+    monkeypatch.chdir(tmp_path)  # nothing relative to the working directory
+    assert find_config("quickstart") == CONFIG_DIR / "quickstart.yaml"
+    assert resolve_config("configs/optim/muon.yaml") == str(CONFIG_DIR / "optim" / "muon.yaml")
+    assert resolve_config_args(["fit", "--config", "quickstart", "-c=optim/muon", "--trainer.max_epochs", "1"]) == [
+        "fit", "--config", str(CONFIG_DIR / "quickstart.yaml"), f"-c={CONFIG_DIR / 'optim' / 'muon.yaml'}",
+        "--trainer.max_epochs", "1"]
+    (tmp_path / "mine.yaml").write_text("seed_everything: 1\n")
+    assert resolve_config("mine.yaml") == "mine.yaml"  # a file of the user's wins
+    assert resolve_config("{trainer: {max_epochs: 1}}") == "{trainer: {max_epochs: 1}}"  # inline YAML
+    with pytest.raises(FileNotFoundError, match="quickstart.*lightning-spectral configs|lightning-spectral configs"):
+        resolve_config("quikstart")
