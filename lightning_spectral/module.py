@@ -84,7 +84,8 @@ class SpectralModule(LightningModule):
 
     Args:
         net: the network, mapping images to ``num_classes`` logits.
-        num_classes: classes of the task (the CLI links it from the data module).
+        num_classes: classes of the task; ``None``: the net's ``num_classes`` attribute, else the
+            ``out_features`` of its last ``nn.Linear`` (the CLI fills it from the data module).
         optimizer: builds the optimizer from the parameter groups.
         scheduler: builds the learning-rate scheduler from the optimizer; ``None`` keeps the
             learning rate constant. The default, :class:`CosineSchedule` without ``total_steps``,
@@ -96,13 +97,18 @@ class SpectralModule(LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        num_classes: int,
+        num_classes: int | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = CosineSchedule,
         exclude: list[str] | None = None,
         vector_weight_decay: float | None = 0.0,
     ) -> None:
         super().__init__()
+        if num_classes is None:
+            num_classes = getattr(net, "num_classes", None) or next(
+                (m.out_features for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)), None)
+            if num_classes is None:
+                raise ValueError("num_classes: pass it, or a net with a num_classes attribute or a final nn.Linear")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if vector_weight_decay is not None and vector_weight_decay < 0:
