@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
+
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_spectral.checkpoint import use_atomic_checkpoint_io
 from lightning_spectral.optim.param_groups import build_param_groups
 
 
@@ -52,7 +58,10 @@ class CosineSchedule(LRScheduler):
     def set_total_steps(self, total_steps: int) -> None:
         """Fix the horizon of the decay."""
         if total_steps <= self.warmup_steps:
-            raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({self.warmup_steps})")
+            raise ValueError(
+                f"total_steps ({total_steps}) must exceed warmup_steps ({self.warmup_steps}): the schedule needs "
+                "optimizer steps after its warm-up; train longer or shorten the warm-up"
+            )
         self.total_steps = int(total_steps)
 
     def lr_factor(self, step: int) -> float:
@@ -71,6 +80,52 @@ class CosineSchedule(LRScheduler):
         return [base_lr * factor for base_lr in self.base_lrs]
 
 
+NONFINITE_POLICIES = ("raise", "skip")
+# Entries of an optimizer's parameter group that describe the grouping or belong to the
+# scheduler; every other plain entry (lr, weight decay, momentum, budget, ...) was asked for.
+_GROUP_BOOKKEEPING = frozenset({"params", "param_names", "name", "matrix", "initial_lr"})
+
+
+class NonFiniteStepError(FloatingPointError):
+    """A NaN/Inf loss, gradient or weight stopped training before it reached the weights or a checkpoint."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint holds another network or optimizer than the one requested."""
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plain(value: Any) -> Any:
+    """A config value (jsonargparse ``Namespace``, dicts, lists) as plain dicts and lists."""
+    if callable(getattr(value, "as_dict", None)):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _first_nonfinite(named: dict[str, Any]) -> str | None:
+    """The first floating tensor of ``named`` with a NaN/Inf entry, or ``None``.
+
+    One fused norm over all tensors and one host sync; only if a norm is not finite (a
+    non-finite entry, or a finite tensor whose norm overflows) are the tensors checked one by one.
+    """
+    items = [(k, v) for k, v in named.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not items or bool(torch.stack(torch._foreach_norm([v for _, v in items])).isfinite().all()):
+        return None
+    return next((k for k, v in items if not bool(torch.isfinite(v).all())), None)
+
+
+def _group_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k not in _GROUP_BOOKKEEPING and not torch.is_tensor(v)}
+
+
 class SpectralModule(LightningModule):
     """Image classification with one ``optimizer.step()`` per batch (manual optimization).
 
@@ -82,6 +137,15 @@ class SpectralModule(LightningModule):
     The scheduler is stepped after every optimizer step and the learning rate of each group is
     logged as ``lr/<group name>``.
 
+    Before every optimizer step the loss and the gradients are checked for NaN/Inf (one fused
+    norm and one host sync per step, whatever the optimizer): a non-finite step never reaches
+    the weights. No checkpoint is written from non-finite weights.
+
+    Resuming (``ckpt_path``) with another network, class count, ``exclude`` or optimizer class
+    than the checkpoint's raises :class:`CheckpointMismatchError` with the differences; changed
+    optimizer hyperparameters (learning rate, weight decay, budget, ...) are applied to the
+    restored optimizer and listed in a warning.
+
     Args:
         net: the network, mapping images to ``num_classes`` logits.
         num_classes: classes of the task; ``None``: the net's ``num_classes`` attribute, else the
@@ -92,6 +156,12 @@ class SpectralModule(LightningModule):
             decays over ``trainer.estimated_stepping_batches``, read when training starts.
         exclude: glob patterns of parameter names (``"fc2.*"``) whose matrices go to the fallback rule.
         vector_weight_decay: weight decay of the fallback group; ``None`` keeps the optimizer's.
+        nonfinite: what a NaN/Inf loss or gradient does: ``"raise"`` stops with
+            :class:`NonFiniteStepError` (naming the step, the first non-finite gradient and the
+            checkpoint to resume from); ``"skip"`` drops the step (weights, optimizer state and
+            schedule untouched), counts it in ``train/skipped_steps`` and stops after
+            ``max_consecutive_skips`` skipped steps in a row.
+        max_consecutive_skips: with ``nonfinite="skip"``, skipped steps in a row that stop the run.
     """
 
     def __init__(
@@ -102,6 +172,8 @@ class SpectralModule(LightningModule):
         scheduler: LRSchedulerCallable | None = CosineSchedule,
         exclude: list[str] | None = None,
         vector_weight_decay: float | None = 0.0,
+        nonfinite: str = "raise",
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
         if num_classes is None:
@@ -113,6 +185,11 @@ class SpectralModule(LightningModule):
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if vector_weight_decay is not None and vector_weight_decay < 0:
             raise ValueError(f"vector_weight_decay must be >= 0 or None, got {vector_weight_decay}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int) \
+                or max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be a positive int, got {max_consecutive_skips!r}")
         # Under LightningCLI the hyperparameters are the parsed config (plain values that
         # rebuild everything in load_from_checkpoint); built in Python, the objects are left
         # out so that checkpoints load with torch.load(weights_only=True).
@@ -124,17 +201,28 @@ class SpectralModule(LightningModule):
         self.scheduler = scheduler
         self.exclude = exclude or []
         self.vector_weight_decay = vector_weight_decay
+        self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
         self.criterion = nn.CrossEntropyLoss()
         # The training accuracy skips torchmetrics' input checks (≈ 0.2 ms per step on a CPU).
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(2))
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self._resumed: dict[str, Any] = {}  # what on_load_checkpoint read, for configure_optimizers
+        self._overrides: list[tuple] = []  # (group index or None for the scheduler, name, key, checkpoint's, requested)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        # Before Lightning loads a ckpt_path (which follows the setup hooks) and writes any checkpoint.
+        use_atomic_checkpoint_io(self.trainer)
+
     def configure_optimizers(self) -> Optimizer | dict:
         groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay)
         optimizer = self.optimizer(groups)
+        self._compare_with_checkpoint(optimizer)
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)
@@ -144,8 +232,29 @@ class SpectralModule(LightningModule):
             total = self.trainer.estimated_stepping_batches
             if math.isinf(total):
                 raise ValueError("the cosine schedule needs trainer.max_epochs or trainer.max_steps (or total_steps)")
+            if total == 0:
+                raise ValueError(self._no_training_batches())
             scheduler.set_total_steps(int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _no_training_batches(self) -> str:
+        """Why an epoch has no optimizer step, and the fix."""
+        trainer = self.trainer
+        if trainer.limit_train_batches == 0:
+            return "trainer.limit_train_batches is 0: no optimizer step would run; raise it or drop it"
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        size = len(dataset) if hasattr(dataset, "__len__") else None
+        batch_size = getattr(loader, "batch_size", None)
+        if size is not None and batch_size is not None and batch_size > size:
+            return (f"the training data gives no batch: batch_size {batch_size} exceeds the {size} training samples "
+                    f"(the training loader drops an incomplete last batch); set data.init_args.batch_size <= {size}")
+        return "the training data gives no batch: the training dataset is empty"
+
+    def on_train_start(self) -> None:
+        if self.trainer.num_training_batches == 0:
+            raise ValueError(self._no_training_batches())
+        self._apply_overrides()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -155,20 +264,200 @@ class SpectralModule(LightningModule):
         loss = self.criterion(logits, y)
         optimizer.zero_grad()
         self.manual_backward(loss)
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        self.train_acc.update(logits.detach(), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if self._finite_step(loss, optimizer, batch_idx):
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+            self.train_acc.update(logits.detach(), y)
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         if self._last_batch_of_epoch(batch_idx):
+            # The epoch-end callbacks (diagnostics, checkpoints) run after this step and must
+            # not see non-finite weights: one check per epoch.
+            bad = _first_nonfinite(dict(self.named_parameters()))
+            if bad is not None:
+                raise NonFiniteStepError(
+                    f"the optimizer step at step {self.trainer.global_step} made the weight {bad!r} non-finite "
+                    f"(finite loss and gradients); {self._resume_hint()}"
+                )
             # The epoch's accuracy, logged once at its last batch rather than as a Metric object
             # every step: each ``self.log`` costs about 1 ms of Lightning bookkeeping on a CPU
             # (a tenth of a small model's step). Not in ``on_train_epoch_end``: callbacks run
             # that hook before the module's and would not see it.
-            self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True)
+            if self.train_acc.update_called:
+                self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True)
             self.train_acc.reset()
+            if self.skipped_steps:
+                self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True,
+                         reduce_fx="max")
         return loss.detach()
+
+    def _finite_step(self, loss: torch.Tensor, optimizer: Any, batch_idx: int) -> bool:
+        """Whether the loss and every gradient are finite (the same answer on every rank).
+
+        Under a ``GradScaler`` (fp16) only the loss is checked: the scaler skips steps with
+        non-finite scaled gradients itself, and lowers its scale.
+        """
+        values = [loss.detach().reshape(1)]
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            values.append(torch.stack(torch._foreach_norm(grads)))
+        finite = bool(torch.cat(values).isfinite().all())
+        loss_finite, culprit = True, None
+        if not finite:  # a NaN/Inf entry, or finite gradients whose norm overflowed: look one by one
+            loss_finite = bool(loss.detach().isfinite().all())
+            culprit = _first_nonfinite({n: p.grad for n, p in self.named_parameters() if p.grad is not None})
+            finite = loss_finite and culprit is None
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self._consecutive_skips = 0
+            return True
+        what = "gradient" if loss_finite else f"loss ({float(loss):g})"
+        where = (f"non-finite {what} at step {self.trainer.global_step} (epoch {self.current_epoch}, batch "
+                 f"{batch_idx}); first non-finite gradient: {culprit or 'none on this rank'}")
+        if self.nonfinite == "raise":
+            raise NonFiniteStepError(f"{where}. The step was not taken: the weights are those before it. "
+                                     f"{self._resume_hint()}")
+        optimizer.zero_grad()
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteStepError(f"{where}: {self._consecutive_skips} steps in a row skipped "
+                                     f"(max_consecutive_skips={self.max_consecutive_skips}), stopping. "
+                                     f"{self._resume_hint()}")
+        if self.skipped_steps == 1:
+            rank_zero_warn(f"{where}: step skipped (nonfinite='skip'); skips are counted in train/skipped_steps")
+        return False
+
+    def _resume_hint(self) -> str:
+        callback = self.trainer.checkpoint_callback
+        path = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+        path = path or self.trainer.ckpt_path or ""
+        fix = ("find the cause (learning rate too large? bad data?) or set model.init_args.nonfinite=skip "
+               "to skip such steps")
+        if path and Path(path).exists():
+            return f"No checkpoint holds non-finite weights; the last good one is {path}: {fix}, then resume with --ckpt_path {path}."
+        return f"No checkpoint was written yet: {fix}, then start again."
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = _first_nonfinite(checkpoint["state_dict"])
+        if bad is not None:
+            raise NonFiniteStepError(f"refusing to write a checkpoint at step {self.trainer.global_step}: the weight "
+                                     f"{bad!r} is not finite. {self._resume_hint()}")
+        optimizers = self.trainer.optimizers
+        checkpoint["spectral_module"] = {
+            "net": _qualname(self.net),
+            "optimizer": _qualname(optimizers[0]) if optimizers else None,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        problems = self._incompatibilities(checkpoint, fitting)
+        if problems:
+            raise CheckpointMismatchError(
+                f"the checkpoint {self.trainer.ckpt_path} does not fit the requested model:\n  - "
+                + "\n  - ".join(problems)
+                + "\nStart a new run (without --ckpt_path, or in another log directory), or use the configuration "
+                "the checkpoint was trained with (its config.yaml / hparams.yaml beside the logs)."
+            )
+        meta = checkpoint.get("spectral_module", {})
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        states = checkpoint.get("optimizer_states") or [{}]
+        self._resumed = {"optimizer": meta.get("optimizer"), "groups": states[0].get("param_groups"),
+                         "scheduler": self._scheduler_changes(checkpoint)} if fitting else {}
+
+    def _scheduler_changes(self, checkpoint: dict[str, Any]) -> list[tuple[None, str, str, Any, Any]]:
+        """The scheduler arguments of the config that differ from the checkpoint's (LightningCLI
+        hyperparameters only; the restored scheduler state would silently replace them)."""
+        old = _plain((checkpoint.get("hyper_parameters") or {}).get("scheduler"))
+        new = _plain(self.hparams.get("scheduler"))
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            return []
+        before, after = old.get("init_args") or {}, new.get("init_args") or {}
+        return [(None, "scheduler", key, before.get(key), value) for key, value in after.items()
+                if key != "last_epoch" and value is not None and before.get(key) != value]
+
+    def _incompatibilities(self, checkpoint: dict[str, Any], fitting: bool) -> list[str]:
+        """What the checkpoint and the requested model disagree on beyond a hyperparameter that
+        can be applied to the restored state: network, classes, grouping, optimizer class."""
+        saved = _plain(checkpoint.get("hyper_parameters") or {})
+        requested = _plain(dict(self.hparams))
+        problems = []
+        for key in ("net", "exclude"):  # the class count shows in the weights' shapes
+            if key in saved and key in requested and saved[key] != requested[key]:
+                problems.append(f"{key}: checkpoint {saved[key]}, requested {requested[key]}")
+        for key in ("optimizer", "scheduler") if fitting else ():
+            old, new = saved.get(key), requested.get(key)
+            if isinstance(old, dict) and isinstance(new, dict) and old.get("class_path") != new.get("class_path"):
+                problems.append(f"{key} class: checkpoint {old.get('class_path')}, requested {new.get('class_path')}")
+        meta = checkpoint.get("spectral_module", {})
+        if meta.get("net") and meta["net"] != _qualname(self.net):
+            problems.append(f"network class: checkpoint {meta['net']}, requested {_qualname(self.net)}")
+        if self.strict_loading:
+            theirs, ours = checkpoint.get("state_dict", {}), self.state_dict()
+            missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+            shapes = [f"{k}: checkpoint {tuple(theirs[k].shape)}, requested {tuple(ours[k].shape)}"
+                      for k in ours.keys() & theirs.keys()
+                      if torch.is_tensor(theirs[k]) and theirs[k].shape != ours[k].shape]
+            if missing:
+                problems.append(f"{len(missing)} weights missing from the checkpoint (e.g. {missing[0]})")
+            if unexpected:
+                problems.append(f"{len(unexpected)} checkpoint weights the model lacks (e.g. {unexpected[0]})")
+            problems += sorted(shapes)[:5]
+        return problems
+
+    def _compare_with_checkpoint(self, optimizer: Optimizer) -> None:
+        """On resume: refuse another optimizer class; record the requested hyperparameters that
+        differ from the checkpoint's, to apply them once Lightning has restored its state."""
+        resumed, self._resumed = self._resumed, {}
+        self._overrides = list(resumed.get("scheduler") or [])
+        if resumed.get("optimizer") and resumed["optimizer"] != _qualname(optimizer):
+            raise CheckpointMismatchError(
+                f"the checkpoint {self.trainer.ckpt_path} was trained with {resumed['optimizer']}, the requested "
+                f"optimizer is {_qualname(optimizer)}: its state cannot be restored into another optimizer. Start a "
+                "new run, or resume with the checkpoint's optimizer."
+            )
+        saved_groups = resumed.get("groups")
+        if saved_groups is None:
+            return
+        if len(saved_groups) != len(optimizer.param_groups):
+            raise CheckpointMismatchError(
+                f"the checkpoint {self.trainer.ckpt_path} has {len(saved_groups)} parameter groups, the requested "
+                f"optimizer {len(optimizer.param_groups)}. Start a new run, or resume with the checkpoint's config."
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+            old = _group_hyperparameters(saved)
+            if "initial_lr" in saved:  # the scheduler's base learning rate, not the scheduled value
+                old["lr"] = saved["initial_lr"]
+            for key, value in _group_hyperparameters(group).items():
+                if key in old and _plain(old[key]) != _plain(value):
+                    self._overrides.append((i, group.get("name", f"group{i}"), key, old[key], value))
+
+    def _apply_overrides(self) -> None:
+        """Put the requested hyperparameters into the optimizer state Lightning restored."""
+        if not self._overrides:
+            return
+        optimizer = self.optimizers().optimizer
+        scheduler = self.lr_schedulers()
+        for i, _, key, _, value in self._overrides:
+            if i is None:  # a scheduler argument
+                if scheduler is not None and hasattr(scheduler, key):
+                    setattr(scheduler, key, value)
+                continue
+            group = optimizer.param_groups[i]
+            if key == "lr" and group.get("initial_lr"):
+                group["lr"] = value * group["lr"] / group["initial_lr"]  # the same point of the schedule
+                group["initial_lr"] = value
+                if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs[i] = value
+            else:
+                group[key] = value
+        if scheduler is not None and hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        changes = ", ".join(f"{name}.{key}: {old} -> {new}" for _, name, key, old, new in self._overrides)
+        rank_zero_warn(f"resuming from {self.trainer.ckpt_path} with hyperparameters that differ from the checkpoint's; "
+                       f"the requested values are applied to the restored optimizer: {changes}")
+        self._overrides = []
 
     def _last_batch_of_epoch(self, batch_idx: int) -> bool:
         """The data ran out, ``limit_train_batches`` was reached, or this step hit ``max_steps``

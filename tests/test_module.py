@@ -146,7 +146,10 @@ def test_checkpoint_is_weights_only_and_resumes_optimizer_state(tmp_path: Path) 
     trainer = make_trainer(tmp_path, logger=False, max_epochs=1, callbacks=[checkpoint])
     trainer.fit(make_module(), DigitsDataModule(batch_size=32))
     state = torch.load(checkpoint.last_model_path, weights_only=True)
-    assert state["hyper_parameters"] == {"num_classes": 10, "exclude": None, "vector_weight_decay": 0.0}
+    assert state["hyper_parameters"] == {"num_classes": 10, "exclude": None, "vector_weight_decay": 0.0,
+                                         "nonfinite": "raise", "max_consecutive_skips": 10}
+    assert state["spectral_module"] == {"net": "lightning_spectral.models.small_cnn.SmallCNN",
+                                        "optimizer": "torch.optim.sgd.SGD", "skipped_steps": 0}
     assert state["lr_schedulers"][0]["total_steps"] == 5
     assert all("momentum_buffer" in s for s in state["optimizer_states"][0]["state"].values())
 

@@ -1,0 +1,259 @@
+"""Checkpoint files that survive crashes and refuse code: atomic writes, safe loads, checks before resuming.
+
+* :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the destination
+  directory, flushes and fsyncs it, then renames it over the old one (``os.replace``): a
+  ``kill -9`` at any moment leaves either the old or the new file, never a truncated one,
+  wherever ``TMPDIR`` is. It loads with ``torch.load(weights_only=True)`` only (local and
+  ``http(s)://`` paths alike), so a crafted checkpoint cannot run code, and checks the CRC-32 of
+  every record of a local file first, so a truncated or bit-flipped file is named as such.
+  :class:`~lightning_spectral.module.SpectralModule` installs it on its trainer
+  (:func:`use_atomic_checkpoint_io`) unless a custom ``CheckpointIO`` is configured.
+* :func:`validate_checkpoint` says why a file cannot be resumed from (``None`` if it can);
+  :func:`resume_checkpoint` picks the checkpoint a study run resumes from: ``last.ckpt`` if it
+  is valid and was written for the same config, else the newest valid one, else none (restart),
+  moving unusable files aside with a message instead of failing forever.
+* :func:`run_lock` takes an exclusive lock on a run directory, so that two processes never
+  train the same run into the same checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+CONFIG_MARKER = "config_hash"  # beside the checkpoints: the config they were written for
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is empty, truncated or damaged."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds objects other than tensors and plain values (refused by ``weights_only=True``)."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the lock of a run directory."""
+
+
+def _is_local(path: _PATH) -> bool:
+    """A path on this machine (no ``scheme://``, or ``file://``)."""
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename inside ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.<pid>.*.tmp`` files left beside ``path`` by writers that died (``kill -9``)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _pid_alive(int(parts[0])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial ``path``: temporary file in the same
+    directory (the same filesystem, so the rename is atomic), flush, fsync, ``os.replace``, fsync
+    of the directory. The temporary file is removed if the write fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(str(path.parent))
+
+
+def archive_problem(path: _PATH) -> Optional[str]:
+    """Why the local file ``path`` is not an intact PyTorch zip archive (every record's CRC-32
+    checked: truncation and flipped bits show), or ``None``."""
+    path = Path(path)
+    if not path.is_file():
+        return "no such file"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return f"not a PyTorch checkpoint archive ({size} bytes; truncated or another format)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"damaged archive: {err}"
+    return f"damaged record {bad!r} (CRC-32 mismatch)" if bad is not None else None
+
+
+def load_checkpoint_safely(path: _PATH, map_location: Any = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (local or remote), checking a local archive's
+    CRCs first; raise :class:`CorruptCheckpointError` or :class:`UnsafeCheckpointError` naming ``path``."""
+    from lightning.fabric.utilities.cloud_io import _load
+
+    if _is_local(path):
+        problem = archive_problem(path)
+        if problem == "no such file":
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        if problem is not None:
+            raise CorruptCheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
+    try:
+        return _load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain values, refused (it is loaded with "
+            f"torch.load(weights_only=True) so that it cannot run code). If you trust it, load it yourself with "
+            f"weights_only=False and save its state dicts again.\n{err}"
+        ) from None
+    except (EOFError, RuntimeError) as err:
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """:class:`~lightning.pytorch.plugins.io.TorchCheckpointIO` with atomic local writes and
+    ``weights_only=True`` loads (see the module docstring). Remote writes go through Lightning's
+    own ``fsspec`` path."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Optional[Callable] = lambda storage, loc: storage,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        """Always ``weights_only=True``, whatever ``weights_only`` asks."""
+        return load_checkpoint_safely(path, map_location)
+
+
+def use_atomic_checkpoint_io(trainer: Any) -> None:
+    """Give ``trainer``'s strategy an :class:`AtomicCheckpointIO`, unless it was configured with a
+    ``CheckpointIO`` other than Lightning's default ``TorchCheckpointIO``."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def validate_checkpoint(path: _PATH) -> Optional[str]:
+    """Why ``path`` cannot be resumed from (empty, truncated, damaged, unsafe, not a Lightning
+    checkpoint), or ``None`` if it loads."""
+    try:
+        checkpoint = load_checkpoint_safely(path, map_location="cpu")
+    except (CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
+        return str(err)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')"
+    return None
+
+
+def set_aside(path: _PATH, reason: str, log: Callable[[str], None] = print) -> Path:
+    """Rename ``path`` to ``<path>.corrupt-<UTC time>`` (kept for inspection) and say why."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    os.replace(path, target)
+    log(f"  {reason}: moved aside to {target}")
+    return target
+
+
+def write_config_marker(checkpoint_dir: _PATH, digest: str) -> None:
+    """Record, beside the checkpoints, the hash of the config they are written for."""
+    directory = Path(checkpoint_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_MARKER).write_text(digest + "\n")
+
+
+def resume_checkpoint(checkpoint_dir: _PATH, digest: str, log: Callable[[str], None] = print) -> Optional[Path]:
+    """The checkpoint a study run resumes from, or ``None`` to start afresh.
+
+    Checkpoints written for another config (their :data:`CONFIG_MARKER` differs from ``digest``,
+    or is missing) are moved aside whole: a changed run is rerun, never continued. Among the
+    rest, ``last.ckpt`` if it loads, else the newest other ``*.ckpt`` that loads; each file
+    that does not load is moved aside (:func:`set_aside`) with the reason.
+    """
+    directory = Path(checkpoint_dir)
+    checkpoints = sorted(directory.glob("*.ckpt")) if directory.is_dir() else []
+    if not checkpoints:
+        return None
+    marker = directory / CONFIG_MARKER
+    written_for = marker.read_text().strip() if marker.is_file() else None
+    if written_for != digest:
+        stale = directory.with_name(f"{directory.name}.stale-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        os.replace(directory, stale)
+        log(f"  the checkpoints in {directory} were written for "
+            f"{'another config' if written_for else 'an unknown config'}; the run restarts (old ones in {stale})")
+        return None
+    last = directory / "last.ckpt"
+    ordered = ([last] if last in checkpoints else []) + sorted(
+        (p for p in checkpoints if p != last), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in ordered:
+        problem = validate_checkpoint(path)
+        if problem is None:
+            return path
+        set_aside(path, problem, log)
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(directory: _PATH) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking lock on ``<directory>/.lock`` (``fcntl.flock``; released
+    when the process exits, even by ``kill -9``). Raises :class:`RunLockedError` naming the
+    process that holds it. Where ``fcntl`` is missing (Windows) no lock is taken."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ".lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield path
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLockedError(f"{directory} is in use by {holder}: two processes must not train the same run; "
+                                 "wait for it to finish, or give this one another --out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
