@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from .linalg import TangentSpace, estimate_spectral_norm, minimize_lbfgs, orient, rescale_into_ball, sym
-from .msign import msign, nuclear_norm
+from .linalg import TangentSpace, estimate_spectral_norm, minimize_lbfgs, orient, rescale_into_ball, skew, sym
+from .msign import msign, msign_svd, nuclear_norm
 
 
 @dataclass
@@ -66,7 +66,11 @@ def stiefel_direction(
     orthonormal: bool = True,
     certify: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, DirectionInfo]:
-    """Manifold-Muon direction at ``W`` on the Stiefel manifold (DESIGN §3).
+    """Manifold-Muon direction at ``W`` on the Stiefel manifold (Bernstein 2025, "Modular
+    manifolds"): ``max ⟨G, Φ⟩`` s.t. ``‖Φ‖₂ ≤ 1``, ``WᵀΦ + ΦᵀW = 0``.
+
+    A square ``W`` (the orthogonal group) has the closed form of :func:`orthogonal_direction`
+    in both modes. Otherwise the dual ``min_X ‖G + W X‖_*`` over symmetric ``X`` is solved.
 
     Args:
         W: the point (``n × m``; a wide ``W`` is treated through its transpose, i.e. its rows
@@ -74,15 +78,15 @@ def stiefel_direction(
         G: the gradient (or momentum) at ``W``.
         Y: warm start, as a correction: the multiplier is ``X = X₀(Ĝ) + Y`` (symmetric,
             ``k × k``, ``k = min(n, m)``) with ``X₀ = −S`` the multiplier of the tangent
-            projection, ``Ĝ + W X₀ = P_T(Ĝ)`` (exact for square ``W``). Keeping the correction
-            rather than ``X`` itself makes the amortized mode track a gradient that changes
-            direction from step to step. ``None``: ``Y = 0``.
+            projection, ``Ĝ + W X₀ = P_T(Ĝ)``. Keeping the correction rather than ``X`` itself
+            makes the amortized mode track a gradient that changes direction from step to step.
+            ``None``: ``Y = 0``.
         mode: ``"inner"`` (smoothed dual minimised by L-BFGS until the tangency residual is
             below ``tol``; the direction is tangent and in the unit ball) or ``"amortized"``
-            (one dual step ``X ← X − α(WᵀΦ + ΦᵀW)``; the direction ``msign(Ĝ + WX)`` is then
-            projected onto the tangent space, so it is tangent whatever the dual's progress,
-            and ``info.residual`` is the tangency residual before that projection).
-        alpha: amortized dual step on the normalised gradient, divided by ``‖W‖₂²``.
+            (one fixed-point step of :func:`stiefel_amortized` from ``Y``, without its
+            Anderson memory; ``W`` must be orthonormal).
+        alpha: unused: the fixed-point step of the amortized mode has no step size (the
+            argument stays so that existing callers run).
         orthonormal: ``W`` is on the manifold (skips the eigensolve of the general projection).
         certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + W X‖_*``.
 
@@ -90,28 +94,181 @@ def stiefel_direction(
         ``(Φ, Y, info)`` with ``Φ`` shaped like ``G`` and ``Y`` the correction to keep.
     """
     _check_mode(mode)
+    if mode == "amortized":
+        if not orthonormal:
+            raise ValueError("stiefel_direction: the amortized mode needs W on the Stiefel manifold "
+                             "(orthonormal=True); use mode='inner' for a general W")
+        state = {} if Y is None else {"dual": Y}
+        Phi, info = stiefel_amortized(W, G, state, memory=0, certify=certify)
+        return Phi, state["dual"], info
     flip, (Wt, Gt) = orient(W, G)
-    space = TangentSpace(Wt, orthonormal=orthonormal)
     scale = estimate_spectral_norm(Gt).clamp_min(1e-30)
     Ghat = Gt / scale
-    base = -space.multiplier(Ghat)
-    X = base if Y is None else base + Y
-    if mode == "amortized":
-        w_sq = space.norm**2
-        Phi = msign(Ghat + Wt @ X, msign_steps, schedule)
-        C = space.constraint(Phi)  # the dual gradient is 2C; one product serves all three uses
-        X_used, X = X, X - (alpha / max(w_sq, 1e-30)) * 2.0 * C
-        k, residual = 0, space.residual(Phi, C)
-        Phi = space.project(Phi, C)
+    if orthonormal and Wt.shape[0] == Wt.shape[1]:
+        Phi, residual = _orthogonal(Wt, Ghat, exact=True)
+        k, X, Y_new = 0, -sym(Wt.mT @ Ghat), torch.zeros_like(Wt)
     else:
+        space = TangentSpace(Wt, orthonormal=orthonormal)
+        base = -space.multiplier(Ghat)
+        X = base if Y is None else base + Y
         X, Phi, residual, k = _stiefel_inner(space, Ghat, X, max_iters, tol)
-        X_used = X
+        Y_new = X - base
     info = DirectionInfo(iterations=k + 1, residual=residual)
     if certify:
-        Phi = rescale_into_ball(space.project(Phi), 1.0)
-        info.objective = float((Gt * Phi).sum())
-        info.dual_value = float(scale * nuclear_norm(Ghat + Wt @ X_used))
-    return (Phi.mT if flip else Phi), X - base, info
+        Phi = _certify(Wt, Gt, Ghat, Phi, X, scale, info, orthonormal)
+    return (Phi.mT if flip else Phi), Y_new, info
+
+
+def _certify(W, G, Ghat, Phi, X, scale, info, orthonormal=True):
+    """Make ``Φ`` exactly feasible (tangent, in the unit ball) and record ``⟨G, Φ⟩`` and the dual
+    value ``‖G + W X‖_*``, which bounds the objective of every feasible direction (weak duality)."""
+    Phi = rescale_into_ball(TangentSpace(W, orthonormal=orthonormal).project(Phi), 1.0)
+    info.objective = float((G * Phi).sum())
+    info.dual_value = float(scale * nuclear_norm(Ghat + W @ X))
+    return Phi
+
+
+def orthogonal_direction(W: torch.Tensor, G: torch.Tensor, msign_steps: Optional[int] = None,
+                         schedule: str = "polar_express") -> torch.Tensor:
+    """Closed form of the Stiefel direction for a square orthogonal ``W``:
+    ``Φ = W msign(skew(WᵀG))`` (exact polar factor when ``msign_steps`` is ``None``).
+
+    Proof: the tangent space is ``{WΩ : Ω skew}`` and, ``W`` being orthogonal,
+    ``⟨G, WΩ⟩ = ⟨WᵀG, Ω⟩ = ⟨skew(WᵀG), Ω⟩`` and ``‖WΩ‖₂ = ‖Ω‖₂``; over *all* ``‖Ω‖₂ ≤ 1``
+    the maximiser of ``⟨K, Ω⟩`` is ``msign(K)``, and for skew ``K``,
+    ``msign(K)ᵀ = msign(Kᵀ) = msign(−K) = −msign(K)`` is skew, hence feasible and optimal. It
+    also closes the duality gap: ``X = −sym(WᵀG)`` gives ``G + WX = W skew(WᵀG)``, whose nuclear
+    norm is the attained ``‖K‖_*``. Newton–Schulz keeps skewness too (an odd polynomial in
+    ``K``); :func:`~lightning_spectral.optim.linalg.skew` removes the round-off.
+    """
+    if W.shape[-1] != W.shape[-2]:
+        raise ValueError(f"orthogonal_direction needs a square W, got shape {tuple(W.shape)}")
+    Phi, _ = _orthogonal(W, G, exact=msign_steps is None, steps=msign_steps or 1, schedule=schedule)
+    return Phi
+
+
+def _orthogonal(W, Ghat, exact, steps=5, schedule="polar_express"):
+    """``(W skew(O), ‖sym(O)‖_F/‖O‖_F)`` with ``O = msign(skew(WᵀĜ))``."""
+    K = skew(W.mT @ Ghat)
+    O = msign_svd(K) if exact else msign(K, steps, schedule)
+    residual = torch.linalg.matrix_norm(sym(O)) / (torch.linalg.matrix_norm(O) + 1e-30)
+    return W @ skew(O), residual
+
+
+def stiefel_amortized(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    state: dict,
+    *,
+    steps: int = 1,
+    memory: int = 3,
+    smoothing: float = 1e-4,
+    certify: bool = False,
+) -> tuple[torch.Tensor, DirectionInfo]:
+    """Amortized Stiefel direction: ``steps`` fixed-point iterations of the dual per call (one
+    ``k × k`` eigensolve each), warm-started from the multiplier kept in ``state``.
+
+    Reduction (``W`` tall ``n × k``, orthonormal): with ``A = WᵀĜ``, ``K = skew(A)`` and
+    ``G⊥ = Ĝ − WA``, the multiplier ``X = −sym(A) + Y`` gives ``M = Ĝ + WX = W(K + Y) + G⊥``
+    and, as ``WᵀG⊥ = 0``, ``N = MᵀM = (K + Y)ᵀ(K + Y) + H`` with ``H = G⊥ᵀG⊥``. The dual
+    ``tr N^{1/2}`` (smoothed: ``S = (N + μ²I)^{1/2}``) and the direction
+    ``Φ = M S⁻¹ = W (K + Y) S⁻¹ + G⊥ S⁻¹`` live in ``k × k`` matrices once ``A`` and ``H``
+    are formed. Optimality is ``(K + Y) S⁻¹ = Ω`` skew, i.e. ``K + Y = ΩS``; for a fixed ``S``
+    that splits into the Lyapunov equation ``skew(ΩS) = K`` and ``Y = sym(ΩS)``, solved in
+    the eigenbasis ``S = Q diag(s) Qᵀ``:
+
+        ``Y ← Q [K̃ᵢⱼ (sⱼ − sᵢ)/(sᵢ + sⱼ)] Qᵀ``,  ``K̃ = QᵀKQ``.
+
+    Its fixed points are exactly the stationary points of the smoothed dual (tangency residual
+    0); it needs no step size and converges in a few steps when ``n ≥ 4k`` (``G⊥`` dominates),
+    slowly on near-square shapes, which Anderson mixing (``memory`` past steps, kept in
+    ``state``; Walker & Ni 2011) repairs. The returned direction is ``W skew((K + Y)S⁻¹) +
+    G⊥S⁻¹`` (exactly tangent), and ``info.residual`` is the scale-free tangency residual
+    ``‖sym((K + Y)S⁻¹)‖_F / ‖M S⁻¹‖_F`` of ``M S⁻¹`` before that projection. The smoothing
+    ``μ`` (in units of ``‖Ĝ‖₂ = 1``) costs at most ``Σᵢ μ²/(2σᵢ)`` of the objective over the
+    singular values ``σᵢ`` of ``M``. A square ``W`` has ``H = 0`` and ``Y = 0`` optimal
+    (:func:`orthogonal_direction`): exact at once, ``Φ = W K (KᵀK + μ²I)^{-1/2}``.
+
+    Args:
+        W: a point of the Stiefel manifold (``WᵀW = I`` in tall orientation; wide is transposed).
+        G: the gradient (or momentum) at ``W``.
+        state: the caller's per-parameter dict; reads and writes ``"dual"`` (the correction
+            ``Y``, ``k × k``, same meaning as in :func:`stiefel_direction`), and with ``memory``
+            also ``"dual_anchor"`` (``2 × k × k``: the last ``Y`` and its fixed-point step) and
+            ``"dual_secants"`` (``2 × j × k × k``, ``j ≤ memory``). Tensors only.
+        steps: fixed-point iterations per call (the direction comes from the last).
+        memory: Anderson memory (0: the plain fixed-point step).
+        smoothing: ``μ``.
+        certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + W X‖_*``.
+
+    Returns:
+        ``(Φ, info)`` with ``Φ`` shaped like ``G``.
+    """
+    if steps < 1 or memory < 0 or not smoothing > 0:
+        raise ValueError(f"stiefel_amortized: need steps >= 1, memory >= 0 and smoothing > 0, got "
+                         f"steps={steps}, memory={memory}, smoothing={smoothing}")
+    flip, (Wt, Gt) = orient(W, G)
+    n, k = Wt.shape
+    scale = estimate_spectral_norm(Gt).clamp_min(1e-30)
+    Ghat = Gt / scale
+    A = Wt.mT @ Ghat
+    Gperp = Ghat - Wt @ A
+    # H in float64: a float32 Gram matrix would blur every singular value of M below ~3e-4.
+    K, H = skew(A).double(), Gperp.double().mT @ Gperp.double()
+    Y_state = state.get("dual")
+    Y = K.new_zeros(k, k) if n == k or Y_state is None or Y_state.shape != (k, k) else Y_state.double()
+    for _ in range(1 if n == k else steps):
+        B = K + Y
+        lam, Q = torch.linalg.eigh(sym(B.mT @ B + H))
+        lam = lam.clamp_min(0.0)
+        s = (lam + smoothing * smoothing).sqrt()
+        Y_used = Y
+        if n > k:  # square: Y = 0 is optimal (orthogonal_direction), S⁻¹ is msign(K)'s
+            F = Q @ ((Q.mT @ K @ Q) * ((s[None, :] - s[:, None]) / (s[:, None] + s[None, :]))) @ Q.mT - Y
+            Y = _anderson(state, Y, F, memory, Gt.dtype)
+    S_inv = (Q / s) @ Q.mT
+    B1 = B @ S_inv
+    residual = torch.linalg.matrix_norm(sym(B1)) / (lam / (lam + smoothing**2)).sum().sqrt().clamp_min(1e-30)
+    # Φ = M S⁻¹ projected onto T. G⊥ is orthogonal to W only up to round-off, which S⁻¹ (up to
+    # 1/μ) would amplify, so the projection acts on the bounded G⊥S⁻¹: with C = Wᵀ(G⊥S⁻¹),
+    # Φ = G⊥S⁻¹ + W (skew(B₁) − sym(C)) has WᵀΦ = skew(B₁) + skew(C).
+    Phi_perp = Gperp @ S_inv.to(Gt.dtype)
+    Phi = Phi_perp + Wt @ (skew(B1).to(Gt.dtype) - sym(Wt.mT @ Phi_perp))
+    state["dual"] = Y.to(Gt.dtype)
+    if n == k:
+        state.pop("dual_anchor", None)
+        state.pop("dual_secants", None)
+    info = DirectionInfo(iterations=1 if n == k else steps, residual=residual.to(Gt.dtype))
+    if certify:
+        Phi = _certify(Wt, Gt, Ghat, Phi, Y_used.to(Gt.dtype) - sym(A), scale, info)
+    return (Phi.mT if flip else Phi), info
+
+
+def _anderson(state: dict, Y: torch.Tensor, F: torch.Tensor, memory: int, dtype) -> torch.Tensor:
+    """Next iterate of the fixed-point map ``Y ↦ Y + F(Y)`` with Anderson mixing (type II,
+    Walker & Ni 2011): ``Y + F − Σⱼ γⱼ(ΔYⱼ + ΔFⱼ)``, ``γ`` the least-squares fit of ``F`` by the
+    last ``memory`` differences ``ΔF`` (kept in ``state`` with the ``ΔY``, in ``dtype``)."""
+    if memory == 0:
+        return Y + F
+    anchor, secants = state.get("dual_anchor"), state.get("dual_secants")
+    state["dual_anchor"] = torch.stack([Y, F]).to(dtype)
+    if anchor is None or anchor.shape[-2:] != Y.shape:
+        state.pop("dual_secants", None)
+        return Y + F
+    new = torch.stack([Y - anchor[0].double(), F - anchor[1].double()]).unsqueeze(1)
+    if secants is not None and secants.shape[-2:] == Y.shape:
+        new = torch.cat([secants.double(), new], dim=1)[:, -memory:]
+    state["dual_secants"] = new.to(dtype)
+    dY, dF = new[0].flatten(1), new[1].flatten(1)
+    gram = dF @ dF.mT
+    ridge = 1e-10 * gram.diagonal().sum() + torch.finfo(gram.dtype).tiny
+    gamma = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
+                               dF @ F.flatten())
+    Y_next = Y + F - ((dY + dF).mT @ gamma).view_as(Y)
+    if not bool(torch.isfinite(Y_next).all()):
+        state.pop("dual_secants", None)
+        return Y + F
+    return sym(Y_next)
 
 
 SMOOTHING = (1e-2, 1e-3, 1e-4)

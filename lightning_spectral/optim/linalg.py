@@ -20,7 +20,13 @@ def as_matrix(p: torch.Tensor) -> torch.Tensor:
 
 
 def sym(M: torch.Tensor) -> torch.Tensor:
+    """Symmetric part ``(M + Mᵀ)/2``."""
     return 0.5 * (M + M.mT)
+
+
+def skew(M: torch.Tensor) -> torch.Tensor:
+    """Skew-symmetric part ``(M − Mᵀ)/2``."""
+    return 0.5 * (M - M.mT)
 
 
 def spectral_norm(M: torch.Tensor) -> torch.Tensor:
@@ -68,10 +74,6 @@ class TangentSpace:
     def constraint(self, A: torch.Tensor) -> torch.Tensor:
         """``sym(WᵀA)``: zero exactly when ``A ∈ T``."""
         return sym(self.W.mT @ A)
-
-    def multiplier_step(self, S: torch.Tensor) -> torch.Tensor:
-        """``W S``: the adjoint of :meth:`constraint` applied to a symmetric multiplier."""
-        return self.W @ S
 
     def multiplier(self, A: torch.Tensor, constraint: torch.Tensor | None = None) -> torch.Tensor:
         """The symmetric ``S`` with ``P_T(A) = A − W S`` (``constraint``: ``sym(WᵀA)`` if at hand)."""
