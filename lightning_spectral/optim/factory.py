@@ -1,8 +1,9 @@
-"""``create_optimizer``: the source notebook's one-call factory, over the same group rules."""
+"""``create_optimizer``: one call from a model and a type name to an optimizer, over the group rules of
+:mod:`.param_groups`."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,13 +30,22 @@ def create_optimizer(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     spectral_budget: Optional[float] = 0.1,
+    *,
+    head: Optional[Sequence[str]] = None,
+    head_as_matrix: bool = False,
+    embeddings_as_matrices: bool = False,
+    exclude: Sequence[str] = (),
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """Build an optimizer for ``model`` as the notebook does
-    (``create_optimizer(model, optimizer_type="muon_sgd", inner_solver_type="dual_ascent", ...)``).
+    """Build an optimizer for ``model``:
+    ``create_optimizer(model, optimizer_type="muon_sgd", inner_solver_type="dual_ascent", lr=0.1, ...)``.
 
     Parameters are grouped by :func:`~lightning_spectral.optim.param_groups.build_param_groups`
-    (matrices vs the rest, no weight decay on the rest). ``inner_solver_type="none"`` or
+    (``head``, ``head_as_matrix``, ``embeddings_as_matrices`` and ``exclude`` go there): the
+    matrix rule takes the hidden matrices; embeddings, the output head (by default the last
+    ``nn.Linear``), biases and norms take the fallback rule, with no weight decay on biases and
+    norms. For ``"sgd"``/``"adamw"`` the groups only change the weight decay of biases and
+    norms. ``inner_solver_type="none"`` or
     ``spectral_budget=None`` turns the budget off. Keyword arguments starting with ``solver_``
     go to the solver (``solver_tangent=True``, ``solver_max_iters=50``); the rest go to the
     optimizer's constructor (``nesterov``, ``betas``, ``mode``, ``fallback_lr``…). The manifold
@@ -45,7 +55,8 @@ def create_optimizer(
     if optimizer_type not in OPTIMIZER_TYPES:
         raise ValueError(f"unknown optimizer_type {optimizer_type!r}; choose one of {OPTIMIZER_TYPES}")
     solver_kwargs = {k[len("solver_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("solver_")}
-    groups = build_param_groups(model)
+    groups = build_param_groups(model, exclude, head=head, head_as_matrix=head_as_matrix,
+                                embeddings_as_matrices=embeddings_as_matrices)
     if inner_solver_type == "none" or spectral_budget is None:
         solver, spectral_budget = None, None
     else:
