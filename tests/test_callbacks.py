@@ -10,12 +10,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_spectral.callbacks import (
     ConstraintMonitor,
@@ -240,16 +242,117 @@ def test_without_logger_keeps_last_metrics(tmp_path):
 
 
 def test_loss_protocol(tmp_path):
-    with pytest.raises(MisconfigurationException, match="needs a loss"):
-        fit(NoLossNet(), tmp_path, [SharpnessMonitor(every_n_steps=1)], max_steps=1)
-    with pytest.raises(MisconfigurationException, match="needs a loss"):
-        fit(NoLossNet(), tmp_path, [GradientNoiseScaleMonitor(every_n_steps=1)], max_steps=1)
+    for callback in (SharpnessMonitor(every_n_steps=1), GradientNoiseScaleMonitor(every_n_steps=1)):
+        with pytest.raises(MisconfigurationException, match="needs a loss.*manual optimization.*loss_for_batch"):
+            fit(NoLossNet(automatic=False), tmp_path, [callback], max_epochs=1, limit_train_batches=1)
     cb = SharpnessMonitor(every_n_steps=1, loss_fn=loss_fn, max_iter=3)
-    fit(NoLossNet(), tmp_path, [cb], max_steps=2)
+    fit(NoLossNet(automatic=False), tmp_path, [cb], max_epochs=1, limit_train_batches=2)
     assert cb.num_measurements == 2 and math.isfinite(cb.last_metrics["sharpness/lambda_max"])
     cbs = [SharpnessMonitor(every_n_steps=1, max_iter=3), GradientNoiseScaleMonitor(every_n_steps=1)]
     fit(BatchLossNet(), tmp_path, cbs, max_steps=2)  # dict batches through loss_for_batch
     assert all(cb.num_measurements == 2 for cb in cbs)
+
+
+class DictLossNet(NoLossNet):
+    """A typical foreign module: no criterion, no loss_for_batch; training_step logs, updates a
+    torchmetrics metric and returns a dict (``as_dict``) or the loss tensor."""
+
+    def __init__(self, as_dict: bool = True):
+        super().__init__()
+        self.as_dict = as_dict
+        self.acc = MulticlassAccuracy(C, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        batch_acc = self.acc(logits, y)  # updates the metric's state
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        self.log_dict({"train/acc": batch_acc}, on_step=True, on_epoch=False)
+        return {"loss": loss, "logits": logits.detach()} if self.as_dict else loss
+
+
+@pytest.mark.parametrize("as_dict", [True, False], ids=["dict", "tensor"])
+def test_loss_from_training_step_of_a_foreign_module(tmp_path, as_dict):
+    """The loss ``training_step`` returns is measured with no extra argument: same sharpness and
+    noise scale as with an explicit ``loss_fn``, and the module's logs, metric states and weights
+    are those of a run without callbacks."""
+    runs = []
+    for callbacks in ((), (SharpnessMonitor(every_n_steps=1, max_iter=5), GradientNoiseScaleMonitor(every_n_steps=1)),
+                      (SharpnessMonitor(every_n_steps=1, max_iter=5, loss_fn=loss_fn),
+                       GradientNoiseScaleMonitor(every_n_steps=1, loss_fn=loss_fn))):
+        pl.seed_everything(0)
+        model = DictLossNet(as_dict)
+        trainer = fit(model, tmp_path, callbacks, max_steps=4)
+        logged = {k: float(v) for k, v in trainer.logged_metrics.items()}
+        runs.append((callbacks, model.acc._update_count, float(model.acc.compute()), logged,
+                     [t.clone() for t in model.state_dict().values()]))
+    (_, count_a, acc_a, logged_a, state_a), (found, count_b, acc_b, logged_b, state_b), (given, *_) = runs
+    assert count_a == count_b == 4 and acc_a == acc_b
+    assert logged_a == {k: v for k, v in logged_b.items() if k.startswith("train/")}
+    assert all(torch.equal(a, b) for a, b in zip(state_a, state_b))
+    for a, b in zip(found, given):
+        assert a.num_measurements == b.num_measurements == 4
+        assert a.last_metrics == pytest.approx(b.last_metrics, rel=1e-6)
+
+
+def test_training_step_without_a_loss_is_named(tmp_path):
+    class NoneNet(NoLossNet):
+        def training_step(self, batch, batch_idx):
+            return {"logits": self(batch[0])}
+
+    with pytest.raises(MisconfigurationException, match="returned a dict with keys \\['logits'\\].*loss_for_batch"):
+        fit(NoneNet(), tmp_path, [SharpnessMonitor(every_n_steps=1, max_iter=3)], max_steps=1)
+
+
+# ----------------------------------------------------------------------------- callback_metrics, no NaN
+
+
+def test_early_stopping_and_checkpoint_watch_callback_values(tmp_path):
+    """``trainer.callback_metrics`` holds the callbacks' values: a real ``EarlyStopping`` and
+    ``ModelCheckpoint`` monitor ``sharpness/lambda_max`` and ``gns/b_simple``."""
+    sharp = SharpnessMonitor(every_n_epochs=1, max_iter=5)
+    gns = GradientNoiseScaleMonitor(every_n_steps=2)
+    stop = EarlyStopping(monitor="sharpness/lambda_max", mode="min", stopping_threshold=1e9,
+                         check_on_train_epoch_end=True)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="gns/b_simple", mode="max", save_top_k=1)
+    pl.seed_everything(0)
+    trainer = fit(Net(), tmp_path, [sharp, gns, stop, best], max_epochs=5, enable_checkpointing=True)
+    assert trainer.current_epoch == 1 and stop.stopped_epoch == 0  # stopped by the threshold after epoch 1
+    assert stop.stopping_reason == EarlyStoppingReason.STOPPING_THRESHOLD
+    assert f"sharpness/lambda_max = {sharp.last_metrics['sharpness/lambda_max']}" in stop.stopping_reason_message
+    assert float(trainer.callback_metrics["sharpness/lambda_max"]) == sharp.last_metrics["sharpness/lambda_max"]
+    assert float(trainer.callback_metrics["gns/b_simple"]) == pytest.approx(gns.last_metrics["gns/b_simple"], rel=1e-6)
+    assert best.best_model_path and float(best.best_model_score) > 0
+
+
+def test_negative_noise_scale_is_clipped_and_flagged():
+    cb = GradientNoiseScaleMonitor(ema_decay=0.0)
+    cb._recorder = object()  # report the estimator as it is, without measuring
+    cb.estimator.update(small_sq=1.0, big_sq=2.0, b_small=8, b_big=16)  # ‖G‖² = 3, tr Σ = -16
+    assert cb.measure(None, None, None, 0) == {"gns/b_simple": 0.0, "gns/negative": 1.0, "gns/grad_sq": 3.0,
+                                               "gns/trace": -16.0, "gns/count": 1.0}
+    cb.estimator.update(small_sq=4.0, big_sq=1.0, b_small=8, b_big=16)  # ‖G‖² = -2: ratio undefined
+    metrics = cb.measure(None, None, None, 0)
+    assert (metrics["gns/b_simple"], metrics["gns/negative"], metrics["gns/grad_sq"]) == (0.0, 1.0, -2.0)
+    cb.estimator.update(small_sq=3.0, big_sq=2.0, b_small=8, b_big=16)  # ‖G‖² = 1, tr Σ = 16
+    metrics = cb.measure(None, None, None, 0)
+    assert (metrics["gns/b_simple"], metrics["gns/negative"]) == (16.0, 0.0)
+
+
+def test_non_finite_values_are_never_logged(tmp_path):
+    class Broken(SpectralNormMonitor):
+        def measure(self, trainer, pl_module, batch, step):
+            return {"broken/nan": math.nan, "broken/inf": math.inf, "broken/ok": 1.0}
+
+    logger = RecordingLogger()
+    cb = Broken(every_n_steps=1)
+    with pytest.warns(UserWarning, match="non-finite values not logged") as record:
+        fit(Net(), tmp_path, [cb], logger, max_steps=3)
+    assert sum("non-finite" in str(w.message) for w in record) == 1
+    assert logger.steps_of("broken/ok") == [0, 1, 2]
+    assert not logger.steps_of("broken/nan") and not logger.steps_of("broken/inf")
+    assert all(math.isfinite(v) for _, m in logger.scalars for v in m.values())
 
 
 # ----------------------------------------------------------------------------- constraints

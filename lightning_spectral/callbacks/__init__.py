@@ -2,7 +2,9 @@
 
 Usable in any LightningModule. Loss-based callbacks (sharpness, GNS on one device) get their
 loss from, in order: a ``loss_fn(model, x, y)`` argument, the module's
-``loss_for_batch(batch)`` method, or ``criterion(module(x), y)`` on ``(x, y)`` batches.
+``loss_for_batch(batch)`` method, ``criterion(module(x), y)`` on ``(x, y)`` batches, or (automatic
+optimization) the tensor or ``{"loss": ...}`` its ``training_step`` returns. Their values are in
+``trainer.callback_metrics``, so ``EarlyStopping(monitor="sharpness/lambda_max")`` works.
 """
 
 from lightning_spectral.callbacks._base import DiagnosticCallback

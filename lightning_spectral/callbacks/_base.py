@@ -9,15 +9,19 @@ the batch computed at the same parameters) or, per epoch, in ``on_train_epoch_en
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from lightning_spectral.diagnostics._utils import LossFn, xy_batch
 
@@ -40,33 +44,111 @@ def log_step(trainer: pl.Trainer) -> int:
 
 
 def batch_loss(pl_module: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
-    """The loss of ``batch`` under the callbacks' protocol (see :func:`check_loss_protocol`)."""
+    """The loss of ``batch`` by the first of these that applies (see :func:`check_loss_protocol`):
+
+    1. ``loss_fn(module, x, y)``, the callback's argument;
+    2. the module's ``loss_for_batch(batch)``;
+    3. ``module.criterion(module(x), y)`` on an ``(x, y)`` batch;
+    4. with automatic optimization, ``module.training_step(batch, 0)``: a returned tensor, or a
+       dict's ``"loss"``. It runs with ``self.log``/``self.log_dict`` silenced and every
+       torchmetrics ``Metric`` of the module restored afterwards; the optimizers are not touched
+       (an automatic-optimization ``training_step`` does not step them). Other side effects of
+       ``training_step`` (a counter, a list of losses) happen again: such a module should define
+       ``loss_for_batch``. Manual optimization steps inside ``training_step``, so it is never
+       re-run.
+    """
     if loss_fn is not None:
         return loss_fn(pl_module, *xy_batch(batch))
     if callable(getattr(pl_module, "loss_for_batch", None)):
         return pl_module.loss_for_batch(batch)
-    x, y = xy_batch(batch)
-    return pl_module.criterion(pl_module(x), y)
+    if callable(getattr(pl_module, "criterion", None)) and _is_xy(batch):
+        return pl_module.criterion(pl_module(batch[0]), batch[1])
+    if _reruns_training_step(pl_module):
+        with _quiet(pl_module):
+            output = pl_module.training_step(batch, 0)
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            return loss.reshape(())
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__}.training_step returned {_describe(output)}; the diagnostic callbacks "
+            "need a scalar tensor or a dict with a scalar 'loss'. Give the module `loss_for_batch(batch)` or "
+            "pass `loss_fn(model, x, y)` to the callback."
+        )
+    raise MisconfigurationException(_needs_a_loss(type(pl_module).__name__, "this callback"))
 
 
 def check_loss_protocol(callback: str, pl_module: nn.Module, loss_fn: LossFn | None) -> None:
-    """Fail early unless a loss is available: ``loss_fn`` argument, ``loss_for_batch`` or ``criterion``."""
-    if loss_fn is None and not callable(getattr(pl_module, "loss_for_batch", None)) and not callable(
-        getattr(pl_module, "criterion", None)
+    """Fail early unless :func:`batch_loss` has a way to get a loss from ``pl_module``."""
+    if (
+        loss_fn is None
+        and not callable(getattr(pl_module, "loss_for_batch", None))
+        and not callable(getattr(pl_module, "criterion", None))
+        and not _reruns_training_step(pl_module)
     ):
-        raise MisconfigurationException(
-            f"{callback} needs a loss. Pass `loss_fn(model, x, y)` to the callback, or give "
-            f"{type(pl_module).__name__} a method `loss_for_batch(batch) -> Tensor` (mean loss, no side effects) "
-            "or a `criterion(output, y)` attribute used with `(x, y)` batches."
-        )
+        raise MisconfigurationException(_needs_a_loss(type(pl_module).__name__, callback))
+
+
+def _needs_a_loss(module: str, callback: str) -> str:
+    return (
+        f"{callback} needs a loss, and {module} uses manual optimization, so its training_step (which steps "
+        "the optimizer) cannot be re-run. Pass `loss_fn(model, x, y)` to the callback, or give "
+        f"{module} a method `loss_for_batch(batch) -> Tensor` (mean loss, no side effects) or a "
+        "`criterion(output, y)` attribute used with `(x, y)` batches."
+    )
+
+
+def _reruns_training_step(pl_module: nn.Module) -> bool:
+    return bool(getattr(pl_module, "automatic_optimization", False)) and callable(
+        getattr(pl_module, "training_step", None)
+    )
+
+
+def _is_xy(batch: Any) -> bool:
+    return isinstance(batch, (list, tuple)) and len(batch) == 2
+
+
+def _describe(output: Any) -> str:
+    if isinstance(output, Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, Mapping):
+        return f"a dict with keys {sorted(map(str, output))}"
+    return repr(output) if output is None else f"a {type(output).__name__}"
+
+
+@contextmanager
+def _quiet(pl_module: nn.Module) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` as no-ops, and torchmetrics states put back afterwards."""
+    saved_attrs = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    saved_metrics = [_metric_state(m) for m in metrics]
+    pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            pl_module.__dict__.pop(name)
+        pl_module.__dict__.update(saved_attrs)
+        for metric, state in zip(metrics, saved_metrics):
+            metric.__dict__.update(state)
+
+
+def _metric_state(metric: Metric) -> dict[str, Any]:
+    """A torchmetrics ``Metric``'s accumulated states (tensors cloned, lists copied) and update count."""
+    state: dict[str, Any] = {}
+    for name in (*metric._defaults, "_update_count", "_computed"):
+        value = metric.__dict__.get(name)
+        state[name] = value.clone() if isinstance(value, Tensor) else list(value) if isinstance(value, list) else value
+    return state
 
 
 class DiagnosticCallback(Callback):
     """Base class: runs ``measure`` every ``every_n_steps`` optimizer steps or every ``every_n_epochs`` epochs.
 
     Subclasses implement ``measure(trainer, pl_module, batch, step)`` returning scalar metrics,
-    which are logged to every logger in ``trainer.loggers`` at ``step`` and kept in
-    ``last_metrics``. ``elapsed_s`` and ``num_measurements`` time the work (overhead = ``elapsed_s``
+    which are logged to every logger in ``trainer.loggers`` at ``step``, kept in ``last_metrics``
+    and put in ``trainer.callback_metrics`` (so ``EarlyStopping``/``ModelCheckpoint`` can monitor
+    them; under DDP rank 0's values are broadcast to every rank). Non-finite values are never
+    logged (dropped with a warning). ``elapsed_s`` and ``num_measurements`` time the work (overhead = ``elapsed_s``
     over the fit's wall time).
     """
 
@@ -87,6 +169,7 @@ class DiagnosticCallback(Callback):
         self.num_measurements = 0
         self._last_step = -1
         self._epoch_batch: Any = None
+        self._dropped: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -103,13 +186,25 @@ class DiagnosticCallback(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
         start = time.perf_counter()
-        metrics = dict(self.measure(trainer, pl_module, batch, step))
+        metrics = self._finite(dict(self.measure(trainer, pl_module, batch, step)))
+        if trainer.world_size > 1:  # rank 0 measures; every rank's EarlyStopping/ModelCheckpoint sees its values
+            metrics = trainer.strategy.broadcast(metrics, src=0)
         self.elapsed_s += time.perf_counter() - start
         self.num_measurements += 1
         self._last_step = step
         if metrics:
             self.last_metrics = metrics
             log_scalars(trainer, metrics, step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def _finite(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Drop NaN/inf values (a logger or ``EarlyStopping`` would choke on them), warning once per key."""
+        dropped = [k for k, v in metrics.items() if not math.isfinite(v)]
+        new = [k for k in dropped if k not in self._dropped]
+        if new:
+            self._dropped.update(new)
+            rank_zero_warn(f"{type(self).__name__}: non-finite values not logged: {new}")
+        return {k: float(v) for k, v in metrics.items() if k not in dropped}
 
     def _step_due(self, step: int) -> bool:
         # `_last_step` skips repeats of a step value (gradient accumulation) and measured steps after resuming.

@@ -84,7 +84,10 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
       the batch; ``.grad``, RNG and BatchNorm statistics untouched; eval mode by default).
 
     Keys: ``gns/b_simple``, ``gns/grad_sq`` and ``gns/trace`` (the smoothed :math:`\|G\|^2` and
-    :math:`\mathrm{tr}\,\Sigma`; ``b_simple`` is their ratio), ``gns/count`` (measurements so far).
+    :math:`\mathrm{tr}\,\Sigma`; ``b_simple`` is their ratio), ``gns/count`` (measurements so far),
+    ``gns/negative``: 1 when the ratio is negative or undefined (the smoothed :math:`\|G\|^2` or
+    :math:`\mathrm{tr}\,\Sigma` estimate is not positive: the gradient signal is not measurable
+    from these batch sizes yet); ``b_simple`` is then clipped to 0. No NaN is logged.
 
     Args:
         every_n_steps: log (and in ``"split"`` mode measure) every N optimizer steps (default 50), or
@@ -92,7 +95,8 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
         ema_decay: decay of the moving averages, per measurement.
         num_chunks: slices per batch in ``"split"`` mode (at least 2).
         mode: ``"auto"``, ``"ddp"`` or ``"split"``.
-        loss_fn, eval_mode: as for :class:`~lightning_spectral.callbacks.SharpnessMonitor` (``"split"`` only).
+        loss_fn, eval_mode: as for :class:`~lightning_spectral.callbacks.SharpnessMonitor` (``"split"`` only;
+            the loss is found as :func:`~lightning_spectral.callbacks._base.batch_loss` says).
     """
 
     def __init__(
@@ -192,8 +196,11 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
             self.estimator.update(small_sq, big_sq, size, size * len(chunks))
         if not self.estimator.count:
             return {}
+        b_simple = self.estimator.noise_scale  # NaN when the smoothed ‖G‖² is not positive
+        negative = not b_simple >= 0.0
         return {
-            "gns/b_simple": self.estimator.noise_scale,
+            "gns/b_simple": 0.0 if negative else b_simple,
+            "gns/negative": float(negative),
             "gns/grad_sq": self.estimator.grad_sq,
             "gns/trace": self.estimator.trace,
             "gns/count": float(self.estimator.count),

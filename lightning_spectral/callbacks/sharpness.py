@@ -41,7 +41,8 @@ class SharpnessMonitor(DiagnosticCallback):
             ``"lanczos"`` (stores ``max_iter`` parameter-sized vectors).
         max_iter, tol: iteration limit and relative tolerance on the eigenvalue.
         loss_fn: ``loss_fn(model, x, y)``; default: the module's ``loss_for_batch(batch)``, else
-            ``criterion(module(x), y)``.
+            ``criterion(module(x), y)``, else (automatic optimization) the loss its ``training_step``
+            returns, see :func:`~lightning_spectral.callbacks._base.batch_loss`.
         eval_mode: measure in eval mode (default) or in train mode with buffers restored.
         warm_start: start from the previous top eigenvector (kept in memory, not checkpointed).
         seed: seed of the first start vector (the global RNG is not used).
