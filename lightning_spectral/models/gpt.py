@@ -13,11 +13,13 @@ blocks="rows")`` puts every head's projection on its own Stiefel manifold.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_spectral.models.common import scaled_width
 
@@ -72,9 +74,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        # The fused kernels (flash, memory-efficient) have no second derivative; in eval mode with
+        # gradients on (the diagnostics' Hessian-vector products, which differentiate twice)
+        # attention runs on the math backend, plain differentiable tensor operations.
+        with sdpa_kernel(SDPBackend.MATH) if torch.is_grad_enabled() and not self.training else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

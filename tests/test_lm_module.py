@@ -1,0 +1,221 @@
+"""The language-model LightningModule: routing, logging, sampling, BlockStiefel on the heads,
+the diagnostics on the LM loss (sharpness against the exact Hessian) and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spectral.callbacks import GradientNoiseScaleMonitor, SharpnessMonitor, SpectralNormMonitor
+from lightning_spectral.data.text import PythonSourceDataModule
+from lightning_spectral.lm_module import GPT_FALLBACK_PATTERNS, LanguageModule
+from lightning_spectral.models import GPT
+from lightning_spectral.module import CosineSchedule
+from lightning_spectral.optim import BlockStiefel, Muon
+from lightning_spectral.optim.param_groups import build_param_groups
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=16)
+QUIET = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "lib"
+    root.mkdir()
+    for i in range(12):
+        (root / f"mod_{i:02d}.py").write_text(
+            f"def f_{i}(x, y):\n    if x > {i}:\n        return x * y + {i}\n    return y - x\n\n" * 12)
+    return root
+
+
+def _data(corpus: Path, **kwargs) -> PythonSourceDataModule:
+    return PythonSourceDataModule(root=str(corpus), val_fraction=0.25, **{
+        "block_size": 16, "batch_size": 8, "windows_per_epoch": 48, "max_val_windows": 16, **kwargs})
+
+
+def _matrix_names(module: LanguageModule) -> set[str]:
+    optimizer = module.configure_optimizers()
+    return {n for g in optimizer.param_groups if g["matrix"] for n in g["param_names"]}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_embeddings_and_head_take_the_fallback_rule(tie):
+    net = GPT(**TINY, tie_weights=tie)
+    names = dict(net.named_parameters())
+    default = _matrix_names(LanguageModule(net, scheduler=None))
+    assert default == {n for n, p in names.items() if p.ndim == 2 and not n.startswith(("tok_emb", "pos_emb", "lm_head"))}
+    assert {n.split(".")[-2] for n in default} == {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"}
+    assert ("lm_head.weight" in names) == (not tie)
+    assert tuple(LanguageModule(net).exclude) == GPT_FALLBACK_PATTERNS
+    fewer = _matrix_names(LanguageModule(net, scheduler=None, exclude=[*GPT_FALLBACK_PATTERNS, "*.mlp.*"]))
+    assert fewer == {n for n in default if ".mlp." not in n}
+
+
+def _metrics(log_dir: Path) -> list[dict[str, str]]:
+    with open(next(log_dir.rglob("metrics.csv"))) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_logs_loss_bits_per_byte_throughput_and_learning_rates(corpus, tmp_path, capsys):
+    pl.seed_everything(0)
+    dm = _data(corpus)
+    module = LanguageModule(GPT(**TINY), optimizer=partial(torch.optim.AdamW, lr=3e-3),
+                            scheduler=partial(CosineSchedule, warmup_steps=2), prompt="def ", max_new_tokens=20)
+    trainer = pl.Trainer(**QUIET, max_epochs=2, logger=CSVLogger(tmp_path), log_every_n_steps=2,
+                         enable_checkpointing=False)
+    trainer.fit(module, dm)
+    rows = _metrics(tmp_path)
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/loss_step", "train/loss_epoch", "val/loss", "val/bpb", "train/tokens_per_s",
+            "lr/matrix", "lr/vector"} <= logged
+    for row in rows:
+        if row["val/loss"]:
+            assert float(row["val/bpb"]) == pytest.approx(float(row["val/loss"]) / math.log(2), rel=1e-6)
+        if row["train/tokens_per_s"]:
+            assert float(row["train/tokens_per_s"]) > 0
+    # val/loss is the exact mean over every validation token
+    x, y = (torch.cat(t) for t in zip(*dm.val_dataloader()))
+    with torch.no_grad():
+        exact = F.cross_entropy(module.net.eval()(x).reshape(-1, 256), y.reshape(-1))
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(float(exact), rel=1e-5)
+    losses = [float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]]
+    assert losses[-1] < losses[0] < math.log(256) + 0.1
+    printed = capsys.readouterr().out
+    assert "----- sample: 20 bytes after 'def ' -----\ndef " in printed
+
+
+def test_sample_and_predict(corpus):
+    torch.manual_seed(0)
+    module = LanguageModule(GPT(**TINY), max_new_tokens=12, prompt="if x")
+    state = torch.get_rng_state()
+    text = module.sample()
+    assert torch.equal(torch.get_rng_state(), state)  # a private generator
+    assert text.startswith("if x") and len(text.encode("utf-8", errors="surrogatepass")) >= 4
+    assert module.sample() == text and module.sample(seed=1) != text
+    assert module.sample("abc", max_new_tokens=0) == "abc"
+    assert module.net.training  # back to the mode it was in
+    dm = _data(corpus, prompts=["def ", "return"])
+    out = pl.Trainer(**QUIET, logger=False).predict(module, dm)
+    assert [texts[0][: len(p)] for texts, p in zip(out, ["def ", "return"])] == ["def ", "return"]
+    with pytest.raises(ValueError, match="prompt"):
+        LanguageModule(GPT(**TINY), prompt="")
+
+
+def test_block_stiefel_keeps_every_head_orthonormal_over_100_steps(corpus):
+    torch.manual_seed(0)
+    dm = _data(corpus, windows_per_epoch=800)
+    dm.setup("fit")
+    net = GPT(**{**TINY, "n_layer": 2})
+    head_dim = net.head_dim
+    optimizer = BlockStiefel(build_param_groups(net, exclude=GPT_FALLBACK_PATTERNS), block_size=head_dim, lr=0.05)
+    module = LanguageModule(net)
+    losses = []
+    for step, batch in enumerate(dm.train_dataloader()):
+        loss = module.loss_for_batch(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step + 1 == 100:
+            break
+    assert len(losses) == 100 and sum(losses[-10:]) < sum(losses[:10])  # it trains
+    eye = torch.eye(head_dim)
+    worst = 0.0
+    for block in net.blocks:
+        for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+            heads = proj.weight.detach().reshape(net.n_head, head_dim, net.n_embd)  # rows of head h
+            for B in heads:  # wide head_dim × n_embd block: orthonormal rows
+                worst = max(worst, float(torch.linalg.matrix_norm(B @ B.T - eye)))
+    assert worst <= 1e-5, worst
+
+
+def test_diagnostics_run_on_the_lm_loss(corpus, tmp_path):
+    pl.seed_everything(0)
+    callbacks = [SpectralNormMonitor(every_n_steps=2, log_histograms=False), SharpnessMonitor(every_n_steps=2),
+                 GradientNoiseScaleMonitor(every_n_steps=1, mode="split")]
+    trainer = pl.Trainer(**QUIET, max_steps=6, logger=CSVLogger(tmp_path), callbacks=callbacks,
+                         enable_checkpointing=False, limit_val_batches=1)
+    trainer.fit(LanguageModule(GPT(**TINY), max_new_tokens=0), _data(corpus))
+    spectral, sharpness, noise = (cb.last_metrics for cb in callbacks)
+    assert any("q_proj" in k for k in spectral) and any("mlp.fc" in k for k in spectral)
+    assert all(math.isfinite(v) for m in (spectral, sharpness, noise) for v in m.values())
+    assert sharpness["sharpness/lambda_max"] > 0 and noise
+
+
+class _Snapshot(Callback):
+    """The batch and the weights at the first training batch (before any step)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.batch = [t.clone() for t in batch]
+            self.weights = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
+
+
+def test_sharpness_on_a_tiny_gpt_matches_the_exact_hessian(tmp_path):
+    torch.manual_seed(0)
+    vocab, T = 12, 6
+    tokens = torch.randint(0, vocab, (8, T + 1))
+    loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=8)
+    net = GPT(vocab_size=vocab, block_size=T, n_layer=1, n_head=1, n_embd=4)
+    snapshot, monitor = _Snapshot(), SharpnessMonitor(every_n_steps=1, max_iter=300, tol=1e-7)
+    trainer = pl.Trainer(**QUIET, max_steps=1, logger=False, callbacks=[snapshot, monitor], enable_checkpointing=False)
+    trainer.fit(LanguageModule(net, optimizer=partial(torch.optim.SGD, lr=0.1), max_new_tokens=0), loader)
+    names = list(snapshot.weights)
+    shapes = [snapshot.weights[n].shape for n in names]
+    flat = torch.cat([snapshot.weights[n].reshape(-1) for n in names])
+    x, y = snapshot.batch
+
+    def loss(theta):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = theta[i : i + math.prod(s)].reshape(s)
+            i += math.prod(s)
+        return F.cross_entropy(functional_call(net.eval(), params, (x,)).reshape(-1, vocab), y.reshape(-1))
+
+    exact = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
+    got = monitor.last_metrics["sharpness/lambda_max"]
+    assert abs(got - exact) / abs(exact) < 1e-2, (got, exact)
+
+
+class _StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def _resume_run(corpus: Path, root: Path, stop_early: bool = False, ckpt: Path | None = None):
+    pl.seed_everything(3)
+    dm = _data(corpus)
+    module = LanguageModule(GPT(**TINY), optimizer=partial(Muon, lr=0.02, fallback_lr=3e-3),
+                            scheduler=partial(CosineSchedule, warmup_steps=3), max_new_tokens=0)
+    callbacks = [ModelCheckpoint(dirpath=root, save_last=True)] + ([_StopAfterFirstEpoch()] if stop_early else [])
+    trainer = pl.Trainer(**QUIET, max_epochs=2, logger=False, callbacks=callbacks, limit_val_batches=2)
+    trainer.fit(module, dm, ckpt_path=ckpt)
+    return trainer, module
+
+
+def test_resume_equals_the_uninterrupted_run(corpus, tmp_path):
+    full_trainer, full = _resume_run(corpus, tmp_path / "full")
+    first, _ = _resume_run(corpus, tmp_path / "part", stop_early=True)
+    assert first.global_step == full_trainer.global_step // 2 == 6
+    resumed_trainer, resumed = _resume_run(corpus, tmp_path / "part", ckpt=tmp_path / "part" / "last.ckpt")
+    assert resumed_trainer.global_step == full_trainer.global_step
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    opt_a, opt_b = (t.optimizers[0].state_dict()["state"] for t in (full_trainer, resumed_trainer))
+    assert opt_a.keys() == opt_b.keys()
+    for key in opt_a:
+        for k, v in opt_a[key].items():
+            assert torch.equal(v, opt_b[key][k]) if isinstance(v, torch.Tensor) else v == opt_b[key][k], (key, k)
