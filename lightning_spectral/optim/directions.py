@@ -1,17 +1,20 @@
 """Steepest-descent directions under the spectral norm on a manifold, one matrix at a time.
 
 Both solve ``max ⟨G, Φ⟩  s.t.  ‖Φ‖₂ ≤ 1,  Φ ∈ T`` (``T`` the tangent space) through the convex
-dual, whose gradient is the constraint residual (seed 003, DESIGN §3):
+dual, whose gradient is the constraint residual (Bernstein 2025, "Modular manifolds", Thinking
+Machines Lab; Bernstein & Newhouse 2024, "Old optimizer, new norm", for ``msign`` as the
+steepest direction under ``‖·‖₂``):
 
-- Stiefel (:func:`stiefel_direction`): ``Φ = msign(G + W X)``, ``X`` symmetric, minimising
-  ``‖G + W X‖_*``; ``∇ = WᵀΦ + ΦᵀW``.
+- Stiefel (:func:`stiefel_direction`, :func:`stiefel_amortized`): ``Φ = msign(G + W X)``,
+  ``X`` symmetric, minimising ``‖G + W X‖_*``; ``∇ = sym(WᵀΦ)``. Square ``W``: the closed
+  form :func:`orthogonal_direction`.
 - Spectral sphere / ball (:func:`spectral_ball_direction`): ``Φ = msign(G + λΘ)``,
   ``Θ = u₁v₁ᵀ``, ``λ`` minimising ``‖G + λΘ‖_*``; ``∇ = ⟨Θ, Φ⟩``, monotone in ``λ``.
 
-``mode="inner"`` iterates to a tolerance; ``mode="amortized"`` takes one dual step from the
+``mode="inner"`` iterates to a tolerance; ``mode="amortized"`` takes one step from the
 multiplier kept by the caller (the optimizer's state) and returns the new one. ``G`` is divided
 by an estimate of ``‖G‖₂`` first, so the multipliers live on a fixed scale whatever the
-gradient's size (the dual step size is scale-dependent otherwise).
+gradient's size.
 
 Weak duality is the certificate: for any feasible ``Φ``, ``⟨G, Φ⟩ ≤ ‖G + W X‖_*`` (resp.
 ``‖G + λΘ‖_*``). With ``certify=True`` the returned direction is made exactly feasible
@@ -330,7 +333,7 @@ def spectral_ball_direction(
     certify: bool = False,
 ) -> tuple[torch.Tensor, float, DirectionInfo]:
     """Steepest direction on the spectral sphere ``‖W‖₂ = R`` (or ball ``≤ R``) at a ``W``
-    whose top singular pair is ``(u, v)`` (DESIGN §3).
+    whose top singular pair is ``(u, v)``.
 
     The sphere's tangent space is ``{A : uᵀAv = 0}``; on the ball's boundary the tangent cone is
     ``{A : uᵀAv ≥ 0}`` (a step ``W − lr·Φ`` must not raise ``σ₁``), whose multiplier is

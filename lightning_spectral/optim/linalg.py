@@ -118,14 +118,35 @@ def rescale_into_ball(A: torch.Tensor, budget: float) -> torch.Tensor:
 
 
 def power_iteration(
-    W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: int
+    W: torch.Tensor,
+    u: torch.Tensor | None = None,
+    max_iter: int = 20,
+    tol: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``steps`` rounds of ``v ← Wᵀu/‖·‖, u ← Wv/‖·‖`` from warm vectors; returns ``(σ, u, v)``
-    with ``σ = uᵀWv``, a lower bound on ``‖W‖₂`` that converges at rate ``(σ₂/σ₁)^(2k)``."""
-    for _ in range(steps):
-        v = torch.nn.functional.normalize(W.mT @ u, dim=0)
-        u = torch.nn.functional.normalize(W @ v, dim=0)
-    return u @ W @ v, u, v
+    """Top singular triple of ``W`` by power iteration from the left vector ``u`` (warm start;
+    ``None``: a normal draw from ``generator``). Each round ``v ← Wᵀu/‖·‖``, ``u ← Wv/‖·‖``,
+    ``σ = ‖Wv‖``: a lower bound on ``‖W‖₂`` that increases to it at the rate ``(σ₂/σ₁)²`` per
+    round. With ``tol > 0`` it stops once ``σ`` changes by at most ``tol`` relative (one host
+    sync per round); with ``tol = 0`` it runs ``max_iter`` rounds without a sync. A zero ``W``
+    gives ``σ = 0`` and keeps ``u``. Returns ``(σ, u, v)`` (``σ`` a 0-d tensor)."""
+    if u is None:
+        u = torch.randn(W.shape[0], generator=generator, dtype=W.dtype).to(W.device)
+    tiny = torch.finfo(W.dtype).tiny
+    u = u.to(W) / torch.linalg.vector_norm(u.to(W)).clamp_min(tiny)
+    sigma = W.new_zeros(())
+    v = W.new_zeros(W.shape[1])
+    for _ in range(max_iter):
+        v = W.mT @ u
+        v = v / torch.linalg.vector_norm(v).clamp_min(tiny)
+        Wv = W @ v
+        new_sigma = torch.linalg.vector_norm(Wv)
+        u = torch.where(new_sigma > 0, Wv / new_sigma.clamp_min(tiny), u)
+        converged = tol > 0 and float((new_sigma - sigma).abs()) <= tol * float(new_sigma)
+        sigma = new_sigma
+        if converged or (tol > 0 and float(sigma) == 0.0):
+            break
+    return sigma, u, v
 
 
 def estimate_spectral_norm(M: torch.Tensor, steps: int = 4) -> torch.Tensor:
@@ -133,8 +154,8 @@ def estimate_spectral_norm(M: torch.Tensor, steps: int = 4) -> torch.Tensor:
     ``|M|``), used only to put gradients on a common scale."""
     v = torch.nn.functional.normalize(M.abs().sum(0) + 1e-30, dim=0)
     u = torch.nn.functional.normalize(M @ v, dim=0)
-    sigma, _, _ = power_iteration(M, u, v, steps)
-    return sigma.abs()
+    sigma, _, _ = power_iteration(M, u, steps)
+    return sigma
 
 
 def top_singular_triple(

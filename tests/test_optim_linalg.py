@@ -1,0 +1,154 @@
+"""``optim/linalg.py``: the small exact linear-algebra pieces, each against its definition
+(SVD, eigendecomposition, or a closed form computed here in float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_spectral.optim.linalg import (
+    TangentSpace,
+    as_matrix,
+    estimate_spectral_norm,
+    is_wide,
+    minimize_lbfgs,
+    orient,
+    power_iteration,
+    rescale_into_ball,
+    skew,
+    spectral_norm,
+    sym,
+    top_singular_pair,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def with_spectrum(n: int, m: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:
+    k = min(n, m)
+    U = torch.linalg.qr(torch.randn(n, k, generator=gen(seed), dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(m, k, generator=gen(seed + 1), dtype=torch.float64))[0]
+    return (U * sigma) @ V.T
+
+
+def test_as_matrix_flattens_conv_kernels_and_rejects_vectors():
+    kernel = torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)
+    M = as_matrix(kernel)
+    assert M.shape == (2, 60) and torch.equal(M[1], kernel[1].flatten())
+    W = torch.ones(3, 4)
+    assert as_matrix(W) is W
+    with pytest.raises(ValueError, match="ndim >= 2"):
+        as_matrix(torch.ones(5))
+
+
+def test_sym_and_skew_split_a_matrix():
+    M = torch.randn(6, 6, generator=gen(0))
+    S, K = sym(M), skew(M)
+    assert torch.equal(S, S.T) and torch.equal(K, -K.T)
+    assert torch.allclose(S + K, M, atol=1e-6)
+    assert abs(float((S * K).sum())) <= 1e-5  # orthogonal under the trace inner product
+
+
+def test_orient_transposes_wide_matrices_only():
+    W, G = torch.randn(3, 5), torch.randn(3, 5)
+    assert is_wide(W)
+    flip, (Wt, Gt) = orient(W, G)
+    assert flip and Wt.shape == (5, 3) and torch.equal(Gt, G.T)
+    flip, (Wt,) = orient(W.T)
+    assert not flip and Wt.shape == (5, 3)
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (9, 9)])
+def test_tangent_space_general_projection_is_orthogonal_and_idempotent(shape):
+    """For a full-rank W off the manifold, ``P_T(Δ) = Δ − W S`` with ``CS + SC = 2 sym(WᵀΔ)``:
+    the result is in T, applying it twice changes nothing, and Δ − P_T(Δ) = WS is orthogonal
+    to T (so P_T is the orthogonal projection)."""
+    W = torch.randn(*shape, generator=gen(1), dtype=torch.float64)
+    D = torch.randn(*shape, generator=gen(2), dtype=torch.float64)
+    space = TangentSpace(W)
+    P = space.project(D)
+    assert float(torch.linalg.matrix_norm(space.constraint(P))) <= 1e-10
+    assert torch.allclose(space.project(P), P, atol=1e-10)
+    T_elem = space.project(torch.randn(*shape, generator=gen(3), dtype=torch.float64))
+    assert abs(float(((D - P) * T_elem).sum())) <= 1e-10
+    assert float(space.residual(P)) <= 1e-12 and float(space.residual(D)) > 1e-2
+    assert abs(space.norm - float(torch.linalg.matrix_norm(W, ord=2))) <= 1e-10
+
+
+def test_tangent_space_rejects_wide_matrices():
+    with pytest.raises(ValueError, match="tall"):
+        TangentSpace(torch.randn(3, 6))
+
+
+def test_rescale_into_ball_caps_the_spectral_norm_only():
+    A = with_spectrum(8, 5, torch.tensor([3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64), 4)
+    B = rescale_into_ball(A, 1.5)
+    assert abs(float(spectral_norm(B)) - 1.5) <= 1e-10
+    assert torch.allclose(B, A * 0.5, atol=1e-12)
+    assert torch.equal(rescale_into_ball(A, 10.0), A)
+
+
+@pytest.mark.parametrize("gap", [0.5, 0.95])
+def test_power_iteration_converges_to_the_top_singular_triple(gap):
+    """σ₂/σ₁ = gap: the estimate is a lower bound that reaches σ₁ (to tol) and the vectors are
+    the top singular pair up to sign; a scaled and negated matrix gives the scaled σ."""
+    sigma = torch.tensor([2.0, 2.0 * gap, 0.3, 0.1], dtype=torch.float64)
+    W = with_spectrum(10, 4, sigma, 5)
+    s, u, v = power_iteration(W, max_iter=5000, tol=1e-12, generator=gen(6))
+    assert float(s) <= 2.0 * (1 + 1e-12) and abs(float(s) - 2.0) <= 1e-8
+    U, _, Vh = torch.linalg.svd(W)
+    assert abs(abs(float(u @ U[:, 0])) - 1) <= 1e-6 and abs(abs(float(v @ Vh[0])) - 1) <= 1e-6
+    s2, _, _ = power_iteration(-2.5 * W, max_iter=5000, tol=1e-12, generator=gen(6))
+    assert abs(float(s2) - 5.0) <= 1e-7
+
+
+def test_power_iteration_warm_start_and_early_stop():
+    """From the exact top vector one round is exact and tol stops at once; with tol = 0 it runs
+    all rounds (no host sync)."""
+    W = with_spectrum(7, 7, torch.linspace(1.0, 0.1, 7, dtype=torch.float64), 7)
+    U, S, _ = torch.linalg.svd(W)
+    s, u, _ = power_iteration(W, U[:, 0], max_iter=1)
+    assert abs(float(s - S[0])) <= 1e-12
+    cold, _, _ = power_iteration(W, torch.ones(7, dtype=torch.float64), max_iter=3)
+    assert float(cold) < float(S[0]) - 1e-6  # three rounds from a poor start: still a strict lower bound
+
+
+def test_power_iteration_on_a_zero_matrix_keeps_the_vector():
+    u0 = torch.tensor([0.6, 0.8])
+    for tol in (0.0, 1e-4):
+        s, u, _ = power_iteration(torch.zeros(2, 3), u0, max_iter=5, tol=tol)
+        assert float(s) == 0.0 and torch.allclose(u, u0)
+
+
+def test_estimate_spectral_norm_is_a_close_lower_bound():
+    W = with_spectrum(40, 20, 1.0 / torch.arange(1, 21, dtype=torch.float64), 8).float()
+    est = float(estimate_spectral_norm(W))
+    assert 0.9 <= est <= 1.0 + 1e-6
+    assert float(estimate_spectral_norm(torch.zeros(4, 3))) == 0.0
+
+
+def test_top_singular_pair_is_the_svd_pair():
+    W = with_spectrum(9, 6, torch.tensor([4.0, 2, 1, 0.5, 0.2, 0.1], dtype=torch.float64), 9).float()
+    s, u, v = top_singular_pair(W)
+    assert abs(float(s) - 4.0) <= 1e-5
+    assert torch.allclose(s * torch.outer(u, v), W - with_spectrum(9, 6, torch.tensor(
+        [0.0, 2, 1, 0.5, 0.2, 0.1], dtype=torch.float64), 9).float(), atol=1e-5)
+
+
+def test_minimize_lbfgs_solves_a_quadratic():
+    """``½ xᵀAx − bᵀx`` with A SPD: the minimiser is A⁻¹b, within the evaluation cap."""
+    g = gen(10)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    A = (Q * torch.linspace(1.0, 20.0, 6, dtype=torch.float64)) @ Q.T
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+
+    def value_and_grad(x):
+        return 0.5 * x @ A @ x - b @ x, A @ x - b
+
+    x, evaluations = minimize_lbfgs(value_and_grad, torch.zeros(6, dtype=torch.float64), 100, 1e-10)
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-8)
+    assert evaluations <= 100
