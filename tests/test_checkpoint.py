@@ -1,0 +1,248 @@
+"""Checkpoint files: atomic writes (kill -9 with TMPDIR elsewhere), weights_only loads, damaged files, locks."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_spectral.checkpoint import (
+    CONFIG_MARKER,
+    AtomicCheckpointIO,
+    CorruptCheckpointError,
+    RunLockedError,
+    UnsafeCheckpointError,
+    atomic_torch_save,
+    resume_checkpoint,
+    run_lock,
+    validate_checkpoint,
+    write_config_marker,
+)
+from lightning_spectral.data import DigitsDataModule
+from lightning_spectral.models import SmallCNN
+from lightning_spectral.module import SpectralModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _other_filesystem(tmp_path: Path) -> Path:
+    """A temporary directory on another filesystem than ``tmp_path`` (tmpfs) when there is one."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
+        return Path(tempfile.mkdtemp(dir=shm))
+    other = tmp_path / "other_tmp"
+    other.mkdir()
+    return other
+
+
+def _lightning_checkpoint(step: int) -> dict:
+    return {"state_dict": {"w": torch.full((4, 4), float(step))}, "global_step": step}
+
+
+def test_atomic_write_goes_beside_the_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = _other_filesystem(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(other))
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    for step in (1, 2):
+        io.save_checkpoint(_lightning_checkpoint(step), path)
+    assert io.load_checkpoint(path)["global_step"] == 2
+    assert list(path.parent.iterdir()) == [path] and not list(other.iterdir())
+
+
+def test_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save(_lightning_checkpoint(1), path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save(_lightning_checkpoint(2), path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1 and list(tmp_path.iterdir()) == [path]
+
+
+KILLER = textwrap.dedent(
+    """
+    import json, os, random, signal, sys, time
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning_spectral.checkpoint import AtomicCheckpointIO, validate_checkpoint
+
+    path, rounds, io = sys.argv[1], int(sys.argv[2]), {"atomic": AtomicCheckpointIO, "lightning": TorchCheckpointIO}[sys.argv[3]]()
+    rng = random.Random(0)
+    for _ in range(rounds):
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the writer: rewrites an 8 MB last.ckpt until killed
+            step = 0
+            while True:
+                step += 1
+                io.save_checkpoint({"state_dict": {"w": torch.full((2_000_000,), float(step))}, "global_step": step}, path)
+                if step == 1:
+                    os.write(ready_w, b"1")
+        os.read(ready_r, 1)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        problem = validate_checkpoint(path)
+        step = None if problem else torch.load(path, weights_only=True)["global_step"]
+        whole = problem is None and bool((torch.load(path, weights_only=True)["state_dict"]["w"] == step).all())
+        print(json.dumps({"problem": problem, "step": step, "whole": whole, "size": os.path.getsize(path),
+                          "leftovers": sorted(os.listdir(os.path.dirname(path)))}), flush=True)
+    """
+)
+
+
+def kill_during_writes(tmp_path: Path, rounds: int, io: str = "atomic") -> list[dict]:
+    """Fork a process that rewrites ``last.ckpt`` in a loop and SIGKILL it after a random delay,
+    ``rounds`` times (one interpreter, so the imports are paid once), TMPDIR on another filesystem."""
+    path = tmp_path / "ckpt" / "last.ckpt"
+    path.parent.mkdir()
+    env = {**os.environ, "TMPDIR": str(_other_filesystem(tmp_path)), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", KILLER, str(path), str(rounds), io], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the writer")
+def test_kill_9_during_writes_leaves_a_loadable_last_ckpt(tmp_path: Path) -> None:
+    """kill -9 at a random moment of a loop of 8 MB checkpoint writes, TMPDIR on another
+    filesystem, six times: last.ckpt always loads whole; the dead writer's temporary file is
+    removed by the next write. (Lightning's own TorchCheckpointIO, the same way: a 0-byte
+    last.ckpt in some rounds, and its temporary file left in TMPDIR.)"""
+    rounds = kill_during_writes(tmp_path, 6)
+    assert len(rounds) == 6
+    for r in rounds:
+        assert r["problem"] is None and r["whole"] and r["step"] >= 1, r
+    path = tmp_path / "ckpt" / "last.ckpt"
+    atomic_torch_save(_lightning_checkpoint(0), path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+class _Payload:
+    """Unpickling it would create a file: the code a crafted checkpoint would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_crafted_pickle_is_refused_locally_and_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "serve" / "evil.ckpt"
+    evil.parent.mkdir()
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload(marker)}}, evil)
+    with pytest.raises(UnsafeCheckpointError, match="evil.ckpt holds objects other than tensors"):
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)  # asked for, refused anyway
+    assert not marker.exists()
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(evil.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/evil.ckpt"
+        with pytest.raises(UnsafeCheckpointError, match="refused"):
+            AtomicCheckpointIO().load_checkpoint(url)
+    finally:
+        server.shutdown()
+    assert not marker.exists()
+
+
+def _damaged(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.ckpt"
+    atomic_torch_save(_lightning_checkpoint(3) | {"optimizer_states": [{"m": torch.arange(10_000.0)}]}, path)
+    data = bytearray(path.read_bytes())
+    if kind == "empty":
+        data = bytearray()
+    elif kind == "truncated":
+        data = data[: len(data) // 2]
+    elif kind == "bitflip":
+        data[len(data) // 2] ^= 0x04  # inside the momentum buffer's record
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("empty", "empty file"), ("truncated", "not a PyTorch checkpoint archive"), ("bitflip", "CRC-32 mismatch")])
+def test_damaged_checkpoints_are_named(tmp_path: Path, kind: str, message: str) -> None:
+    path = _damaged(tmp_path, kind)
+    assert message in validate_checkpoint(path)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_validate_checkpoint_accepts_good_and_rejects_foreign_files(tmp_path: Path) -> None:
+    good = tmp_path / "good.ckpt"
+    atomic_torch_save(_lightning_checkpoint(1), good)
+    assert validate_checkpoint(good) is None
+    foreign = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(2)}, foreign)
+    assert "not a Lightning checkpoint" in validate_checkpoint(foreign)
+    assert "not found" in validate_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_resume_checkpoint_sets_damaged_and_stale_files_aside(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    logs: list[str] = []
+    atomic_torch_save(_lightning_checkpoint(4), directory / "epoch=0-step=4.ckpt")
+    atomic_torch_save(_lightning_checkpoint(8), directory / "last.ckpt")
+    write_config_marker(directory, "abc")
+    assert resume_checkpoint(directory, "abc", logs.append) == directory / "last.ckpt"
+
+    (directory / "last.ckpt").write_bytes(b"")  # the 0-byte last.ckpt of a kill during a non-atomic write
+    assert resume_checkpoint(directory, "abc", logs.append) == directory / "epoch=0-step=4.ckpt"
+    aside = [p.name for p in directory.iterdir() if p.name.startswith("last.ckpt.corrupt-")]
+    assert len(aside) == 1 and "empty file" in logs[-1] and aside[0] in logs[-1]
+
+    assert resume_checkpoint(directory, "changed", logs.append) is None  # the run's config changed: restart
+    assert not directory.exists() and "another config" in logs[-1]
+    stale = next(tmp_path.glob("checkpoints.stale-*"))
+    assert (stale / "epoch=0-step=4.ckpt").exists() and (stale / CONFIG_MARKER).read_text().strip() == "abc"
+    assert resume_checkpoint(directory, "changed", logs.append) is None
+
+
+def test_run_lock_is_exclusive(tmp_path: Path) -> None:
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(RunLockedError, match=rf"run is in use by pid {os.getpid()}"):
+            with run_lock(tmp_path / "run"):
+                pass
+    with run_lock(tmp_path / "run"):  # released
+        pass
+
+
+def test_module_installs_the_atomic_io_and_names_a_corrupt_ckpt_path(tmp_path: Path) -> None:
+    module = SpectralModule(SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=0.25), 10,
+                            optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint])
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    last = Path(checkpoint.last_model_path)
+    last.write_bytes(last.read_bytes()[:100])
+    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {last} cannot be loaded"):
+        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
