@@ -32,7 +32,7 @@ def corpus(tmp_path: Path) -> Path:
         path = root / ("pkg" if i % 2 else "") / f"mod_{i:02d}.py"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"def f_{i}(x):\n    return x * {i} + {i * i}\n\n" * (3 + i % 4))
-    for skipped in ("site-packages/foreign.py", "test/test_x.py", "pkg/__pycache__/mod.py"):
+    for skipped in ("site-packages/foreign.py", "test/test_x.py", "pkg/__pycache__/mod.py", "_sysconfigdata__x.py"):
         (root / skipped).parent.mkdir(parents=True, exist_ok=True)
         (root / skipped).write_text("SHOULD NOT BE READ\n" * 50)
     (root / "notes.txt").write_text("not python\n" * 50)

@@ -12,6 +12,7 @@ What a run trained on is recorded: the files of each split and the SHA-256 of ea
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import math
 import os
@@ -31,6 +32,8 @@ from lightning_spectral.data.vision import DatasetUnavailableError
 #: Directories of a standard library tree left out of the corpus: installed packages differ
 #: between installs, and the test suites hold generated and deliberately malformed text.
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+#: Files left out: the build configuration generated for each machine (compiler flags, install paths).
+STDLIB_EXCLUDED_FILES = ("_sysconfigdata_*.py",)
 
 Split = list[tuple[str, bytes]]  # (name, content) of each document, in order
 
@@ -254,9 +257,10 @@ class PythonSourceDataModule(ByteTextDataModule):
     has, no download.
 
     Files are taken in sorted order of their relative paths (directories in
-    :data:`STDLIB_EXCLUDED_DIRS` left out) until the next would pass ``max_bytes``; each goes to
-    validation when the first 8 bytes of the SHA-256 of its relative path, as a fraction of
-    2⁶⁴, fall below ``val_fraction`` (a split by file that does not depend on the other files).
+    :data:`STDLIB_EXCLUDED_DIRS` and files matching :data:`STDLIB_EXCLUDED_FILES` left out)
+    until the next would pass ``max_bytes``; each goes to validation when the first 8 bytes of
+    the SHA-256 of its relative path, as a fraction of 2⁶⁴, fall below ``val_fraction`` (a
+    split by file that does not depend on the other files).
     The text differs between Python versions: compare ``corpus["train_sha256"]`` across runs.
 
     Args:
@@ -285,7 +289,8 @@ class PythonSourceDataModule(ByteTextDataModule):
         for directory, subdirs, files in os.walk(root):
             subdirs[:] = [d for d in subdirs if d not in STDLIB_EXCLUDED_DIRS]  # not walked at all
             base = Path(directory).relative_to(root)
-            names += [(base / f).as_posix() for f in files if f.endswith(".py")]
+            names += [(base / f).as_posix() for f in files
+                      if f.endswith(".py") and not any(fnmatch.fnmatchcase(f, p) for p in STDLIB_EXCLUDED_FILES)]
         names.sort()
         train: Split = []
         val: Split = []
