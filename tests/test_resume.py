@@ -146,3 +146,96 @@ def test_killed_ddp_run_resumes_identically(tmp_path: Path, name: str) -> None:
     # (measured: 5e-9 relative).
     _check_resume(tmp_path, ["--config", str(OPTIMIZERS[name]), "--trainer.strategy=ddp",
                              "--trainer.devices=2", "--trainer.accelerator=cpu"], ranks=2, callback_rtol=1e-6)
+
+
+# -- resume policy: what the checkpoint and the requested run may differ in ----------------------
+import warnings  # noqa: E402
+
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+
+from lightning_spectral.data import DigitsDataModule  # noqa: E402
+from lightning_spectral.models import SmallCNN  # noqa: E402
+from lightning_spectral.module import CheckpointMismatchError, CosineSchedule, SpectralModule  # noqa: E402
+
+
+def _module(width: float = 0.25, lr: float = 0.1, momentum: float = 0.9, optimizer=None, scheduler=None):
+    optimizer = optimizer or (lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum))
+    net = SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=width)
+    return SpectralModule(net, 10, optimizer=optimizer, scheduler=scheduler)
+
+
+def _trainer(tmp_path: Path, epochs: int, **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=3, limit_val_batches=1, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def _first_run(tmp_path: Path, module: SpectralModule) -> Path:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, 1, callbacks=[checkpoint]).fit(module, DigitsDataModule(batch_size=32))
+    return Path(checkpoint.last_model_path)
+
+
+class LearningRates(Callback):
+    def __init__(self) -> None:
+        self.seen: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+def test_resume_with_another_optimizer_class_or_network_raises(tmp_path: Path) -> None:
+    last = _first_run(tmp_path, _module())
+    adamw = _module(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    with pytest.raises(CheckpointMismatchError, match=r"trained with torch\.optim\.sgd\.SGD, the requested optimizer "
+                                                      r"is torch\.optim\.adamw\.AdamW"):
+        _trainer(tmp_path, 2).fit(adamw, DigitsDataModule(batch_size=32), ckpt_path=last)
+    wider = _module(width=0.5)
+    for run in ("fit", "validate"):
+        with pytest.raises(CheckpointMismatchError, match=r"does not fit the requested model") as info:
+            getattr(_trainer(tmp_path, 2), run)(wider, DigitsDataModule(batch_size=32), ckpt_path=last)
+        assert "net.features.0.weight: checkpoint (8, 1, 3, 3), requested (16, 1, 3, 3)" in str(info.value)
+        assert "Start a new run" in str(info.value)
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_resume_applies_changed_hyperparameters(tmp_path: Path, scheduled: bool) -> None:
+    """A new learning rate and momentum are applied to the restored optimizer (the schedule keeps
+    its point: the new base lr times the restored factor) and listed in a warning."""
+    schedule = (lambda opt: CosineSchedule(opt, total_steps=10)) if scheduled else None
+    last = _first_run(tmp_path, _module(scheduler=schedule))
+    rates = LearningRates()
+    module = _module(lr=0.2, momentum=0.5, scheduler=schedule)
+    with pytest.warns(UserWarning, match=r"matrix\.lr: 0\.1 -> 0\.2, matrix\.momentum: 0\.9 -> 0\.5, .*vector\.lr: 0\.1 -> 0\.2"):
+        _trainer(tmp_path, 2, callbacks=[rates]).fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
+    factor = 0.5 * (1 + math.cos(math.pi * 3 / 10)) if scheduled else 1.0
+    groups = module.optimizers().optimizer.param_groups
+    assert rates.seen[0] == pytest.approx([0.2 * factor] * len(groups))  # the first resumed step (step 3)
+    assert [g["momentum"] for g in groups] == [0.5] * len(groups)
+    if scheduled:
+        assert [g["initial_lr"] for g in groups] == module.lr_schedulers().base_lrs == [0.2] * len(groups)
+
+
+def test_resume_without_changes_warns_nothing(tmp_path: Path) -> None:
+    last = _first_run(tmp_path, _module())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resuming from")
+        _trainer(tmp_path, 2).fit(_module(), DigitsDataModule(batch_size=32), ckpt_path=last)
+
+
+def test_cli_resume_policy(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the CLI. LightningCLI itself replaces the config's model arguments by the
+    checkpoint's (``_parse_ckpt_path``), which hides every difference; SpectralCLI must keep the
+    config as given for the module to compare, which this test assumes."""
+    from lightning_spectral.cli import SpectralCLI
+
+    monkeypatch.setattr(SpectralCLI, "_parse_ckpt_path", lambda self: None)
+    short = ["--config", str(QUICKSTART), "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    run_cli("fit", *short, "--trainer.max_epochs=1")
+    last = tmp_path / "logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.warns(UserWarning, match=r"matrix\.lr: 0\.05 -> 0\.1"):
+        cli = run_cli("fit", *short, "--trainer.max_epochs=2", "--model.init_args.optimizer.init_args.lr=0.1",
+                      f"--ckpt_path={last}")
+    assert {g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups} == {0.1}
+    with pytest.raises(CheckpointMismatchError, match=r"net: checkpoint .*'width_mult': 1\.0.*requested .*0\.5"):
+        run_cli("validate", *short, "--model.init_args.net.init_args.width_mult=0.5", f"--ckpt_path={last}")
