@@ -1,6 +1,6 @@
 """Pure-PyTorch training diagnostics (no Lightning import): spectral norms, sharpness, gradient noise scale.
 
-Loss convention, as in the notebook: ``loss_fn(model, x, y) -> scalar mean loss``.
+Loss convention: ``loss_fn(model, x, y) -> scalar mean loss`` over the batch.
 """
 
 from lightning_spectral.diagnostics._utils import isolated

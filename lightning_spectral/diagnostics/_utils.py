@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-#: ``loss_fn(model, x, y) -> scalar mean loss``, the notebook's loss convention.
+#: ``loss_fn(model, x, y) -> scalar mean loss``: the loss convention of every diagnostic.
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 

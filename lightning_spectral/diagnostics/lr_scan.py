@@ -1,8 +1,9 @@
 """``lr_stability_scan``: the largest learning rate at which a fresh model still trains (pure PyTorch).
 
-The notebook's experiment 5 (seed 001, ``muon.metrics.lr_stability_scan``), with the seed's
-semantics and its flaw B7 fixed: when even the smallest learning rate diverges, ``max_stable_lr``
-is NaN (the seed returned ``lr_values[0]``, claiming a stable lr that never trained).
+Log-spaced learning rates, a fresh model and optimizer for each, a fixed number of steps; the
+stable envelope is the run of converged learning rates that starts at the smallest. When even
+the smallest learning rate diverges, ``max_stable_lr`` is NaN rather than a learning rate that
+never trained.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def lr_stability_scan(
     Args:
         model_factory: ``() -> nn.Module``, a fresh model per learning rate.
         optimizer_factory: ``(model, lr) -> Optimizer``.
-        loss_fn: ``(model, x, y) -> scalar loss`` (the notebook's convention).
+        loss_fn: ``(model, x, y) -> scalar loss``.
         loader: yields ``(x, y, ...)`` batches; cycled when shorter than ``steps_per_lr``.
         lr_range: ``(smallest, largest)`` learning rate, both > 0; the grid is ``np.logspace``.
         num_lrs: number of learning rates.

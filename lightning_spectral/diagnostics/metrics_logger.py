@@ -11,7 +11,7 @@ from typing import Any
 
 
 class MetricsLogger:
-    """A list of dict rows (``history``), e.g. one per epoch, as in the notebook."""
+    """A list of dict rows (``history``), e.g. one per epoch: ``logger.log({"epoch": 1, "val_acc": 0.9})``."""
 
     def __init__(self, history: Sequence[Mapping[str, Any]] | None = None) -> None:
         self.history: list[dict[str, Any]] = [dict(row) for row in history or []]
@@ -23,6 +23,17 @@ class MetricsLogger:
     def columns(self) -> list[str]:
         """All keys, in first-seen order."""
         return list(dict.fromkeys(k for row in self.history for k in row))
+
+    def to_dataframe(self) -> Any:
+        """``history`` as a ``pandas.DataFrame`` (one row per logged dict; needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError(
+                "MetricsLogger.to_dataframe needs pandas (pip install pandas); without it use .history "
+                "(a list of dicts) or save_csv(path)"
+            ) from err
+        return pd.DataFrame(self.history, columns=self.columns())
 
     def save_json(self, path: str | os.PathLike) -> None:
         """Write ``history`` as a JSON list of objects (indent 2)."""

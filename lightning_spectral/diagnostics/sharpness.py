@@ -116,13 +116,31 @@ def estimate_sharpness(
     tol: float = 1e-4,
     eval_mode: bool = True,
     seed: int = 0,
+    *,
+    epsilon: float | None = None,
+    normalize: bool = True,
 ) -> float:
     r"""Top eigenvalue :math:`\lambda_{\max}` of the Hessian of ``loss_fn(model, x, y)`` w.r.t. the trainable parameters.
 
     Runs :func:`hessian_top_eigenvalue` under :func:`~lightning_spectral.diagnostics.isolated`
     (eval mode by default, RNG forked, ``.grad`` untouched); the start vector is drawn from
     ``seed``. Compare it with ``2 / lr``.
+
+    With ``epsilon`` (``estimate_sharpness(model, loss_fn, x, y, epsilon=1e-3)``) it is instead
+    the finite-difference ascent proxy :math:`L(\theta+\epsilon\,\hat g)-L(\theta)` of
+    :func:`estimate_sam_sharpness` (``normalize=False``: the step :math:`\epsilon\,\mathrm{sign}(g)`),
+    a different quantity, dominated by :math:`\epsilon\|g\|`; the eigenvalue's arguments
+    (``method``, ``max_iter``, ``tol``, ``seed``) do not apply to it.
     """
+    if epsilon is not None:
+        if (method, max_iter, tol, seed) != ("power", 100, 1e-4, 0):
+            raise TypeError(
+                "estimate_sharpness: epsilon= asks for the finite-difference proxy, which takes no method, "
+                "max_iter, tol or seed; call estimate_sharpness(model, loss_fn, x, y, method=..., ...) without "
+                "epsilon for the Hessian eigenvalue, or estimate_sam_sharpness(model, loss_fn, x, y, epsilon) "
+                "for the proxy"
+            )
+        return estimate_sam_sharpness(model, loss_fn, x, y, epsilon, eval_mode, normalize=normalize)
     params = trainable_parameters(model)
     with isolated(model, eval_mode):
         hvp = HessianVectorProduct(loss_fn(model, x, y), params)
@@ -137,10 +155,12 @@ def estimate_sam_sharpness(
     y: Tensor,
     epsilon: float = 1e-3,
     eval_mode: bool = True,
+    normalize: bool = True,
 ) -> float:
-    r"""The seed's finite-difference proxy, fixed: :math:`L(\theta+\epsilon g/\|g\|)-L(\theta)`.
+    r"""A SAM-style ascent sharpness (Foret et al. 2021): :math:`L(\theta+\epsilon\,g/\|g\|)-L(\theta)`,
+    or with ``normalize=False`` :math:`L(\theta+\epsilon\,\mathrm{sign}(g))-L(\theta)`.
 
-    A SAM-style ascent sharpness, **not** a Hessian eigenvalue: to second order it is
+    **Not** a Hessian eigenvalue: to second order the normalised form is
     :math:`\epsilon\|g\| + \tfrac{\epsilon^2}{2}\hat g^\top H\hat g`, dominated by the gradient norm.
     Parameters are perturbed in place under ``no_grad`` and restored bit for bit.
     """
@@ -148,12 +168,16 @@ def estimate_sam_sharpness(
     with isolated(model, eval_mode):
         loss = loss_fn(model, x, y)
         grads = torch.autograd.grad(loss, params, materialize_grads=True)
-        scale = epsilon / torch.sqrt(sum(g.pow(2).sum() for g in grads)).clamp_min(1e-12)
+        if normalize:
+            scale = epsilon / torch.sqrt(sum(g.pow(2).sum() for g in grads)).clamp_min(1e-12)
+            steps = [g * scale for g in grads]
+        else:
+            steps = [epsilon * g.sign() for g in grads]
         saved = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.add_(g, alpha=float(scale))
+                for p, step in zip(params, steps):
+                    p.add_(step)
                 return float(loss_fn(model, x, y) - loss.detach())
         finally:
             with torch.no_grad():

@@ -194,7 +194,8 @@ def compute_spectral_norms(
     Linear weights and reshaped conv kernels use ``torch.linalg.matrix_norm(ord=2)``. With
     ``input_shape`` (one example's shape, e.g. ``(3, 32, 32)``) conv layers report instead their
     operator norm at the resolution each one sees in a forward pass (:func:`conv_operator_norm`).
-    All layers by default (``max_layers`` keeps the first ones, as the notebook's ``max_layers=8``).
+    All layers by default; ``max_layers`` keeps the first ones (``max_layers=8`` on a ResNet-18 stops
+    before its classifier).
     """
     layers = spectral_layers(model, layer_types, max_layers)
     shapes = _conv_input_shapes(model, input_shape) if input_shape is not None else {}
