@@ -81,9 +81,6 @@ def set_grads(params: Iterable[torch.nn.Parameter], grads: Iterable[torch.Tensor
 
 
 # -- the floor ----------------------------------------------------------------------------------
-JORDAN = (3.4445, -4.7750, 2.0315)
-
-
 def stack_by_shape(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Same-shaped matrices stacked (``B × n × m``), in short-side (wide) orientation."""
     groups: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
@@ -92,20 +89,13 @@ def stack_by_shape(mats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.stack(ms).contiguous() for ms in groups.values()]
 
 
-def ns_floor(stacks: Sequence[torch.Tensor], steps: int = 5, coefficients=JORDAN) -> list[torch.Tensor]:
-    """The bare float32 quintic Newton–Schulz loop over pre-stacked wide matrices: a Frobenius
-    normalisation, then per step ``A = X Xᵀ``, ``B = bA + cA²``, ``X = aX + BX`` (three batched
-    GEMMs, two fused with the adds). No momentum, no copies, no update: the floor."""
-    a, b, c = coefficients
-    out = []
-    for X in stacks:
-        X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) + 1e-7)
-        for _ in range(steps):
-            A = torch.bmm(X, X.mT)
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a)
-        out.append(X)
-    return out
+def ns_floor(stacks: Sequence[torch.Tensor], steps: int = 5, schedule: str = "jordan") -> list[torch.Tensor]:
+    """The standard float32 Newton–Schulz chain (``msign(..., method="standard")``: a Frobenius
+    normalisation, then three batched GEMMs per step) over pre-stacked wide matrices. No
+    momentum, no copies, no update: the floor every optimizer is measured against."""
+    from lightning_spectral.optim.msign import msign
+
+    return [msign(X, steps, schedule, dtype=torch.float32, method="standard") for X in stacks]
 
 
 def ns_flops(shapes: Sequence[Shape], steps: int = 5) -> float:

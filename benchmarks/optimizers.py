@@ -119,7 +119,7 @@ def bench_shapes(model: str, shapes: list, warmup: int, repeats: int, cap_s: flo
     # same kind of matrix), stacked by shape once, outside the timed region.
     floor_stacks = stack_by_shape(grads_for(0))
     cases["floor: NS-5 float32 bmm"] = lambda: ns_floor(floor_stacks, 5)
-    meta["floor: NS-5 float32 bmm"] = {"note": "3 bmm/step, batched by shape, pre-stacked"}
+    meta["floor: NS-5 float32 bmm"] = {"note": "standard chain, 3 bmm/step, batched by shape, pre-stacked"}
 
     for name, (build, note) in optimizer_configs(model, quick).items():
         meta[name] = {"note": note}
@@ -197,7 +197,8 @@ def targets(sec: dict) -> list[dict]:
         def ratio_to_muon(name):
             r = rows.get(name, {})
             return r["median_s"] / muon if "median_s" in r else None
-        checks.append(dict(model=model, target="Muon ≤ 1.1× floor (CPU)", value=rows["Muon"]["over_floor"], limit=1.1))
+        # The floor is the standard float32 chain; Muon's msign runs on the Gram matrix where the shape allows.
+        checks.append(dict(model=model, target="Muon ≤ 0.5× floor (CPU)", value=rows["Muon"]["over_floor"], limit=0.5))
         for name in ("ManifoldMuon amortized", "SpectralBall amortized"):
             checks.append(dict(model=model, target=f"{name} ≤ 1.2× Muon", value=ratio_to_muon(name), limit=1.2))
         for name, limit in (("SpectralBall", 1.5), ("ManifoldMuon", 3.0)):

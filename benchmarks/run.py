@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     header = (f"Measured with `{result['command']}` — torch {env['torch']}, lightning {env['lightning']}, "
               f"{env['threads']} thread(s), CPU flags {', '.join(env['cpu_flags']) or 'n/a'}, "
               f"total {result['wall_s']:.0f} s.")
-    text = "\n\n".join([header] + [f"{h}\n\n{b}" if h.startswith("###") else f"{h}\n\n{b}" for h, b in blocks])
+    text = "\n\n".join([header] + [f"{h}\n\n{b}" for h, b in blocks])
     result["markdown"] = text
     print(text)
     if args.out:

@@ -49,3 +49,57 @@ def test_quick_distributed_benchmark_times_split_and_repeated_work(tmp_path: Pat
     for name, row in rows.items():
         assert row["split_s"] > 0 and row["repeated_s"] > 0, name
         assert row["ratio"] == row["split_s"] / row["repeated_s"]
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """``benchmarks.gpu --dry-run --device cpu``: the GPU script's every part runs on tiny shapes
+    and writes its table; a row that fails is reported in the table, not raised."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert (tmp_path / "gpu.md").read_text().strip() == result["markdown"].strip()
+    for part in ("ResNet-18 shapes", "GPT-2 small shapes"):
+        rows = result["optimizers"][part]["rows"]
+        for name in ("torch.optim.Muon (bf16 NS)", "Muon bf16", "Muon float32", "standard chain float32 (floor)",
+                     "ManifoldMuon amortized", "SpectralBall amortized"):
+            assert rows[name]["ms"] > 0, (part, name, rows[name])
+        assert rows["Muon bf16"]["over_torch_muon"] == rows["Muon bf16"]["ms"] / rows["torch.optim.Muon (bf16 NS)"]["ms"]
+    for name, r in result["training_loop"].items():
+        assert r["images_per_s"] > 0 and r["steps"] == 3, name
+    assert "| Muon bf16 |" in proc.stdout and "images/s" in proc.stdout
+
+
+def test_gpu_script_refuses_a_missing_device(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--device cpu" in proc.stderr
+
+
+def test_real_gradient_benchmark_quick(tmp_path: Path) -> None:
+    """``benchmarks.real_gradients --quick``: captures gradients of tiny networks into the cache,
+    times every optimizer on them and on Gaussian matrices, the cost growth with its exponent and
+    the many-small-matrices case with GEMM kernel counts (Muon batched, a per-matrix loop not)."""
+    out = tmp_path / "real.json"
+    cmd = [sys.executable, "-m", "benchmarks.real_gradients", "--quick", "--no-compile", "--models", "mlp,gpt",
+           "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["gpt-quick.pt", "mlp-quick.pt"]
+    for model in ("mlp", "gpt"):
+        for column in ("real", "gaussian"):
+            rows = result["models"][model]["columns"][column]
+            for name in ("floor: standard float32 chain", "Muon", "torch.optim.Muon", "ManifoldMuon amortized",
+                         "SpectralBall amortized"):
+                assert rows[name]["median_s"] > 0, (model, column, name, rows[name])
+    growth = result["growth"]
+    assert set(growth["exponent"]) >= {"floor: standard float32 chain", "Muon"}
+    small = result["many_small"]["rows"]
+    assert small["Muon"]["batched"] and not small["per-matrix msign loop"]["batched"]
+    assert small["per-matrix msign loop"]["gemm_calls"] == small["floor: standard float32 chain"]["gemm_calls"] * 20
+    assert "÷ torch Muon" in proc.stdout and "fitted exponent" in proc.stdout

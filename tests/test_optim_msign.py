@@ -373,3 +373,61 @@ def test_gram_form_dispatch():
         msign(torch.ones(4, 8), method="fast")
     zero = msign(torch.zeros(8, 64), 5, "jordan", method="gram")
     assert torch.isfinite(zero).all() and (zero == 0).all()
+
+
+# -- host synchronisation ---------------------------------------------------------------------
+class HostSync(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Inside ``with no_host_sync():`` every Python-level way of reading a tensor's value on the host
+    (``item``, ``bool``/``float``/``int``/``index``, ``cpu``, ``tolist``, ``numpy``) raises: a CPU proxy
+    for a CUDA synchronisation (``torch.cuda.set_sync_debug_mode`` needs a device)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__float__", "__int__", "__index__", "cpu", "tolist", "numpy"):
+                m.setattr(torch.Tensor, name, lambda self, *a, _n=name, **k: (_ for _ in ()).throw(HostSync(_n)))
+            yield
+
+    return guard
+
+
+def test_no_host_sync_guard_catches_a_sync(no_host_sync):
+    x = torch.ones(3)
+    with no_host_sync(), pytest.raises(HostSync):
+        bool(x.sum() > 0)
+    with no_host_sync(), pytest.raises(HostSync):
+        x.sum().item()
+    assert bool(x.sum() > 0)  # restored
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_msign_has_no_host_sync(no_host_sync, method):
+    G = torch.randn(3, 16, 96, generator=gen(14))
+    with no_host_sync():
+        out = msign(G, 5, "jordan", method=method)
+    assert torch.allclose(out, msign(G, 5, "jordan", method="standard"), atol=1e-4)
+
+
+def test_muon_step_has_no_host_sync(no_host_sync):
+    """``Muon.step`` on matrices (both msign forms, a conv kernel, a batch of same-shaped ones) reads
+    nothing back to the host once ``check_finite=False``. What still syncs: the finite check
+    (``bool(finite.all())``) and the AdamW fallback's step counter (``torch.optim.adamw``'s ``.item()``
+    with ``capturable=False``), so non-matrix parameters are left out here."""
+    from lightning_spectral.optim import Muon
+
+    g = gen(15)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in [(16, 96), (16, 96), (32, 32), (8, 4, 3, 3)]]
+    opt = Muon(params, lr=0.02, weight_decay=0.01, check_finite=False)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        before = [p.detach().clone() for p in params]
+        with no_host_sync():
+            opt.step()
+        assert all(not torch.equal(b, p) for b, p in zip(before, params))

@@ -1,0 +1,401 @@
+"""Optimizer step time on gradients captured from real networks, Gaussian matrices beside them;
+cost growth with n; many small matrices; ``torch.compile`` of Muon's msign chain.
+
+    python -m benchmarks.real_gradients [--quick] [--models mlp,small_cnn,resnet18,gpt]
+                                        [--out logs/bench_real.json] [--budget-s 600] [--threads 1]
+
+Capture: each network (seeded) trains for a few SGD steps (lr 0.01, momentum 0.9) on synthetic
+batches (CIFAR-shaped images with random labels; random tokens for the GPT, whose shapes follow
+GPT-2 small's at a CPU-sized width), and the gradients of its matrix parameters (conv kernels as
+``out × in·kh·kw``; not the GPT's embeddings, which Muon leaves to AdamW) at the last two steps
+are kept with the weights they belong to, in a cache under ``logs/bench_cache/`` (ignored by git;
+``--recapture`` rebuilds it). Real gradients are close to low rank, which is what the inner
+modes' iteration counts and the msign chains' conditioning depend on.
+
+Timing: every optimizer gets its own copy of the captured weights and steps on the two captured
+gradients in turn; the "Gaussian" column uses the same shapes with i.i.d. Gaussian gradients.
+One thread, warm-up steps, then interleaved rounds (every configuration once per round), medians;
+the floor is the standard float32 Newton–Schulz chain (``msign(..., method="standard")``) on the
+pre-stacked gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ._common import interleaved, median, ns_floor, stack_by_shape, table
+
+CACHE = Path("logs/bench_cache")
+MODELS = ("mlp", "small_cnn", "resnet18", "gpt")
+TITLES = {"mlp": "MLP 3072-512-512-10", "small_cnn": "SmallCNN (CIFAR)", "resnet18": "ResNet-18 (CIFAR)",
+          "gpt": "GPT (GPT-2 small's shapes at n_embd 384, 4 layers)"}
+CAPTURE_STEPS = 3
+SPECTRAL_BUDGET = 0.02
+
+
+# -- capture --------------------------------------------------------------------------------------
+def _network(name: str, quick: bool):
+    """``(model, batch(generator) → (input, target), loss(output, target))``."""
+    from lightning_spectral import models
+
+    torch.manual_seed(0)
+    images = lambda g, b, s: (torch.randn(b, 3, s, s, generator=g), torch.randint(0, 10, (b,), generator=g))
+    ce = torch.nn.functional.cross_entropy
+    if name == "mlp":
+        size = 8 if quick else 32
+        return models.MLP(image_size=size, width_mult=1 / 8 if quick else 1.0), lambda g: images(g, 64, size), ce
+    if name == "small_cnn":
+        size = 8 if quick else 32
+        return (models.SmallCNN(image_size=size, width_mult=1 / 4 if quick else 1.0),
+                lambda g: images(g, 32 if quick else 64, size), ce)
+    if name == "resnet18":
+        return (models.ResNet18(width_mult=1 / 16 if quick else 1.0),
+                lambda g: images(g, 8 if quick else 32, 32), ce)
+    if name == "gpt":
+        if not hasattr(models, "GPT"):
+            raise ImportError("lightning_spectral.models.GPT is not available")
+        vocab, block = (256, 16) if quick else (2048, 64)
+        model = models.GPT(vocab_size=vocab, block_size=block, n_layer=1 if quick else 4,
+                           n_head=2 if quick else 6, n_embd=32 if quick else 384)
+
+        def batch(g):
+            tokens = torch.randint(0, vocab, (4 if quick else 8, block + 1), generator=g)
+            return tokens[:, :-1], tokens[:, 1:]
+
+        return model, batch, lambda out, y: ce(out.flatten(0, 1), y.flatten())
+    raise ValueError(f"unknown network {name!r}; choose from {', '.join(MODELS)}")
+
+
+def _is_matrix(name: str, p: torch.Tensor) -> bool:
+    return p.ndim >= 2 and "emb" not in name and "lm_head" not in name
+
+
+def capture(name: str, quick: bool, recapture: bool = False, log=print, cache: Path = CACHE) -> dict:
+    """Weights and gradients of the matrix parameters at the last 2 of ``CAPTURE_STEPS`` SGD steps
+    (2-D, conv kernels flattened), from the cache if there."""
+    path = Path(cache) / f"{name}{'-quick' if quick else ''}.pt"
+    if path.exists() and not recapture:
+        return torch.load(path, weights_only=True)
+    model, batch, loss_fn = _network(name, quick)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    out: dict = {"names": [], "weights": [], "grads": []}
+    start = time.perf_counter()
+    for step in range(CAPTURE_STEPS):
+        x, y = batch(g)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        if step >= CAPTURE_STEPS - 2:
+            mats = [(n, p) for n, p in model.named_parameters() if _is_matrix(n, p) and p.grad is not None]
+            if not out["names"]:
+                out["names"] = [n for n, _ in mats]
+                out["weights"] = [p.detach().reshape(p.shape[0], -1).clone() for _, p in mats]
+            out["grads"].append([p.grad.reshape(p.shape[0], -1).clone() for _, p in mats])
+        opt.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    log(f"[real gradients] captured {name}: {len(out['names'])} matrices in {time.perf_counter() - start:.1f} s -> {path}")
+    return out
+
+
+def spectrum_summary(grads: list[torch.Tensor]) -> dict:
+    """Median over the matrices of the stable rank ``‖G‖_F²/‖G‖₂²`` relative to ``min(n, m)``."""
+    ratios = []
+    for G in grads:
+        s = torch.linalg.svdvals(G.double())
+        ratios.append(float((s**2).sum() / s[0] ** 2) / min(G.shape) if s[0] > 0 else 0.0)
+    return {"stable_rank_fraction_median": median(ratios)}
+
+
+# -- optimizers -----------------------------------------------------------------------------------
+def optimizer_configs() -> dict[str, Callable[[list], torch.optim.Optimizer]]:
+    from lightning_spectral import optim as O
+
+    return {
+        "Muon": lambda ps: O.Muon(ps),
+        "torch.optim.Muon": lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.0),
+        "Muon bf16": lambda ps: O.Muon(ps, ns_dtype="bfloat16"),
+        "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        "ManifoldMuon amortized": lambda ps: O.ManifoldMuon(ps, mode="amortized"),
+        "SpectralBall amortized": lambda ps: O.SpectralBall(ps, mode="amortized"),
+        "ManifoldMuon inner, inner_tol=2e-3": lambda ps: O.ManifoldMuon(ps, mode="inner", inner_tol=2e-3),
+        "SpectralBall inner, inner_tol=1e-2": lambda ps: O.SpectralBall(ps, mode="inner", inner_tol=1e-2),
+        "MuonSGD dual_ascent +tangent, 10 its": lambda ps: O.MuonSGD(
+            ps, lr=0.1, spectral_budget=SPECTRAL_BUDGET,
+            inner_solver=O.get_inner_solver("dual_ascent", tangent=True, max_iters=10)),
+    }
+
+
+FLOOR = "floor: standard float32 chain"
+
+
+def time_column(weights: list[torch.Tensor], grads: list[list[torch.Tensor]], configs: dict, warmup: int,
+                repeats: int, cap_s: float, log) -> dict:
+    """Median step time of every configuration (and the floor) on these weights and gradients."""
+    cases: dict[str, Callable[[], object]] = {}
+    errors: dict[str, str] = {}
+
+    def guarded(name: str, fn: Callable[[], object]) -> Callable[[], object]:
+        """A configuration that raises is reported in its row and not run again."""
+        def run():
+            if name not in errors:
+                try:
+                    fn()
+                except Exception as err:  # noqa: BLE001 - one row's failure must not end the table
+                    errors[name] = f"{type(err).__name__}: {str(err)[:80]}"
+        return run
+
+    stacks = stack_by_shape(grads[0])
+    cases[FLOOR] = lambda: ns_floor(stacks, 5)
+    for name, build in configs.items():
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        try:
+            opt = build(params)
+        except Exception as err:  # noqa: BLE001
+            errors[name] = f"{type(err).__name__}: {str(err)[:80]}"
+            continue
+        counter = {"t": 0}
+
+        def step(opt=opt, params=params, counter=counter):
+            for p, g in zip(params, grads[counter["t"] % len(grads)]):
+                p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            counter["t"] += 1
+            opt.step()
+
+        cases[name] = guarded(name, step)
+    results = {}
+    timing = interleaved(cases, warmup=warmup, repeats=repeats, cap_s=cap_s, log=log)
+    for name, r in timing.items():
+        if name not in errors:
+            results[name] = {"median_s": r["median_s"], "times_s": r["times_s"], "capped": r["capped"]}
+    for name, msg in errors.items():
+        results[name] = {"error": msg}
+    return results
+
+
+def bench_model(name: str, quick: bool, recapture: bool, log, cache: Path = CACHE) -> dict:
+    data = capture(name, quick, recapture, log, cache)
+    weights, real = data["weights"], data["grads"]
+    g = torch.Generator().manual_seed(2)
+    gaussian = [[torch.randn(w.shape, generator=g) * float(G.norm()) / math.sqrt(G.numel())
+                 for w, G in zip(weights, step)] for step in real]
+    configs = optimizer_configs()
+    warmup, repeats, cap = (1, 1, math.inf) if quick else (1, 3, 6.0)
+    columns = {}
+    for column, grads in (("real", real), ("gaussian", gaussian)):
+        log(f"[real gradients] {name}, {column} gradients: {len(configs) + 1} configurations")
+        columns[column] = time_column(weights, grads, configs, warmup, repeats, cap, log)
+    shapes = [tuple(w.shape) for w in weights]
+    return {"shapes": shapes, "parameters": sum(w.numel() for w in weights), "columns": columns,
+            "spectrum": {"real": spectrum_summary(real[-1]), "gaussian": spectrum_summary(gaussian[-1])}}
+
+
+def render_model(name: str, res: dict) -> str:
+    cols = res["columns"]
+    head = (f"**{TITLES.get(name, name)}** — {len(res['shapes'])} matrices, {res['parameters'] / 1e6:.2f}M parameters; "
+            f"median stable rank / min(n, m): real {res['spectrum']['real']['stable_rank_fraction_median']:.3f}, "
+            f"Gaussian {res['spectrum']['gaussian']['stable_rank_fraction_median']:.3f}")
+    rows = []
+    for row in [FLOOR, *optimizer_configs()]:
+        cells = [row]
+        for column in ("real", "gaussian"):
+            r, c = cols[column].get(row, {}), cols[column]
+            if "median_s" not in r:
+                cells += [r.get("error", "—"), "—", "—", "—"]
+                continue
+            ratio = lambda ref: r["median_s"] / c[ref]["median_s"] if "median_s" in c.get(ref, {}) else None
+            cells += [r["median_s"] * 1e3, ratio(FLOOR), ratio("Muon"), ratio("torch.optim.Muon")]
+        rows.append(cells)
+    headers = ["optimizer", "real ms", "÷ floor", "÷ Muon", "÷ torch Muon",
+               "Gaussian ms", "÷ floor", "÷ Muon", "÷ torch Muon"]
+    return head + "\n\n" + table(headers, rows)
+
+
+# -- cost growth and many small matrices ----------------------------------------------------------
+GROWTH_CONFIGS = ("Muon", "ManifoldMuon amortized", "SpectralBall amortized")
+
+
+def cost_growth(quick: bool, budget_s: float, log) -> dict:
+    """Step time of one ``n × n`` matrix, n = 128, 256, …, until the floor passes the cap or the
+    section's budget is spent; the exponent is the least-squares slope of log t against log n
+    over n ≥ 256 (cubic work shows as 3, Python overhead per parameter as < 3 at small n)."""
+    configs = {k: v for k, v in optimizer_configs().items() if k in GROWTH_CONFIGS}
+    sizes = (16, 32, 64) if quick else (128, 256, 512, 1024, 2048)
+    cap = 0.5 if quick else 12.0
+    start = time.perf_counter()
+    rows: dict[str, dict[int, float]] = {FLOOR: {}, **{k: {} for k in configs}}
+    g = torch.Generator().manual_seed(3)
+    for n in sizes:
+        if time.perf_counter() - start > budget_s:
+            log(f"[growth] budget spent before n = {n}")
+            break
+        W = torch.randn(n, n, generator=g) / math.sqrt(n)
+        grads = [[torch.randn(n, n, generator=g)] for _ in range(2)]
+        res = time_column([W], grads, configs, warmup=1, repeats=1 if quick or n >= 1024 else 2, cap_s=math.inf,
+                          log=lambda *_: None)
+        for k in rows:
+            if "median_s" in res.get(k, {}):
+                rows[k][n] = res[k]["median_s"]
+        log(f"[growth] n = {n}: " + ", ".join(f"{k} {v.get(n, math.nan):.3f} s" for k, v in rows.items()))
+        if rows[FLOOR].get(n, 0.0) > cap:
+            break
+    fits = {}
+    for k, pts in rows.items():
+        xs = [(math.log(n), math.log(t)) for n, t in pts.items() if n >= (32 if quick else 256) and t > 0]
+        if len(xs) >= 2:
+            mx, my = sum(x for x, _ in xs) / len(xs), sum(y for _, y in xs) / len(xs)
+            fits[k] = sum((x - mx) * (y - my) for x, y in xs) / sum((x - mx) ** 2 for x, _ in xs)
+    return {"sizes": sorted({n for pts in rows.values() for n in pts}), "times_s": rows, "exponent": fits}
+
+
+def render_growth(sec: dict) -> str:
+    rows = [[k, *[pts.get(n) * 1e3 if n in pts else None for n in sec["sizes"]], sec["exponent"].get(k)]
+            for k, pts in ((k, {int(n): t for n, t in v.items()}) for k, v in sec["times_s"].items())]
+    return table(["ms per step, n × n", *[str(n) for n in sec["sizes"]], "fitted exponent"], rows)
+
+
+def _gemm_calls(fn: Callable[[], object]) -> int:
+    """Matrix-multiply kernels launched by one call (``mm``/``bmm``/``addmm``/``baddbmm``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+    return sum(e.count for e in prof.key_averages() if e.key in names)
+
+
+def many_small(quick: bool, log) -> dict:
+    """200 matrices of 64 × 64 (quick: 20 of 16 × 16): one batched chain against 200 chains,
+    and how many GEMM kernels each optimizer launches per step (≈ 200·k: not batched)."""
+    from lightning_spectral.optim.msign import msign
+
+    count, n = (20, 16) if quick else (200, 64)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.linalg.qr(torch.randn(n, n, generator=g))[0] for _ in range(count)]
+    grads = [[torch.randn(n, n, generator=g) for _ in range(count)] for _ in range(2)]
+    stack = torch.stack(grads[0])
+    configs = {k: v for k, v in optimizer_configs().items() if k in GROWTH_CONFIGS}
+    res = time_column(weights, grads, configs, warmup=1, repeats=1 if quick else 3, cap_s=math.inf, log=lambda *_: None)
+    loop = interleaved({"per-matrix msign loop": lambda: [msign(G, 5, "jordan") for G in grads[0]]}, 1,
+                       1 if quick else 3)["per-matrix msign loop"]["median_s"]
+    rows = {FLOOR: {"median_s": res[FLOOR]["median_s"], "gemm_calls": _gemm_calls(lambda: ns_floor([stack], 5))},
+            "per-matrix msign loop": {"median_s": loop,
+                                      "gemm_calls": _gemm_calls(lambda: [msign(G, 5, "jordan") for G in grads[0]])}}
+    for k, build in configs.items():
+        if "median_s" not in res.get(k, {}):
+            rows[k] = {"error": res.get(k, {}).get("error", "not run")}
+            continue
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = build(params)
+        for p, G in zip(params, grads[0]):
+            p.grad = G.clone()
+        opt.step()
+        rows[k] = {"median_s": res[k]["median_s"], "gemm_calls": _gemm_calls(opt.step)}
+    for r in rows.values():
+        if "gemm_calls" in r:
+            r["batched"] = r["gemm_calls"] < count
+    log(f"[many small] {count} × {n}×{n}: " + ", ".join(f"{k} {r.get('median_s', math.nan) * 1e3:.1f} ms"
+                                                      for k, r in rows.items()))
+    return {"count": count, "n": n, "rows": rows}
+
+
+def render_small(sec: dict) -> str:
+    floor = sec["rows"][FLOOR]["median_s"]
+    rows = [[k, r.get("median_s", math.nan) * 1e3, r.get("median_s", math.nan) / floor, r.get("gemm_calls"),
+             r.get("batched", r.get("error"))] for k, r in sec["rows"].items()]
+    return (f"{sec['count']} matrices of {sec['n']} × {sec['n']}:\n\n"
+            + table(["step", "ms", "÷ one batched chain", "GEMM kernels per step", "batched"], rows))
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+def compiled_chain(quick: bool, log, cache: Path = CACHE) -> dict:
+    """Muon's msign chain (the stacked ResNet-18 gradients, Jordan 5 steps, auto method) under
+    ``torch.compile`` on the CPU against eager; compile time reported apart."""
+    from lightning_spectral.optim.msign import msign
+
+    grads = capture("resnet18", quick, log=log, cache=cache)["grads"][0]
+    stacks = stack_by_shape(grads)
+    chain = lambda: [msign(X, 5, "jordan") for X in stacks]
+    try:
+        compiled = torch.compile(chain)
+        start = time.perf_counter()
+        compiled()
+        compile_s = time.perf_counter() - start
+    except Exception as err:  # noqa: BLE001 - no compiler on this machine, say so
+        return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+    timing = interleaved({"eager": chain, "compiled": compiled}, 1, 1 if quick else 5)
+    max_diff = max(float((a - b).abs().max()) for a, b in zip(chain(), compiled()))
+    out = {"compile_s": compile_s, "eager_s": timing["eager"]["median_s"], "compiled_s": timing["compiled"]["median_s"],
+           "max_abs_diff": max_diff}
+    out["ratio"] = out["compiled_s"] / out["eager_s"]
+    log(f"[compile] ratio {out['ratio']:.3f}, compile {compile_s:.1f} s")
+    return out
+
+
+# -- command ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny networks, one repeat (smoke test)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--out", default="logs/bench_real.json", help="JSON path (Markdown beside it, .md)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget-s", type=float, default=600.0, help="sections after this many seconds are skipped")
+    parser.add_argument("--recapture", action="store_true", help="rebuild the gradient cache")
+    parser.add_argument("--cache", default=str(CACHE), help="gradient cache folder")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    left = lambda: args.budget_s - (time.perf_counter() - start)
+    result: dict = {"command": "python -m benchmarks.real_gradients " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "torch": torch.__version__, "threads": args.threads, "models": {}, "skipped": {}}
+    md = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if left() <= 0:
+            result["skipped"][name] = "time budget spent"
+            continue
+        try:
+            result["models"][name] = res = bench_model(name, args.quick, args.recapture, log, Path(args.cache))
+        except ImportError as err:  # e.g. no GPT in this version of the package
+            result["skipped"][name] = str(err)
+            log(f"[real gradients] {name} skipped: {err}")
+            continue
+        md.append(render_model(name, res))
+    if left() > 0:
+        result["growth"] = cost_growth(args.quick, max(left() / 2, 1.0), log)
+        md += ["Cost growth, one n × n matrix:", render_growth(result["growth"])]
+    if left() > 0:
+        result["many_small"] = many_small(args.quick, log)
+        md += ["Many small matrices:", render_small(result["many_small"])]
+    if left() > 0 and not args.no_compile:
+        result["compile"] = c = compiled_chain(args.quick, log, Path(args.cache))
+        md.append("torch.compile of Muon's msign chain on ResNet-18's gradients (CPU): " + (
+            c["error"] if "error" in c else f"compiled ÷ eager = {c['ratio']:.3f} (compile {c['compile_s']:.1f} s, "
+                                           f"max |difference| {c['max_abs_diff']:.1e})"))
+    for name, why in result["skipped"].items():
+        md.append(f"{name}: skipped ({why}).")
+    result["wall_s"] = time.perf_counter() - start
+    text = (f"Measured with `{result['command']}` — torch {torch.__version__}, {args.threads} thread(s), "
+            f"{result['wall_s']:.0f} s.\n\n" + "\n\n".join(md))
+    result["markdown"] = text
+    print(text)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=str))
+        path.with_suffix(".md").write_text(text + "\n")
+        log(f"wrote {path} and {path.with_suffix('.md')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
