@@ -232,7 +232,7 @@ class SpectralModule(LightningModule):
             total = self.trainer.estimated_stepping_batches
             if math.isinf(total):
                 raise ValueError("the cosine schedule needs trainer.max_epochs or trainer.max_steps (or total_steps)")
-            if total == 0:
+            if total <= 0:
                 raise ValueError(self._no_training_batches())
             scheduler.set_total_steps(int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -251,9 +251,12 @@ class SpectralModule(LightningModule):
                     f"(the training loader drops an incomplete last batch); set data.init_args.batch_size <= {size}")
         return "the training data gives no batch: the training dataset is empty"
 
-    def on_train_start(self) -> None:
-        if self.trainer.num_training_batches == 0:
+    def on_fit_start(self) -> None:
+        # Lightning would end a fit without batches silently; ``estimated_stepping_batches`` loads the data.
+        if self.trainer.estimated_stepping_batches <= 0 or self.trainer.num_training_batches == 0:
             raise ValueError(self._no_training_batches())
+
+    def on_train_start(self) -> None:
         self._apply_overrides()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ bad inputs, each row asserting the error type and that the message names the pro
 from __future__ import annotations
 
 import json
-import math
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -109,3 +109,374 @@ def test_skip_policy_stops_after_max_consecutive_skips(run_cli, tmp_path, monkey
         _fit_with_nan(run_cli, tmp_path, monkeypatch, "MuonSGD", [BATCHES + 1, BATCHES + 2, BATCHES + 3], "grad",
                       "--model.init_args.nonfinite=skip", "--model.init_args.max_consecutive_skips=3")
     _assert_finite(_checkpoints(tmp_path))
+
+
+# -- the table -------------------------------------------------------------------------------
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import yaml  # noqa: E402
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.optim.lr_scheduler import ReduceLROnPlateau  # noqa: E402
+
+import lightning_spectral.callbacks as callbacks  # noqa: E402
+import lightning_spectral.optim as optim  # noqa: E402
+from lightning_spectral.checkpoint import (  # noqa: E402
+    CorruptCheckpointError,
+    RunLockedError,
+    UnsafeCheckpointError,
+    atomic_torch_save,
+    resume_checkpoint,
+    run_lock,
+    validate_checkpoint,
+    write_config_marker,
+)
+from lightning_spectral.data import DigitsDataModule  # noqa: E402
+from lightning_spectral.experiments.spec import StudySpecError, expand, load_study  # noqa: E402
+from lightning_spectral.models import SmallCNN  # noqa: E402
+from lightning_spectral.module import CheckpointMismatchError, CosineSchedule, SpectralModule  # noqa: E402
+
+
+@dataclass
+class Row:
+    """One bad input or fault: ``run(ctx)`` raises ``error`` with every string of ``names`` in
+    its message, or (``error=None``) asserts the correct behaviour itself."""
+
+    id: str
+    run: Callable[[Any], Any]
+    error: type[BaseException] | None = None
+    names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def net(width: float = 0.25) -> nn.Module:
+    return SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=width)
+
+
+def module(width: float = 0.25, optimizer=None, **kwargs) -> SpectralModule:
+    return SpectralModule(net(width), 10, optimizer=optimizer or (lambda p: torch.optim.SGD(p, lr=0.1)), **kwargs)
+
+
+def trainer(ctx, epochs: int = 1, **kwargs) -> Trainer:
+    kwargs = {"limit_train_batches": 2, "limit_val_batches": 1, **kwargs}
+    return Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=ctx.tmp, **kwargs)
+
+
+class Context:
+    def __init__(self, tmp: Path, last: Path) -> None:
+        self.tmp, self.last = tmp, last
+
+    def study(self, **study) -> Path:
+        """A study file: quick-start base, one SGD/Muon optimizer axis, unless overridden (``None`` drops a key)."""
+        spec = {"name": "t", "base": str(QUICKSTART), "seeds": [0],
+                "grids": [{"optimizer": [{"name": "SGD", "set": {}}]}]}
+        spec.update(study)
+        path = self.tmp / "study.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False))
+        return path
+
+    def copy_last(self, name: str, transform: Callable[[bytes], bytes]) -> Path:
+        path = self.tmp / name
+        path.write_bytes(transform(self.last.read_bytes()))
+        return path
+
+    def fit_from(self, ckpt: Path, model: SpectralModule | None = None, run: str = "fit") -> None:
+        getattr(trainer(self, 2), run)(model or module(), DigitsDataModule(batch_size=32), ckpt_path=ckpt)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """last.ckpt of one short SGD fit, shared by the rows."""
+    tmp = tmp_path_factory.mktemp("trained")
+    checkpoint = ModelCheckpoint(dirpath=tmp, save_last=True)
+    Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint]).fit(
+        module(), DigitsDataModule(batch_size=32))
+    return Path(checkpoint.last_model_path)
+
+
+def _axis(values) -> list:
+    return [{"optimizer": values}]
+
+
+def _flip(data: bytes) -> bytes:
+    data = bytearray(data)
+    data[len(data) // 2] ^= 0x01
+    return bytes(data)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _crafted(ctx) -> Path:
+    path = ctx.tmp / "crafted.ckpt"
+    torch.save({"state_dict": {}, "x": _Payload(str(ctx.tmp / "ran"))}, path)
+    return path
+
+
+def _poisoned_save(ctx) -> None:
+    model = module()
+    fit = trainer(ctx)
+    fit.fit(model, DigitsDataModule(batch_size=32))
+    with torch.no_grad():
+        model.net.fc1.weight[0, 0] = float("nan")
+    fit.save_checkpoint(ctx.tmp / "poisoned.ckpt")
+
+
+def _inf_lr(ctx) -> None:  # finite gradients, an update that overflows the weights
+    trainer(ctx, limit_train_batches=1).fit(module(optimizer=lambda p: torch.optim.SGD(p, lr=float("inf")),
+                                                   scheduler=None),
+                                            DigitsDataModule(batch_size=32))
+
+
+def _no_net_classes() -> None:
+    SpectralModule(nn.Sequential(nn.Flatten(), nn.ReLU()))
+
+
+def _float_labels(ctx) -> None:
+    runs = expand(load_study(ctx.study(grids=[{"lr": {"key": "model.init_args.optimizer.init_args.lr",
+                                                      "values": [0.1, 0.1000001]}}])))
+    assert [r.axes["lr"] for r in runs] == ["0.1", "0.1000001"] and len({r.run_id for r in runs}) == 2
+
+
+def _overlapping_grids(ctx) -> None:
+    variant = {"name": "SGD", "set": {"model.init_args.optimizer.init_args.lr": 0.2}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runs = expand(load_study(ctx.study(grids=[_axis([variant])[0], _axis([variant])[0]])))
+    assert len(runs) == 1
+
+
+def _overlapping_grids_differ(ctx) -> None:
+    a = {"name": "SGD", "set": {"model.init_args.optimizer.init_args.lr": 0.2}}
+    b = {"name": "SGD", "set": {"model.init_args.optimizer.init_args.lr": 0.3}}
+    with pytest.warns(UserWarning, match="is also in an earlier grid with another config"):
+        assert len(expand(load_study(ctx.study(grids=[_axis([a])[0], _axis([b])[0]])))) == 1
+
+
+def _string_optimizer(ctx) -> None:
+    base = yaml.safe_load(QUICKSTART.read_text())
+    base["model"]["init_args"]["optimizer"] = "torch.optim.SGD"
+    load_study(ctx.study(base=base, grids=[{"lr": {"key": "model.init_args.optimizer.init_args.lr",
+                                                   "values": [0.1]}}]))
+
+
+def _stale_config(ctx) -> None:
+    directory = ctx.tmp / "ckpts"
+    atomic_torch_save({"state_dict": {}}, directory / "last.ckpt")
+    write_config_marker(directory, "old")
+    assert resume_checkpoint(directory, "new", lambda _: None) is None and not directory.exists()
+
+
+def _empty_last_falls_back(ctx) -> None:
+    directory = ctx.tmp / "ckpts"
+    atomic_torch_save({"state_dict": {}}, directory / "epoch=0-step=2.ckpt")
+    (directory / "last.ckpt").write_bytes(b"")
+    write_config_marker(directory, "h")
+    assert resume_checkpoint(directory, "h", lambda _: None).name == "epoch=0-step=2.ckpt"
+    assert len(list(directory.glob("last.ckpt.corrupt-*"))) == 1
+
+
+def _locked(ctx) -> None:
+    with run_lock(ctx.tmp / "run"), run_lock(ctx.tmp / "run"):
+        pass
+
+
+def _one_param(shape=(4, 4)) -> list[nn.Parameter]:
+    return [nn.Parameter(torch.randn(*shape))]
+
+
+def _nan_step(optimizer_cls, **kwargs) -> None:
+    params = _one_param()
+    optimizer = optimizer_cls(params, **kwargs)
+    params[0].grad = torch.full_like(params[0], float("nan"))
+    before = params[0].detach().clone()
+    try:
+        optimizer.step()
+    finally:
+        assert torch.equal(params[0], before)  # no weight changed
+
+
+class _NaNAtSecondCall(nn.CrossEntropyLoss):
+    calls = 0
+
+    def forward(self, logits, y):
+        self.calls += 1
+        loss = super().forward(logits, y)
+        return loss * float("nan") if self.calls == 2 else loss
+
+
+def _sgd_nan_module_step(ctx) -> None:
+    model = module(nonfinite="skip")
+    model.criterion = _NaNAtSecondCall()
+    fit = trainer(ctx, limit_train_batches=3, limit_val_batches=0)
+    fit.fit(model, DigitsDataModule(batch_size=32))
+    assert model.skipped_steps == 1 and fit.global_step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+ROWS = [
+    # SpectralModule arguments
+    Row("module-nonfinite-policy", lambda c: module(nonfinite="ignore"), ValueError, ("nonfinite", "'ignore'")),
+    Row("module-max-skips-zero", lambda c: module(max_consecutive_skips=0), ValueError, ("max_consecutive_skips",)),
+    Row("module-max-skips-bool", lambda c: module(max_consecutive_skips=True), ValueError, ("max_consecutive_skips",)),
+    Row("module-vector-weight-decay", lambda c: module(vector_weight_decay=-1.0), ValueError, ("vector_weight_decay",)),
+    Row("module-one-class", lambda c: SpectralModule(net(), num_classes=1), ValueError, ("num_classes must be >= 2",)),
+    Row("module-no-class-count", lambda c: _no_net_classes(), ValueError, ("num_classes: pass it",)),
+    Row("module-plateau-scheduler", lambda c: module(scheduler=ReduceLROnPlateau).configure_optimizers(), TypeError,
+        ("ReduceLROnPlateau",)),
+    # CosineSchedule
+    Row("cosine-negative-warmup", lambda c: CosineSchedule(torch.optim.SGD(_one_param(), lr=1), warmup_steps=-1),
+        ValueError, ("warmup_steps must be >= 0",)),
+    Row("cosine-min-lr-ratio", lambda c: CosineSchedule(torch.optim.SGD(_one_param(), lr=1), min_lr_ratio=2.0),
+        ValueError, ("min_lr_ratio",)),
+    Row("cosine-horizon-within-warmup", lambda c: CosineSchedule(torch.optim.SGD(_one_param(), lr=1), total_steps=4,
+                                                                  warmup_steps=4),
+        ValueError, ("total_steps (4) must exceed warmup_steps (4)", "train longer")),
+    Row("cosine-unset-horizon", lambda c: CosineSchedule(torch.optim.SGD(_one_param(), lr=1)).lr_factor(1),
+        RuntimeError, ("total_steps is unset",)),
+    # Training setups that cannot train
+    Row("batch-larger-than-dataset", lambda c: trainer(c, limit_train_batches=None).fit(
+        module(), DigitsDataModule(batch_size=5000)), ValueError, ("batch_size 5000 exceeds the", "training samples")),
+    Row("batch-larger-than-dataset-constant-lr", lambda c: trainer(c, limit_train_batches=None).fit(
+        module(scheduler=None), DigitsDataModule(batch_size=5000)), ValueError, ("batch_size 5000 exceeds",)),
+    Row("no-training-batches", lambda c: trainer(c, limit_train_batches=0).fit(module(), DigitsDataModule()),
+        ValueError, ("limit_train_batches is 0",)),
+    Row("unbounded-cosine", lambda c: trainer(c, epochs=-1).fit(module(), DigitsDataModule()), ValueError,
+        ("trainer.max_epochs or trainer.max_steps",)),
+    # Non-finite values never reach the weights or a checkpoint
+    Row("nan-loss-skipped", _sgd_nan_module_step),
+    Row("nan-weights-not-saved", _poisoned_save, NonFiniteStepError, ("refusing to write a checkpoint",
+                                                                      "net.fc1.weight")),
+    Row("overflowing-update", _inf_lr, NonFiniteStepError, ("made the weight", "non-finite")),
+    Row("muonsgd-nan-gradient", lambda c: _nan_step(optim.MuonSGD, lr=0.1), optim.NonFiniteGradientError,
+        ("holds NaN or Inf", "no weight was changed")),
+    Row("muon-nan-gradient", lambda c: _nan_step(optim.Muon, lr=0.1), optim.NonFiniteGradientError,
+        ("holds NaN or Inf",)),
+    # Resuming from a checkpoint of something else
+    Row("resume-other-optimizer", lambda c: c.fit_from(c.last, module(optimizer=lambda p: torch.optim.AdamW(p))),
+        CheckpointMismatchError, ("torch.optim.sgd.SGD", "torch.optim.adamw.AdamW", "Start a new run")),
+    Row("resume-other-network", lambda c: c.fit_from(c.last, module(width=0.5)), CheckpointMismatchError,
+        ("net.fc1.weight", "requested (128, 128)")),
+    Row("validate-other-network", lambda c: c.fit_from(c.last, module(width=0.5), "validate"),
+        CheckpointMismatchError, ("does not fit the requested model",)),
+    Row("test-other-network", lambda c: c.fit_from(c.last, module(width=0.5), "test"), CheckpointMismatchError,
+        ("does not fit the requested model",)),
+    # Damaged, unsafe and missing checkpoint files
+    Row("ckpt-empty", lambda c: c.fit_from(c.copy_last("empty.ckpt", lambda b: b"")), CorruptCheckpointError,
+        ("empty.ckpt", "empty file")),
+    Row("ckpt-truncated", lambda c: c.fit_from(c.copy_last("cut.ckpt", lambda b: b[: len(b) // 2])),
+        CorruptCheckpointError, ("cut.ckpt", "truncated")),
+    Row("ckpt-bit-flip", lambda c: c.fit_from(c.copy_last("flip.ckpt", _flip)), CorruptCheckpointError,
+        ("flip.ckpt", "CRC-32 mismatch")),
+    Row("ckpt-crafted-pickle", lambda c: c.fit_from(_crafted(c)), UnsafeCheckpointError,
+        ("crafted.ckpt", "weights_only=True")),
+    Row("ckpt-missing", lambda c: c.fit_from(c.tmp / "missing.ckpt"), FileNotFoundError, ("missing.ckpt",)),
+    Row("ckpt-not-lightning", lambda c: (torch.save({"w": torch.ones(1)}, c.tmp / "w.pt"),
+                                         print(validate_checkpoint(c.tmp / "w.pt")),
+                                         None if validate_checkpoint(c.tmp / "w.pt") is None else
+                                         (_ for _ in ()).throw(ValueError(validate_checkpoint(c.tmp / "w.pt")))),
+        ValueError, ("not a Lightning checkpoint",)),
+    Row("ckpt-stale-config-restarts", _stale_config),
+    Row("ckpt-empty-last-falls-back", _empty_last_falls_back),
+    Row("run-locked", _locked, RunLockedError, ("in use by pid",)),
+    # Study files
+    Row("study-grid-for-grids", lambda c: load_study(c.study(grid=[{}])), StudySpecError,
+        ("unknown key 'grid'", "did you mean 'grids'")),
+    Row("study-sets-for-set", lambda c: load_study(c.study(sets={"trainer.max_epochs": 1})), StudySpecError,
+        ("'sets'", "did you mean 'set'")),
+    Row("study-seed-for-seeds", lambda c: load_study(c.study(seed=[1])), StudySpecError, ("did you mean 'seeds'",)),
+    Row("study-axis-keys-for-key", lambda c: load_study(c.study(grids=[{"lr": {"keys": "x", "values": [1]}}])),
+        StudySpecError, ("axis 'lr'", "unknown key 'keys'", "did you mean 'key'")),
+    Row("study-axis-missing-values", lambda c: load_study(c.study(grids=[{"lr": {"key": "x"}}])), StudySpecError,
+        ("axis 'lr'", "missing key 'values'")),
+    Row("study-axis-values-not-list", lambda c: load_study(c.study(grids=[{"lr": {"key": "x", "values": 0.1}}])),
+        StudySpecError, ("'values' must be a non-empty list",)),
+    Row("study-axis-empty", lambda c: load_study(c.study(grids=[{"optimizer": []}])), StudySpecError,
+        ("axis 'optimizer'", "non-empty list")),
+    Row("study-variant-without-name", lambda c: load_study(c.study(grids=_axis([{"set": {}}]))), StudySpecError,
+        ("missing key 'name'",)),
+    Row("study-variant-not-mapping", lambda c: load_study(c.study(grids=_axis(["SGD"]))), StudySpecError,
+        ("every variant is a mapping", "'SGD'")),
+    Row("study-variant-sets", lambda c: load_study(c.study(grids=_axis([{"name": "A", "sets": {}}]))),
+        StudySpecError, ("variant 'A'", "did you mean 'set'")),
+    Row("study-label-collision", lambda c: load_study(c.study(grids=_axis([{"name": "Muon (a)"},
+                                                                          {"name": "Muon [a]"}]))),
+        StudySpecError, ("'Muon [a]' and 'Muon (a)' give the same run id",)),
+    Row("study-label-twice", lambda c: load_study(c.study(grids=_axis([{"name": "SGD"}, {"name": "SGD"}]))),
+        StudySpecError, ("'SGD' twice",)),
+    Row("study-value-twice", lambda c: load_study(c.study(grids=[{"lr": {"key": "model.init_args.optimizer."
+                                                                                "init_args.lr",
+                                                                         "values": [0.1, 0.1]}}])),
+        StudySpecError, ("'0.1' twice",)),
+    Row("study-close-float-labels", _float_labels),
+    Row("study-overlapping-grids", _overlapping_grids),
+    Row("study-overlapping-grids-differ", _overlapping_grids_differ),
+    Row("study-arg-beside-class-path", lambda c: load_study(c.study(
+        grids=[{"lr": {"key": "model.init_args.optimizer.lr", "values": [0.1]}}])), StudySpecError,
+        ("beside class_path", "model.init_args.optimizer.init_args.lr")),
+    Row("study-key-into-string", _string_optimizer, StudySpecError, ("'torch.optim.SGD', not a mapping",)),
+    Row("study-misspelt-branch", lambda c: load_study(c.study(set={"model.init_args.optimzer.init_args.lr": 1})),
+        StudySpecError, ("did you mean 'optimizer'",)),
+    Row("study-no-base", lambda c: load_study(c.study(base=None)), StudySpecError, ("missing key 'base'",)),
+    Row("study-base-not-found", lambda c: load_study(c.study(base="nope.yaml")), StudySpecError,
+        ("base 'nope.yaml' not found", "relative to the study file")),
+    Row("study-bad-kind", lambda c: load_study(c.study(kind="scan")), StudySpecError, ("kind must be",)),
+    Row("study-seeds-string", lambda c: load_study(c.study(seeds="0,1")), StudySpecError,
+        ("seeds must be a non-empty list of integers",)),
+    Row("study-grid-seeds-without-axes", lambda c: load_study(c.study(grids=[{"seeds": [1]}])), StudySpecError,
+        ("'seeds' but no 'axes'",)),
+    Row("study-grid-seed-typo", lambda c: load_study(c.study(grids=[{"axes": {}, "seed": [1]}])), StudySpecError,
+        ("did you mean 'seeds'",)),
+    Row("study-not-a-mapping", lambda c: (c.tmp.joinpath("l.yaml").write_text("- 1\n"), load_study(c.tmp / "l.yaml")),
+        StudySpecError, ("must be a mapping",)),
+    Row("study-diagnostics-list", lambda c: load_study(c.study(diagnostics=["spectral"])), StudySpecError,
+        ("diagnostics must be a mapping",)),
+    Row("study-set-list", lambda c: load_study(c.study(set=["trainer.max_epochs"])), StudySpecError,
+        ("expected a mapping of dotted keys",)),
+    # Optimizers and callbacks (existing checks)
+    Row("muonsgd-negative-lr", lambda c: optim.MuonSGD(_one_param(), lr=-1), ValueError, ("lr must be a positive",)),
+    Row("muonsgd-zero-budget", lambda c: optim.MuonSGD(_one_param(), lr=0.1, spectral_budget=0), ValueError,
+        ("spectral_budget",)),
+    Row("muonsgd-unknown-solver", lambda c: optim.MuonSGD(_one_param(), lr=0.1, inner_solver="nope"), ValueError,
+        ("unknown inner solver 'nope'", "spectral_clip")),
+    Row("muonsgd-momentum-one", lambda c: optim.MuonSGD(_one_param(), lr=0.1, momentum=1.5), ValueError,
+        ("momentum must be in [0, 1)",)),
+    Row("muon-nan-lr", lambda c: optim.Muon(_one_param(), lr=float("nan")), ValueError, ("lr must be a positive",)),
+    Row("muon-negative-weight-decay", lambda c: optim.Muon(_one_param(), lr=0.1, weight_decay=-1), ValueError,
+        ("weight_decay must be >= 0",)),
+    Row("monitor-zero-cadence", lambda c: callbacks.SpectralNormMonitor(every_n_steps=0), ValueError,
+        ("every_n_steps must be a positive int",)),
+    Row("monitor-two-cadences", lambda c: callbacks.SpectralNormMonitor(every_n_steps=5, every_n_epochs=1),
+        ValueError, ("either every_n_steps or every_n_epochs",)),
+    Row("monitor-unknown-method", lambda c: callbacks.SpectralNormMonitor(method="nope"), ValueError,
+        ("method must be one of",)),
+    Row("noise-scale-unknown-mode", lambda c: callbacks.GradientNoiseScaleMonitor(mode="nope"), ValueError,
+        ("mode must be one of",)),
+    Row("data-zero-batch", lambda c: DigitsDataModule(batch_size=0), ValueError, ("batch_size must be >= 1",)),
+    Row("data-val-fraction", lambda c: DigitsDataModule(val_fraction=1.5), ValueError, ("val_fraction",)),
+]
+
+
+def test_table_is_large() -> None:
+    assert len(ROWS) >= 60 and len({r.id for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_bad_input(row: Row, trained: Path, tmp_path: Path) -> None:
+    ctx = Context(tmp_path, trained)
+    if row.error is None:
+        row.run(ctx)
+        return
+    with pytest.raises(row.error) as info:
+        row.run(ctx)
+    for name in row.names:
+        assert name in str(info.value), (row.id, str(info.value))
+    assert not (tmp_path / "ran").exists()  # no crafted payload ever ran

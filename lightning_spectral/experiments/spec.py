@@ -15,15 +15,21 @@ A study file (see ``configs/studies/README.md``)::
     report: {...}                  # figures and tables (see report.py)
 
 A grid may also be ``{axes: {...}, seeds: [...]}`` to give it its own seeds.
+
+The file is checked before any run starts (:class:`StudySpecError`): unknown keys (with the
+closest known one), missing ones, dotted keys that would replace a value of the base config
+that is not a mapping, and two different labels that give the same run id.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import itertools
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,30 @@ from typing import Any
 import yaml
 
 RUN_ID_SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+STUDY_KEYS = ("name", "description", "kind", "base", "set", "seeds", "grids", "diagnostics", "report", "scan")
+GRID_KEYS = ("axes", "seeds")  # a grid with its own seeds: {axes: {...}, seeds: [...]}
+AXIS_KEYS = ("key", "values")  # an axis given as one dotted key (or a list of keys) and its values
+VARIANT_KEYS = ("name", "set", "value")  # one named variant of an axis
+CLASS_SPEC_KEYS = ("class_path", "init_args", "dict_kwargs")
+
+
+class StudySpecError(ValueError):
+    """A study file that cannot mean what it says: unknown or missing keys, colliding run ids."""
+
+
+def check_keys(mapping: dict[str, Any], allowed: tuple[str, ...] | dict[str, Any], where: str,
+               required: tuple[str, ...] = ()) -> None:
+    """Raise :class:`StudySpecError` for a key of ``mapping`` not in ``allowed`` (naming the
+    closest allowed key) or a ``required`` key missing."""
+    allowed = tuple(allowed)
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise StudySpecError(f"{where}: unknown key {key!r}; {hint}the keys are {', '.join(allowed)}")
+    missing = [k for k in required if k not in mapping]
+    if missing:
+        raise StudySpecError(f"{where}: missing key {missing[0]!r} (needs {', '.join(required)})")
 
 
 @dataclass
@@ -85,8 +115,40 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
         node[last] = copy.deepcopy(value)
 
 
-def apply_sets(config: dict[str, Any], sets: dict[str, Any] | None) -> dict[str, Any]:
+def check_dotted(config: dict[str, Any], key: str, where: str) -> None:
+    """Raise :class:`StudySpecError` if ``set_dotted(config, key, ...)`` would not do what ``key``
+    says: replace a value that is not a mapping (a class name string, a number) by a dict of the
+    remaining parts, create a misspelt branch beside a close existing one, or put an argument
+    beside ``class_path`` instead of under ``init_args``."""
+    node: Any = config
+    parts = str(key).split(".")
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth]) or "the config"
+        if "class_path" in node and part not in CLASS_SPEC_KEYS:
+            raise StudySpecError(f"{where}: {key!r} puts {part!r} beside class_path in {here}; arguments of a class "
+                                 f"go under init_args: {'.'.join([*parts[:depth], 'init_args', *parts[depth:]])!r}")
+        if depth == len(parts) - 1:
+            return
+        if part not in node:
+            close = difflib.get_close_matches(part, [str(k) for k in node], n=1, cutoff=0.8)
+            if close:
+                raise StudySpecError(f"{where}: {key!r}: {here} has no {part!r}; did you mean {close[0]!r}?")
+            return  # a new branch: nothing to check below it
+        if not isinstance(node[part], dict):
+            if node[part] is None:
+                return
+            raise StudySpecError(
+                f"{where}: {key!r} goes inside {'.'.join(parts[:depth + 1])!r}, which is {node[part]!r}, not a "
+                f"mapping; set it whole (e.g. {{class_path: ..., init_args: {{...}}}})")
+        node = node[part]
+
+
+def apply_sets(config: dict[str, Any], sets: dict[str, Any] | None, where: str = "set") -> dict[str, Any]:
+    """Apply dotted overrides in order, each checked by :func:`check_dotted` first."""
+    if sets is not None and not isinstance(sets, dict):
+        raise StudySpecError(f"{where}: expected a mapping of dotted keys to values, got {type(sets).__name__}")
     for key, value in (sets or {}).items():
+        check_dotted(config, key, where)
         set_dotted(config, key, value)
     return config
 
@@ -101,80 +163,137 @@ def get_dotted(config: dict[str, Any], key: str, default: Any = None) -> Any:
 
 
 def _format_value(value: Any) -> str:
+    """A label for an axis value: ``%g`` when that reads back as the same number, else every digit."""
     if isinstance(value, float):
-        return f"{value:g}"
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     return str(value)
 
 
 def axis_variants(axis: str, spec: Any) -> list[dict[str, Any]]:
-    """Normalise an axis to ``[{"name", "set", "value"}]``."""
-    if isinstance(spec, dict) and "values" in spec:
-        keys = spec["key"] if isinstance(spec.get("key"), list) else [spec["key"]]
-        return [
-            {"name": _format_value(v), "value": v, "set": {k: v for k in keys}}
-            for v in spec["values"]
-        ]
-    if not isinstance(spec, list):
-        raise ValueError(f"axis {axis!r}: expected a list of variants or {{key, values}}, got {type(spec).__name__}")
-    out = []
-    for variant in spec:
-        if not isinstance(variant, dict) or "name" not in variant:
-            raise ValueError(f"axis {axis!r}: every variant needs a 'name', got {variant!r}")
-        out.append({"name": str(variant["name"]), "value": variant.get("value", variant["name"]),
-                    "set": variant.get("set", {})})
+    """Normalise an axis to ``[{"name", "set", "value"}]``, checking its keys and that no two of
+    its labels are the same."""
+    where = f"axis {axis!r}"
+    if isinstance(spec, dict):
+        check_keys(spec, AXIS_KEYS, where, required=AXIS_KEYS)
+        keys = spec["key"] if isinstance(spec["key"], list) else [spec["key"]]
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            raise StudySpecError(f"{where}: 'values' must be a non-empty list, got {spec['values']!r}")
+        out = [{"name": _format_value(v), "value": v, "set": {k: v for k in keys}} for v in spec["values"]]
+    elif isinstance(spec, list) and spec:
+        out = []
+        for variant in spec:
+            if not isinstance(variant, dict):
+                raise StudySpecError(f"{where}: every variant is a mapping with a 'name', got {variant!r}")
+            check_keys(variant, VARIANT_KEYS, f"{where}, variant {variant.get('name', len(out))!r}",
+                       required=("name",))
+            out.append({"name": str(variant["name"]), "value": variant.get("value", variant["name"]),
+                        "set": variant.get("set") or {}})
+    else:
+        raise StudySpecError(f"{where}: expected a non-empty list of variants or {{key: ..., values: [...]}}, "
+                             f"got {spec!r}")
+    labels: dict[str, str] = {}
+    for variant in out:
+        safe = RUN_ID_SAFE.sub("-", variant["name"])
+        if safe in labels:
+            same = "twice" if labels[safe] == variant["name"] else f"and {labels[safe]!r} give the same run id {safe!r}"
+            raise StudySpecError(f"{where}: the labels {variant['name']!r} {same}; make them distinct "
+                                 f"(letters, digits and . _ = + - are kept in run ids)")
+        labels[safe] = variant["name"]
     return out
 
 
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in value):
+        raise StudySpecError(f"{where}: seeds must be a non-empty list of integers, got {value!r}")
+    return list(value)
+
+
+def _load_base(path: Path, base: Any) -> dict[str, Any]:
+    if isinstance(base, str):
+        candidates = [Path(base)] if Path(base).is_absolute() else [path.parent / base, Path(base)]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise StudySpecError(f"{path}: base {base!r} not found (looked for "
+                                 f"{' and '.join(str(c) for c in candidates)}); it is relative to the study file")
+        base = yaml.safe_load(found.read_text())
+    if not isinstance(base, dict):
+        raise StudySpecError(f"{path}: base must be a run config (a mapping or the path of a YAML file), got {base!r}")
+    return copy.deepcopy(base)
+
+
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
-    """Read a study file; ``overrides`` are dotted keys applied to the study file itself
-    (``{"seeds": [0], "set": {"trainer.max_epochs": 2}}`` style, merged like ``set_dotted``)."""
+    """Read and check a study file (see the module docstring); ``overrides`` are dotted keys
+    applied to the study file itself (``{"seeds": [0], "set.trainer.max_epochs": 2}``), merged
+    like ``set_dotted``. Every run is expanded once here, so that a bad grid fails before any run."""
     path = Path(path)
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a study file must be a mapping")
+        raise StudySpecError(f"{path}: a study file must be a mapping")
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    base = raw.get("base", {})
-    if isinstance(base, str):
-        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not base_path.exists():
-            base_path = Path(base)
-        base = yaml.safe_load(base_path.read_text())
-    base = apply_sets(copy.deepcopy(base), raw.get("set"))
+    check_keys(raw, STUDY_KEYS, str(path), required=("base",))
+    base = apply_sets(_load_base(path, raw["base"]), raw.get("set"), f"{path}: set")
     kind = raw.get("kind", "train")
     if kind not in ("train", "lr_scan"):
-        raise ValueError(f"{path}: kind must be 'train' or 'lr_scan', got {kind!r}")
+        raise StudySpecError(f"{path}: kind must be 'train' or 'lr_scan', got {kind!r}")
     grids = raw.get("grids") or [{}]
-    return Study(
-        name=raw.get("name", path.stem), kind=kind, path=path, base=base, seeds=[int(s) for s in raw.get("seeds", [0])],
-        grids=grids, diagnostics=raw.get("diagnostics", {}) or {}, report=raw.get("report", {}) or {},
-        scan=raw.get("scan", {}) or {}, description=raw.get("description", ""), raw=raw,
-    )
-
-
-def expand(study: Study) -> list[Run]:
-    """All runs of the study, in order: grid by grid, the cartesian product of its axes, then seeds.
-    Duplicate run ids (the same variants in two grids) are kept once."""
-    runs: list[Run] = []
-    seen: set[str] = set()
-    for grid in study.grids:
+    if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        raise StudySpecError(f"{path}: grids must be a list of mappings (axis name: variants), got {grids!r}")
+    for i, grid in enumerate(grids):
         if "axes" in grid:
-            axes, seeds = grid["axes"], [int(s) for s in grid.get("seeds", study.seeds)]
+            check_keys(grid, GRID_KEYS, f"{path}: grid {i}")
+        elif "seeds" in grid:
+            raise StudySpecError(f"{path}: grid {i} has 'seeds' but no 'axes'; a grid with its own seeds is "
+                                 "{axes: {<axis>: ...}, seeds: [...]}")
+    for key in ("diagnostics", "report", "scan", "set"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise StudySpecError(f"{path}: {key} must be a mapping, got {raw[key]!r}")
+    study = Study(
+        name=str(raw.get("name", path.stem)), kind=kind, path=path, base=base,
+        seeds=_seeds(raw.get("seeds", [0]), str(path)), grids=grids, diagnostics=raw.get("diagnostics") or {},
+        report=raw.get("report") or {}, scan=raw.get("scan") or {}, description=raw.get("description", ""), raw=raw,
+    )
+    expand(study, warn=True)
+    return study
+
+
+def expand(study: Study, *, warn: bool = False) -> list[Run]:
+    """All runs of the study, in order: grid by grid, the cartesian product of its axes, then seeds.
+
+    The same labels in two grids are the same run, kept once (with ``warn``, a warning if the two
+    grids configure it differently); two different labels that give the same run id raise."""
+    runs: list[Run] = []
+    seen: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
+    for g, grid in enumerate(study.grids):
+        if "axes" in grid:
+            axes, seeds = grid["axes"], _seeds(grid.get("seeds", study.seeds), f"grid {g}")
         else:
             axes, seeds = grid, study.seeds
+        if not isinstance(axes, dict):
+            raise StudySpecError(f"grid {g}: axes must be a mapping of axis names to variants, got {axes!r}")
         names = list(axes)
         variants = [axis_variants(a, axes[a]) for a in names]
         for combo in itertools.product(*variants):
             for seed in seeds:
                 parts = [f"{a}={v['name']}" for a, v in zip(names, combo)] + [f"seed={seed}"]
                 run_id = RUN_ID_SAFE.sub("-", "__".join(parts))
-                if run_id in seen:
-                    continue
-                seen.add(run_id)
                 config = copy.deepcopy(study.base)
-                for v in combo:
-                    apply_sets(config, v["set"])
+                for a, v in zip(names, combo):
+                    apply_sets(config, v["set"], f"grid {g}, axis {a!r}, variant {v['name']!r}")
                 config["seed_everything"] = seed
+                if run_id in seen:
+                    labels, first = seen[run_id]
+                    if labels != tuple(parts):
+                        raise StudySpecError(f"grid {g}: the runs {' '.join(labels)!r} and {' '.join(parts)!r} get "
+                                             f"the same run id {run_id!r}; make their labels distinct")
+                    if warn and first != config:
+                        warnings.warn(f"grid {g}: run {run_id} is also in an earlier grid with another config; "
+                                      "the earlier one is run (give the variants distinct names to run both)",
+                                      stacklevel=3)
+                    continue
+                seen[run_id] = (tuple(parts), config)
                 runs.append(Run(run_id, {a: v["name"] for a, v in zip(names, combo)},
                                 {a: v["value"] for a, v in zip(names, combo)}, seed, config))
     return runs
