@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -19,13 +20,6 @@ from lightning_spectral.data.text import decode, encode
 from lightning_spectral.module import CosineSchedule, SpectralModule
 from lightning_spectral.optim.param_groups import build_param_groups
 
-#: Matrices of :class:`~lightning_spectral.models.GPT` that take the fallback rule by default:
-#: the token and position embeddings and the output head (tied to the token embedding, when
-#: tied, under the name ``tok_emb.weight``). A lookup table and a classifier over the vocabulary
-#: are not the linear maps between hidden states that spectral rules are designed for (Muon
-#: practice: Jordan et al. 2024; Liu et al. 2025, "Muon is scalable for LLM training").
-GPT_FALLBACK_PATTERNS = ("tok_emb.*", "pos_emb.*", "lm_head.*")
-
 
 class LanguageModule(LightningModule):
     """Next-token prediction with one ``optimizer.step()`` per batch (manual optimization).
@@ -33,8 +27,9 @@ class LanguageModule(LightningModule):
     Batches are ``(x, y)`` token ids ``(B, T)`` with ``y`` the next tokens of ``x``; the loss is
     the mean cross-entropy over all ``B·T`` positions. Parameter groups, optimizer and scheduler
     as :class:`~lightning_spectral.module.SpectralModule` (its learning-rate logging is used as
-    it is); the embeddings and the head go to the fallback
-    rule unless ``exclude`` says otherwise.
+    it is): :func:`~lightning_spectral.optim.param_groups.build_param_groups` gives the token and
+    position embeddings and the output head (tied or not) the fallback rule unless
+    ``embeddings_as_matrices``/``head_as_matrix`` opt them in.
 
     Logged: ``train/loss``; ``train/tokens_per_s`` (tokens of all processes over the wall time
     of the training loop since the previous logged step, data loading and callbacks included)
@@ -48,13 +43,16 @@ class LanguageModule(LightningModule):
 
     Args:
         net: a language model mapping ``(B, T)`` token ids to ``(B, T, vocab)`` logits, with a
-            ``generate(idx, max_new_tokens, temperature, top_k, generator)`` method (:class:`~lightning_spectral.models.GPT`).
+            ``generate(idx, max_new_tokens, temperature, top_k, generator)`` method
+            (:class:`~lightning_spectral.models.GPT`).
         optimizer: builds the optimizer from the parameter groups.
         scheduler: builds the scheduler (stepped every batch); default :class:`CosineSchedule`
             over ``trainer.estimated_stepping_batches`` (give ``warmup_steps`` in the config).
-        exclude: glob patterns of parameter names whose matrices take the fallback rule;
-            ``None``: :data:`GPT_FALLBACK_PATTERNS`; ``[]``: every matrix takes the matrix rule.
-        vector_weight_decay: weight decay of the fallback group; ``None`` keeps the optimizer's.
+        exclude: glob patterns of parameter names whose matrices take the fallback rule.
+        embeddings_as_matrices, head_as_matrix: give the embedding tables / the output head the
+            matrix rule (both, for a head tied to the token embedding).
+        vector_weight_decay: weight decay of the ``vector`` group (biases, norm gains); ``None``
+            keeps the optimizer's. The embedding and head groups keep the optimizer's.
         prompt: the text the end-of-fit sample continues.
         max_new_tokens: bytes sampled at the end of ``fit`` and by ``predict``.
         temperature, top_k: sampling (``temperature=0``: the most likely byte each time).
@@ -67,6 +65,8 @@ class LanguageModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = CosineSchedule,
         exclude: list[str] | None = None,
+        embeddings_as_matrices: bool = False,
+        head_as_matrix: bool = False,
         vector_weight_decay: float | None = 0.0,
         prompt: str = "\n",
         max_new_tokens: int = 300,
@@ -93,7 +93,9 @@ class LanguageModule(LightningModule):
         self.net = net
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.exclude = list(GPT_FALLBACK_PATTERNS if exclude is None else exclude)
+        self.exclude = exclude or []
+        self.embeddings_as_matrices = embeddings_as_matrices
+        self.head_as_matrix = head_as_matrix
         self.vector_weight_decay = vector_weight_decay
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -107,7 +109,9 @@ class LanguageModule(LightningModule):
 
     def configure_optimizers(self) -> Optimizer | dict:
         # The parameter groups and schedule of SpectralModule.configure_optimizers.
-        groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay)
+        groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay,
+                                    embeddings_as_matrices=self.embeddings_as_matrices,
+                                    head_as_matrix=self.head_as_matrix)
         optimizer = self.optimizer(groups)
         if self.scheduler is None:
             return optimizer

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.callbacks import GradientNoiseScaleMonitor, SharpnessMonitor, SpectralNormMonitor
 from lightning_spectral.data.text import PythonSourceDataModule
-from lightning_spectral.lm_module import GPT_FALLBACK_PATTERNS, LanguageModule
+from lightning_spectral.lm_module import LanguageModule
 from lightning_spectral.models import GPT
 from lightning_spectral.module import CosineSchedule
 from lightning_spectral.optim import BlockStiefel, Muon
@@ -52,15 +52,19 @@ def _matrix_names(module: LanguageModule) -> set[str]:
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_embeddings_and_head_take_the_fallback_rule(tie):
+def test_embeddings_and_head_take_the_fallback_rule_unless_asked(tie):
     net = GPT(**TINY, tie_weights=tie)
     names = dict(net.named_parameters())
+    outside = ("tok_emb.weight", "pos_emb.weight", "lm_head.weight")
     default = _matrix_names(LanguageModule(net, scheduler=None))
-    assert default == {n for n, p in names.items() if p.ndim == 2 and not n.startswith(("tok_emb", "pos_emb", "lm_head"))}
+    assert default == {n for n, p in names.items() if p.ndim == 2 and n not in outside}
     assert {n.split(".")[-2] for n in default} == {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"}
     assert ("lm_head.weight" in names) == (not tie)
-    assert tuple(LanguageModule(net).exclude) == GPT_FALLBACK_PATTERNS
-    fewer = _matrix_names(LanguageModule(net, scheduler=None, exclude=[*GPT_FALLBACK_PATTERNS, "*.mlp.*"]))
+    asked = _matrix_names(LanguageModule(net, scheduler=None, embeddings_as_matrices=True, head_as_matrix=True))
+    assert asked == {n for n, p in names.items() if p.ndim == 2}
+    embeddings_only = _matrix_names(LanguageModule(net, scheduler=None, embeddings_as_matrices=True))
+    assert embeddings_only == default | ({"pos_emb.weight"} if tie else {"tok_emb.weight", "pos_emb.weight"})
+    fewer = _matrix_names(LanguageModule(net, scheduler=None, exclude=["*.mlp.*"]))
     assert fewer == {n for n in default if ".mlp." not in n}
 
 
@@ -80,7 +84,7 @@ def test_fit_logs_loss_bits_per_byte_throughput_and_learning_rates(corpus, tmp_p
     rows = _metrics(tmp_path)
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss_step", "train/loss_epoch", "val/loss", "val/bpb", "train/tokens_per_s",
-            "lr/matrix", "lr/vector"} <= logged
+            "lr/matrix", "lr/embedding", "lr/vector"} <= logged
     for row in rows:
         if row["val/loss"]:
             assert float(row["val/bpb"]) == pytest.approx(float(row["val/loss"]) / math.log(2), rel=1e-6)
@@ -120,7 +124,7 @@ def test_block_stiefel_keeps_every_head_orthonormal_over_100_steps(corpus):
     dm.setup("fit")
     net = GPT(**{**TINY, "n_layer": 2})
     head_dim = net.head_dim
-    optimizer = BlockStiefel(build_param_groups(net, exclude=GPT_FALLBACK_PATTERNS), block_size=head_dim, lr=0.05)
+    optimizer = BlockStiefel(build_param_groups(net), block_size=head_dim, lr=0.05)
     module = LanguageModule(net)
     losses = []
     for step, batch in enumerate(dm.train_dataloader()):
