@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import sys
+import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spectral.callbacks import GradientNoiseScaleMonitor
+from lightning_spectral.callbacks import GradientNoiseScaleMonitor, SpectralNormMonitor
 from lightning_spectral.diagnostics import GradientNoiseScale
 
 PER_RANK = 8
@@ -91,3 +93,36 @@ def test_ddp_mode_requires_ddp(tmp_path):
                          callbacks=[GradientNoiseScaleMonitor(mode="ddp")], default_root_dir=tmp_path)
     with pytest.raises(MisconfigurationException, match="DistributedDataParallel"):
         trainer.fit(LinReg())
+
+
+class SeesCallbackMetrics(Callback):
+    """On every rank: the values rank 0 measured are in ``trainer.callback_metrics``; writes the
+    epoch each rank stopped at to ``out/rank<r>``."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        assert math.isfinite(float(trainer.callback_metrics["spectral_norm/max"]))
+
+    def on_train_end(self, trainer, pl_module):
+        norm = float(trainer.callback_metrics["spectral_norm/max"])
+        (self.out / f"rank{trainer.global_rank}").write_text(f"{trainer.current_epoch} {norm}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
+def test_rank_zero_values_reach_every_rank_for_early_stopping(tmp_path):
+    """SpectralNormMonitor measures on rank 0 only; its values are broadcast so that EarlyStopping on
+    every rank reads them (a missing key on rank 1 would raise) and both ranks stop together."""
+    stop = EarlyStopping(monitor="spectral_norm/max", mode="min", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3, logger=False,
+        callbacks=[SpectralNormMonitor(every_n_steps=2), SeesCallbackMetrics(tmp_path), stop],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no logger.*")
+        trainer.fit(LinReg())
+    ranks = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
+    assert [int(epoch) for epoch, _ in ranks] == [1, 1]  # stopped by the threshold after the first epoch
+    assert ranks[0][1] == ranks[1][1] and float(ranks[0][1]) > 0  # the same value on both ranks

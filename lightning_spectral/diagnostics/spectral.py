@@ -90,7 +90,9 @@ class SpectralNormTracker:
 
     ``tracker(model)`` returns ``{layer name: sigma_max}``; the left singular vectors are kept
     between calls (and in ``state_dict``), so after the first call 1-3 rounds usually reach ``tol``.
-    A fixed ``seed`` draws the first vectors, so the global RNG is never consumed.
+    The first vector of the ``i``-th layer is drawn from ``seed + i`` (a fresh generator, so the
+    global RNG is never consumed and the tracker holds only tensors: it pickles, e.g. to
+    ``ddp_spawn`` workers).
     """
 
     def __init__(
@@ -105,20 +107,19 @@ class SpectralNormTracker:
         self.tol = tol
         self.layer_types = tuple(layer_types)
         self.max_layers = max_layers
-        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.vectors: dict[str, Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
         norms = {}
-        for name, module in spectral_layers(model, self.layer_types, self.max_layers):
+        for index, (name, module) in enumerate(spectral_layers(model, self.layer_types, self.max_layers)):
             matrix = weight_matrix(module)
             u = self.vectors.get(name)
-            if u is not None and u.shape[0] != matrix.shape[0]:
-                u = None
-            norms[name], self.vectors[name] = power_iteration(
-                matrix, u, self.max_iter, self.tol, self._generator
-            )
+            generator = None
+            if u is None or u.shape[0] != matrix.shape[0]:
+                u, generator = None, torch.Generator().manual_seed(self.seed + index)
+            norms[name], self.vectors[name] = power_iteration(matrix, u, self.max_iter, self.tol, generator)
         return norms
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
