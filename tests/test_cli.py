@@ -4,9 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 import yaml
+from lightning.pytorch import LightningModule
+from torch import nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_spectral.module import SpectralModule
@@ -65,7 +69,8 @@ def test_short_class_names_resolve(run_cli, capsys) -> None:
     )  # fmt: skip
     model = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == "lightning_spectral.module.SpectralModule"
-    assert model["net"] == {"class_path": "lightning_spectral.models.ResNet18", "init_args": {"width_mult": 0.5}}
+    assert model["net"]["class_path"] == "lightning_spectral.models.ResNet18"
+    assert model["net"]["init_args"]["width_mult"] == 0.5
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW" and model["optimizer"]["init_args"]["lr"] == 0.003
     assert model["scheduler"]["class_path"] == "lightning_spectral.module.CosineSchedule"
     assert printed["data"]["class_path"] == "lightning_spectral.data.MNISTDataModule"
@@ -86,6 +91,59 @@ def test_wrong_key_or_type_gets_a_clear_error(args: list[str], expected: str, ru
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and expected in err and "Traceback" not in err
+    if expected == "NoSuchNet":  # the message lists the networks there are
+        assert "MLP, SmallCNN, ResNet18" in err
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path: Path, run_cli, capsys) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model:\n  class_path: x\n   init_args: [\n")
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--config", str(bad))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad} is not valid YAML" in err and "line 3" in err
+
+
+def test_a_shape_stated_against_the_data_is_an_error(run_cli, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--config", QUICKSTART, "--model.net.init_args.image_size", "28")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.init_args.net.init_args.image_size=28" in err and "DigitsDataModule gives image_size=8" in err
+
+
+class ShapeEcho(LightningModule):
+    """Any LightningModule: the CLI fills its arguments named like the data module's attributes."""
+
+    def __init__(self, num_classes: int = 2, input_shape: list[int] | None = None, in_channels: int = 3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = nn.Linear(math.prod(input_shape), num_classes)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_any_lightning_module_is_sized_by_the_data(run_cli) -> None:
+    cli = run_cli("fit", "--model", f"{__name__}.ShapeEcho", "--data", "DigitsDataModule",
+                  "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu")
+    hparams = cli.model.hparams
+    assert (hparams["num_classes"], hparams["input_shape"], hparams["in_channels"]) == (10, [1, 8, 8], 1)
+    assert cli.trainer.global_step == 1
+
+
+def test_configs_subcommand_lists_the_shipped_configs(run_cli, capsys) -> None:
+    assert run_cli("configs") is None
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "quickstart" in names and "optim/muon" in names
 
 
 def test_wrong_key_in_a_config_file(tmp_path: Path, run_cli, capsys) -> None:
@@ -148,7 +206,7 @@ def test_cifar10_config_trains_on_files_in_real_format(fake_cifar10, run_cli) ->
 def test_mnist_config_links_the_shape(fake_mnist, run_cli) -> None:
     cli = fit_one_epoch_on(run_cli, "mnist_mlp_sgd.yaml", fake_mnist.root, batch_size=16)
     assert cli.model.net.layers[1].in_features == 28 * 28 and cli.trainer.global_step == 2
-    assert cli.model.lr_schedulers() is None  # the source's MNIST runs keep the learning rate constant
+    assert cli.model.lr_schedulers() is None  # the MNIST configs keep the learning rate constant
 
 
 def test_offline_download_ends_the_cli_with_one_line(tmp_path: Path, run_cli, unreachable_downloads) -> None:

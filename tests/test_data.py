@@ -6,15 +6,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import CIFAR10
 
 from lightning_spectral.data import (
     CIFAR10DataModule,
+    DataDescription,
     DatasetUnavailableError,
     DigitsDataModule,
     MNISTDataModule,
     TorchvisionDataModule,
+    data_arguments,
 )
+from lightning_spectral.models import GPT, MLP, SmallCNN
 
 
 def prepared(dm: TorchvisionDataModule | DigitsDataModule):
@@ -71,7 +76,7 @@ def test_cifar10_reads_the_md5_checked_batches(fake_cifar10) -> None:
 
 
 def test_cifar10_without_augmentation_trains_on_the_plain_images(fake_cifar10) -> None:
-    """``augment=False`` (seed 000): training images are exactly the normalised stored pixels."""
+    """``augment=False``: training images are exactly the normalised stored pixels."""
     dm = prepared(CIFAR10DataModule(data_dir=str(fake_cifar10.root), num_workers=0, augment=False))
     mean = torch.tensor(CIFAR10DataModule.mean).view(3, 1, 1)
     std = torch.tensor(CIFAR10DataModule.std).view(3, 1, 1)
@@ -129,3 +134,54 @@ def test_bad_arguments_raise(build, message: str) -> None:
 def test_loaders_need_setup() -> None:
     with pytest.raises(RuntimeError, match="setup"):
         DigitsDataModule().train_dataloader()
+
+
+# -- the data contract: what a data module tells the network ------------------------------------
+class Plain(LightningDataModule):
+    """A plain data module declaring nothing: ``x`` of shape ``shape``, labels 0..classes-1."""
+
+    def __init__(self, shape=(40,), classes: int = 3, labelled: bool = True, **declared) -> None:
+        super().__init__()
+        self.shape, self.classes, self.labelled, self.setups = shape, classes, labelled, 0
+        for name, value in declared.items():
+            setattr(self, name, value)
+
+    def setup(self, stage: str) -> None:
+        self.setups += 1
+        x = torch.randn(12, *self.shape)
+        y = torch.arange(12) % self.classes
+        self.train_set = TensorDataset(x, y) if self.labelled else TensorDataset(x)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=4)
+
+
+def test_declared_attributes_size_the_network_without_setup() -> None:
+    dm = DigitsDataModule()
+    assert dm.input_shape == (1, 8, 8)
+    assert data_arguments(MLP, dm) == {"num_classes": 10, "input_shape": (1, 8, 8), "in_channels": 1,
+                                       "image_size": 8, "in_features": 64}
+    assert data_arguments(SmallCNN, dm) == {"num_classes": 10, "in_channels": 1, "image_size": 8}
+    assert dm.train_set is None  # read from the attributes, nothing loaded
+    assert data_arguments(Plain, Plain(num_classes=5, input_shape=[7])) == {}  # a class without such arguments
+
+
+def test_undeclared_shape_and_classes_come_from_the_data() -> None:
+    dm = Plain(shape=(40,), classes=3)
+    assert data_arguments(MLP, dm) == {"num_classes": 3, "input_shape": (40,), "in_features": 40}
+    images = Plain(shape=(2, 6, 6), classes=4)
+    assert data_arguments(SmallCNN, images) == {"num_classes": 4, "in_channels": 2, "image_size": 6}
+    description = DataDescription(Plain(shape=(2, 6, 6), classes=4))
+    assert (description["input_shape"], description["in_features"], description["num_classes"]) == ((2, 6, 6), 72, 4)
+    assert description.datamodule.setups == 1  # one setup serves every inferred value
+
+
+def test_what_the_data_cannot_give_is_an_error_or_left_out() -> None:
+    with pytest.raises(ValueError, match="not square images"):
+        data_arguments(SmallCNN, Plain(shape=(40,)))
+    with pytest.raises(ValueError, match="declare num_classes"):
+        data_arguments(MLP, Plain(labelled=False))  # MLP's default of 10 classes would be silently wrong
+    assert data_arguments(MLP, Plain(labelled=False, num_classes=3))["num_classes"] == 3
+    # vocab_size/block_size are never inferred; an optional argument (default None) is left out.
+    assert data_arguments(GPT, Plain(labelled=False)) == {}
+    assert data_arguments(GPT, Plain(labelled=False, vocab_size=256, block_size=16)) == {"vocab_size": 256, "block_size": 16}

@@ -208,7 +208,7 @@ def test_lr_scan_matches_the_gradient_descent_threshold() -> None:
 
 
 def test_lr_scan_without_a_stable_lr_returns_nan() -> None:
-    """The seed's bug B7: if the smallest lr diverges, there is no stable lr (the seed returned lr_values[0])."""
+    """If the smallest lr diverges there is no stable lr: NaN, not the smallest lr."""
     out = lr_stability_scan(Scalar, lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), quadratic(4.0), LOADER,
                             lr_values=[3.0, 1.0, 0.1], steps_per_lr=200)
     assert out["lr_values"] == [0.1, 1.0, 3.0] and out["converged"] == [True, False, False]

@@ -9,6 +9,7 @@ optimization) the tensor or ``{"loss": ...}`` its ``training_step`` returns. The
 
 from lightning_spectral.callbacks._base import DiagnosticCallback
 from lightning_spectral.callbacks.constraint import ConstraintMonitor
+from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
 from lightning_spectral.callbacks.noise_scale import GradientNoiseScaleMonitor
 from lightning_spectral.callbacks.sharpness import SharpnessMonitor
 from lightning_spectral.callbacks.spectral import SpectralNormMonitor
@@ -16,6 +17,7 @@ from lightning_spectral.callbacks.spectral import SpectralNormMonitor
 __all__ = [
     "ConstraintMonitor",
     "DiagnosticCallback",
+    "EpochRecorder",
     "GradientNoiseScaleMonitor",
     "SharpnessMonitor",
     "SpectralNormMonitor",

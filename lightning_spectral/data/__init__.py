@@ -1,6 +1,7 @@
-"""Lightning data modules: the bundled digits (offline default), CIFAR-10 and MNIST."""
+"""Lightning data modules: the bundled digits (offline default), CIFAR-10 and MNIST; the contract
+by which any data module sizes the network (:func:`data_arguments`, :data:`DATA_ATTRIBUTES`)."""
 
-from lightning_spectral.data.base import ImageDataModule
+from lightning_spectral.data.base import DATA_ATTRIBUTES, DataDescription, ImageDataModule, data_arguments
 from lightning_spectral.data.digits import DigitsDataModule
 from lightning_spectral.data.vision import (
     CIFAR10DataModule,
@@ -11,9 +12,12 @@ from lightning_spectral.data.vision import (
 
 __all__ = [
     "CIFAR10DataModule",
+    "DATA_ATTRIBUTES",
+    "DataDescription",
     "DatasetUnavailableError",
     "DigitsDataModule",
     "ImageDataModule",
     "MNISTDataModule",
     "TorchvisionDataModule",
+    "data_arguments",
 ]

@@ -101,8 +101,9 @@ class TorchvisionDataModule(ImageDataModule):
 
 
 class CIFAR10DataModule(TorchvisionDataModule):
-    """CIFAR-10 with the source notebook's augmentation (random crop with 4-pixel padding,
-    horizontal flip) and per-channel normalisation; the 10,000 test images are held out."""
+    """CIFAR-10 with the usual augmentation (random crop with 4-pixel padding, horizontal flip;
+    He et al. 2016, "Deep residual learning", §4.2) and per-channel normalisation; the 10,000
+    test images are held out."""
 
     dataset_cls = CIFAR10
     display_name = "CIFAR-10"
@@ -113,7 +114,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
     std = (0.2470, 0.2435, 0.2616)
 
     def __init__(self, *args: Any, augment: bool = True, **kwargs: Any) -> None:
-        """``augment=False`` trains on the plain normalised images (seed 000 did)."""
+        """``augment=False`` trains on the plain normalised images."""
         super().__init__(*args, **kwargs)
         self.augment = augment
 

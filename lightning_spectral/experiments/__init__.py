@@ -1,8 +1,10 @@
 """Studies: grids of ordinary Lightning runs with resume, aggregation, figures and tables.
 
 ``python -m lightning_spectral study --config configs/studies/digits/<name>.yaml`` (see
-:mod:`lightning_spectral.experiments.cli`). :func:`lr_stability_scan` (the notebook's
-``from muon import lr_stability_scan``) lives in :mod:`lightning_spectral.diagnostics` and is
+:mod:`lightning_spectral.experiments.cli`). Layers: :mod:`~.spec` (study files and their grids)
+→ :mod:`~.runner` (each run a fit built by :func:`lightning_spectral.spectral_cli.build_cli`,
+recorded by :class:`lightning_spectral.callbacks.EpochRecorder`) → :mod:`~.report` (tables and
+figures). :func:`lr_stability_scan` lives in :mod:`lightning_spectral.diagnostics` and is
 re-exported here.
 """
 
@@ -13,7 +15,7 @@ __all__ = ["EpochRecorder", "Run", "Study", "collect", "expand", "load_study", "
 
 def __getattr__(name: str):  # lazy: `lr_stability_scan` alone must not import Lightning
     if name == "EpochRecorder":
-        from lightning_spectral.experiments.recorder import EpochRecorder
+        from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
 
         return EpochRecorder
     if name in ("Run", "Study", "expand", "load_study"):

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_spectral.data import data_arguments
 from lightning_spectral.optim.param_groups import build_param_groups
-
 
 
 def resolve(class_path: str) -> Any:
@@ -46,9 +46,10 @@ def build_data(config: dict[str, Any]) -> Any:
 
 
 def build_net(config: dict[str, Any], data: Any) -> nn.Module:
+    """The run's network, sized by the data module (:func:`~lightning_spectral.data.data_arguments`)."""
     net = config["model"]["init_args"]["net"]
     net = {"class_path": net} if isinstance(net, str) else net
-    return instantiate(net, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
+    return instantiate(net, **data_arguments(resolve(net["class_path"]), data))
 
 
 def build_optimizer(config: dict[str, Any], model: nn.Module, lr: float) -> torch.optim.Optimizer:

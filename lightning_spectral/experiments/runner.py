@@ -16,10 +16,10 @@ exists it resumes from there (model, optimizer, scheduler, callbacks and the rec
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import shutil
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -27,17 +27,19 @@ from typing import Any, Callable
 
 import yaml
 
-from lightning_spectral.experiments.recorder import EpochRecorder, write_json
-from lightning_spectral.experiments.spec import Run, Study, config_hash, expand, get_dotted
+from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
+from lightning_spectral.experiments.files import write_json
+from lightning_spectral.experiments.spec import Run, Study, config_hash, expand
+from lightning_spectral.spectral_cli import build_cli
 
 DIAGNOSTIC_DEFAULTS: dict[str, Any] = {
-    "every_n_epochs": 1,  # measure once per epoch, at its end (the notebook's cadence)
+    "every_n_epochs": 1,  # measure once per epoch, at its end
     "spectral": True,  # SpectralNormMonitor (exact svd), max over layers and per layer
     "sharpness": True,  # SharpnessMonitor: top Hessian eigenvalue on the epoch's last batch
     "noise_scale": True,  # GradientNoiseScaleMonitor (split mode) on the epoch's last batch
     "noise_scale_ema": 0.5,
     "constraint": True,  # ConstraintMonitor (TensorBoard) for optimizers with constraint_report()
-    "final_train_eval": False,  # accuracy on the whole training set after fit (seed 000)
+    "final_train_eval": False,  # loss and accuracy on the whole training set (eval mode) after fit
     "keep_checkpoints": False,
 }
 
@@ -72,7 +74,7 @@ def full_config(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
     if diag["constraint"]:
         callbacks.append({"class_path": "lightning_spectral.callbacks.ConstraintMonitor",
                           "init_args": {"every_n_steps": 10}})
-    callbacks.append({"class_path": "lightning_spectral.experiments.recorder.EpochRecorder",
+    callbacks.append({"class_path": "lightning_spectral.callbacks.EpochRecorder",
                       "init_args": {"out_dir": str(directory), "final_train_eval": bool(diag["final_train_eval"])}})
     callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                       "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True}})
@@ -96,8 +98,6 @@ def is_finished(directory: Path, expected_hash: str) -> bool:
     if not result.exists():
         return False
     try:
-        import json
-
         return json.loads(result.read_text()).get("config_hash") == expected_hash
     except (OSError, ValueError):
         return False
@@ -127,11 +127,7 @@ def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def execute_train(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
-    """Fit one run through :class:`~lightning_spectral.cli.SpectralCLI` (``run=False``) and write ``result.json``."""
-    from lightning_spectral.cli import SpectralCLI
-    from lightning_spectral.data import ImageDataModule
-    from lightning_spectral.module import SpectralModule
-
+    """Fit one run through :func:`~lightning_spectral.spectral_cli.build_cli` (``run=False``) and write ``result.json``."""
     directory = run_dir(study, run, out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     config = full_config(study, run, out_dir)
@@ -141,15 +137,7 @@ def execute_train(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]
     previous = directory / "result.json"
     if previous.exists():  # stale result of another config
         previous.unlink()
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the study's own arguments are not the run's
-    try:
-        cli = SpectralCLI(
-            SpectralModule, ImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
-            args=["--config", str(directory / "run.yaml")], run=False,
-        )
-    finally:
-        sys.argv = argv
+    cli = build_cli(["--config", str(directory / "run.yaml")], run=False, save_config_kwargs={"overwrite": True})
     recorder = next(c for c in cli.trainer.callbacks if isinstance(c, EpochRecorder))
     status, error = "finished", None
     start = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def scaled_width(base: int, width_mult: float) -> int:
-    """``int(base * width_mult)`` (truncating, as the source notebook does); at least 1."""
+    """``int(base * width_mult)``, truncating (so width 1.5 × 256 = 384 and 0.3 × 64 = 19); at least 1."""
     if width_mult <= 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
     width = int(base * width_mult)

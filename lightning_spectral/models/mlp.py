@@ -1,8 +1,9 @@
-"""Width-scalable MLP on flattened images (the source's ``WidthScalableMLP``)."""
+"""Width-scalable MLP on flattened inputs of any shape."""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from lightning_spectral.models.common import check_input, scaled_width
 class MLP(nn.Module):
     """``flatten → [Linear(·, h) → act] × (num_layers − 1) → Linear(h, num_classes)``, h = 256·width_mult.
 
+    The input is flattened, so any sample shape works; its size is, in order of precedence,
+    ``prod(input_shape)``, ``in_features``, or ``in_channels · image_size²`` (a square image).
+
     Args:
         num_classes: output logits.
         in_channels: channels of the input image.
@@ -20,9 +24,11 @@ class MLP(nn.Module):
         width_mult: scales the hidden width 256.
         num_layers: number of Linear layers (1 is a linear classifier).
         activation: ``"relu"`` or ``"gelu"``.
-        hidden_sizes: explicit hidden widths (e.g. ``[128, 64]``, seed 000's MLP), scaled by
-            ``width_mult``; overrides ``num_layers``. ``None``: ``num_layers − 1`` layers of 256.
-        bias: biases in the Linear layers (seed 000's MLP has none).
+        hidden_sizes: explicit hidden widths (e.g. ``[128, 64]``), scaled by ``width_mult``;
+            overrides ``num_layers``. ``None``: ``num_layers − 1`` layers of 256.
+        bias: biases in the Linear layers.
+        input_shape: shape of one sample without the batch dimension (``(40,)``, ``(3, 32, 32)``).
+        in_features: values in one flattened sample.
     """
 
     def __init__(
@@ -35,9 +41,24 @@ class MLP(nn.Module):
         activation: Literal["relu", "gelu"] = "relu",
         hidden_sizes: list[int] | None = None,
         bias: bool = True,
+        input_shape: Sequence[int] | None = None,
+        in_features: int | None = None,
     ) -> None:
         super().__init__()
         check_input(in_channels, image_size, num_classes)
+        if input_shape is not None:
+            if not input_shape or min(input_shape) < 1:
+                raise ValueError(f"input_shape must be a non-empty shape of positive sizes, got {input_shape}")
+            flat = math.prod(input_shape)
+            if in_features is not None and in_features != flat:
+                raise ValueError(f"in_features={in_features} disagrees with input_shape={tuple(input_shape)} ({flat} values)")
+            in_features = flat
+        elif in_features is None:
+            in_features = in_channels * image_size * image_size
+        elif in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features}")
+        self.num_classes = num_classes
+        self.in_features = in_features
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if activation not in ("relu", "gelu"):
@@ -47,7 +68,7 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_sizes must be a non-empty list of positive widths, got {hidden_sizes}")
         base = hidden_sizes if hidden_sizes is not None else [256] * (num_layers - 1)
         layers: list[nn.Module] = [nn.Flatten()]
-        width = in_channels * image_size * image_size
+        width = in_features
         for size in base:
             hidden = scaled_width(size, width_mult)
             layers += [nn.Linear(width, hidden, bias=bias), act()]

@@ -1,20 +1,19 @@
-"""``EpochRecorder``: one row of metrics per training epoch, as the notebook's ``MetricsLogger``.
+"""``EpochRecorder``: one row of metrics per training epoch, written to ``history.json``/``.csv``.
 
-The row holds the notebook's keys (``train_loss, train_acc, val_loss, val_acc,
-max_spectral_norm, sharpness, grad_noise_scale, lr, time``) read from what the module logged
-(``train/loss``, ``val/acc``...) and from the diagnostic callbacks' ``last_metrics``, plus the
-time per optimizer step and, for optimizers with ``constraint_report()``, the epoch means of the
-inner solver's iterations and residual and of the distance to the constraint (maximum over
-parameters at each step). Rows go to ``history.json``/``history.csv`` after every epoch and to
-the checkpoint (so a resumed run keeps the epochs it had).
+The row holds ``epoch, step, train_loss, train_acc, val_loss, val_acc, max_spectral_norm,
+sharpness, grad_noise_scale, lr, time`` (the columns of
+:class:`~lightning_spectral.diagnostics.MetricsLogger`), read from what the module logged
+(``train/loss``, ``val/acc``, ...) and from the diagnostic callbacks' ``last_metrics``; the mean
+time of an optimizer step (``step_time_ms``); and, for optimizers with ``constraint_report()``,
+the epoch means of the inner solver's iterations and residual and of the distance to the
+constraint (each the maximum over parameters at its step: ``solver_inner_iterations``,
+``solver_inner_residual``, ``solver_constraint``). The rows are also checkpointed, so a resumed
+run keeps the epochs it had.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.hooks import RemovableHandle
 
 from lightning_spectral.diagnostics import MetricsLogger, compute_spectral_norms
 
@@ -38,22 +38,18 @@ def _scalar(value: Any) -> float:
     return float(value)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write atomically (a reader never sees half a file; an interrupted write leaves the old one)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str, allow_nan=True)
-    os.replace(tmp, path)
-
-
 class EpochRecorder(Callback):
     """Record per-epoch metrics of a fit into ``out_dir`` (``history.json``, ``history.csv``).
+
+    The optimizer step is timed through ``torch.optim.Optimizer``'s step hooks (synchronising
+    the GPU around it when the module is on one); the solver columns come from the optimizer's
+    ``constraint_report()`` after every training batch.
 
     Args:
         out_dir: where the history files go (``None``: keep them in memory only).
         final_train_eval: after fit, measure loss and accuracy on the whole training set in eval
-            mode (seed 000 reports this "train accuracy").
-        stop_on_nonfinite: stop training when the training loss is NaN/Inf (the run is marked diverged).
+            mode (``train_eval_loss``, ``train_eval_acc`` in :attr:`final`).
+        stop_on_nonfinite: stop training when the training loss is NaN/Inf (:attr:`diverged` is set).
     """
 
     def __init__(self, out_dir: str | None = None, final_train_eval: bool = False, stop_on_nonfinite: bool = True):
@@ -63,6 +59,9 @@ class EpochRecorder(Callback):
         self.history: list[dict[str, Any]] = []
         self.diverged = False
         self.final: dict[str, Any] = {}
+        self._hooks: list[RemovableHandle] = []
+        self._sync = False
+        self._step_start = 0.0
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
@@ -71,25 +70,21 @@ class EpochRecorder(Callback):
         self._solver: dict[str, list[float]] = {}
 
     # -- timing of optimizer.step ---------------------------------------------------------
+    def _before_step(self, *_: Any) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
+        self._step_start = time.perf_counter()
+
+    def _after_step(self, *_: Any) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
+        self._step_times.append(time.perf_counter() - self._step_start)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync = pl_module.device.type == "cuda"
         for optimizer in trainer.optimizers:
-            if getattr(optimizer, "_recorder_wrapped", False):
-                continue
-            step = optimizer.step
-
-            @functools.wraps(step)  # keeps the attribute torch's LR schedulers look for
-            def timed(*args: Any, _step: Any = step, **kwargs: Any) -> Any:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                out = _step(*args, **kwargs)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self._step_times.append(time.perf_counter() - start)
-                return out
-
-            optimizer.step = timed
-            optimizer._recorder_wrapped = True
+            self._hooks += [optimizer.register_step_pre_hook(self._before_step),
+                            optimizer.register_step_post_hook(self._after_step)]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_epoch()
@@ -137,16 +132,26 @@ class EpochRecorder(Callback):
         self.save()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
         self.final = {"spectral_norms": compute_spectral_norms(pl_module)}
         if self.final_train_eval and trainer.datamodule is not None:
             self.final.update(evaluate(pl_module, trainer.datamodule.train_dataloader()))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def save(self) -> None:
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.out_dir / "history.json", self.history)
-        MetricsLogger(self.history).save_csv(self.out_dir / "history.csv")
+        history = MetricsLogger(self.history)
+        history.save_json(self.out_dir / "history.json")
+        history.save_csv(self.out_dir / "history.csv")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "diverged": self.diverged}

@@ -1,0 +1,16 @@
+"""A study's report: tables (Markdown, JSON, CSV) and figures (PNG) from its finished runs.
+
+:func:`collect` writes the report; ``report.sections`` of the study file chooses its sections,
+one module each: ``metric_grid`` (per-epoch curves), ``budget``, ``width``, ``lr_sweep``,
+``layer_norms``, ``solvers``, ``optimizer_table``; an ``lr_scan`` study gets ``lr_envelope``;
+every training study ends with the ``summary`` table. A section is a function
+``(study, groups, report_dir, opts) -> (markdown, [png names])`` registered in
+:data:`~lightning_spectral.experiments.report.collect.SECTIONS`; it draws with the helpers of
+:mod:`~lightning_spectral.experiments.report.figures` and tabulates with those of
+:mod:`~lightning_spectral.experiments.report.stats`.
+"""
+
+from lightning_spectral.experiments.report.collect import SECTIONS, collect
+from lightning_spectral.experiments.report.stats import group_results, load_results, mean_std
+
+__all__ = ["SECTIONS", "collect", "group_results", "load_results", "mean_std"]

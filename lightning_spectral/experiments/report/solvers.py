@@ -1,0 +1,34 @@
+"""``solvers``: time per optimizer step, inner iterations and tangency residual per solver."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lightning_spectral.experiments.report.figures import pyplot, save_figure
+from lightning_spectral.experiments.report.stats import fmt, fmt_g, label, md_table
+
+
+def section_solvers(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
+    plt = pyplot()
+    gs = list(groups.values())
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    names = [label(g) for g in gs]
+    for ax, key, title in zip(axes, ("mean_step_time_ms", "final_solver_inner_iterations", "final_solver_inner_residual"),
+                              ("Time per optimizer step (ms)", "Inner iterations per step (max over layers)",
+                               "Tangency residual of the step")):
+        stats = [g["stats"].get(key) or {"mean": math.nan, "std": math.nan, "n": 0} for g in gs]
+        ax.bar(names, [s["mean"] if s["n"] else 0 for s in stats],
+               yerr=[s["std"] if s["n"] > 1 else 0 for s in stats], capsize=2, color="tab:blue")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        if key == "final_solver_inner_residual" and any(s["n"] and s["mean"] > 0 for s in stats):
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3, axis="y")
+    name = save_figure(fig, report_dir / f"{study.name}_solver_cost.png")
+    rows = [[label(g), fmt(g["stats"].get("final_val_acc"), 100), fmt(g["stats"].get("mean_step_time_ms"), digits=1),
+             fmt_g(g["stats"].get("final_solver_inner_iterations")), fmt_g(g["stats"].get("final_solver_inner_residual"))]
+            for g in gs]
+    table = md_table(["Solver", "Val acc %", "ms/step", "Inner iterations (last epoch mean)",
+                      "Tangency residual (last epoch mean)"], rows)
+    return f"## Solver cost and accuracy\n\n![solver cost]({name})\n\n{table}", [name]

@@ -1,0 +1,160 @@
+"""The package's LightningCLI, assembled in one place: :func:`build_cli` serves the command line
+(:func:`lightning_spectral.cli.cli_main`) and every run of a study alike.
+
+The model is any ``LightningModule`` (default :class:`~lightning_spectral.module.SpectralModule`),
+the data any ``LightningDataModule``. Before the model is built, the data module sizes it: the
+arguments of the model and of its ``net`` named in
+:data:`~lightning_spectral.data.DATA_ATTRIBUTES` (``num_classes``, ``input_shape``,
+``in_channels``, ``image_size``, ...) are filled by :func:`~lightning_spectral.data.data_arguments`,
+so a config never states them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from torch import nn
+
+# Imported so that short class names (``SmallCNN``, ``MuonSGD``, ``SpectralNormMonitor``) resolve.
+import lightning_spectral.callbacks  # noqa: F401
+import lightning_spectral.models  # noqa: F401
+import lightning_spectral.optim  # noqa: F401
+from lightning_spectral.config_files import resolve_config_args
+from lightning_spectral.data import DataDescription, data_arguments
+from lightning_spectral.models import MODEL_REGISTRY
+from lightning_spectral.module import SpectralModule
+
+DEFAULT_MODEL = f"{SpectralModule.__module__}.{SpectralModule.__qualname__}"
+_CONFIG_FLAGS = ("--config", "-c")
+
+
+class SpectralArgumentParser(LightningArgumentParser):
+    """A parser whose error for an unknown network lists the networks there are."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if 'key "net"' in message and "import path" in message:
+            names = ", ".join(cls.__name__ for cls in MODEL_REGISTRY.values())
+            message += (f"\nNetworks of the package: {names} (lightning_spectral.models); or the import path of "
+                        "any torch.nn.Module (my_package.MyNet).")
+        super().error(message, ex)
+
+
+class SpectralCLI(LightningCLI):
+    """LightningCLI whose data module sizes the model (see the module docstring)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+
+    def instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        spec = config.get("data")
+        if spec is None or config.get("model") is None:
+            super().instantiate_classes()
+            return
+        parser = self._parser(self.subcommand)
+        datamodule = parser.instantiate_classes(Namespace(data=spec)).data
+        try:
+            fill_from_data(config.model, DataDescription(datamodule))
+        except ValueError as err:
+            parser.error(str(err))
+        if hasattr(self, "config_dump"):  # the hyperparameters are dumped once: from the filled config
+            del self.config_dump
+            self._dump_config()
+        config.data = datamodule  # built once: the filling may have set it up already
+        try:
+            super().instantiate_classes()
+        finally:
+            config.data = spec
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def fill_from_data(model: Namespace, data: DataDescription, key: str = "model") -> None:
+    """Set the data module's values (:func:`~lightning_spectral.data.data_arguments`) into the
+    parsed ``{class_path, init_args}`` of the model and of each network among its arguments.
+
+    Raises:
+        ValueError: the config sets one of them to another value than the data module's.
+    """
+    if not isinstance(model, Namespace) or "class_path" not in model:
+        return
+    cls = _import(model.class_path)
+    if model.get("init_args") is None:
+        model.init_args = Namespace()
+    params = inspect.signature(cls).parameters
+    for name, value in data_arguments(cls, data).items():
+        given = model.init_args.get(name)
+        if given is not None and not _same(given, params[name].default) and not _same(given, value):
+            raise ValueError(
+                f"{key}.init_args.{name}={given!r} in the config, but {type(data.datamodule).__name__} gives "
+                f"{name}={value!r}: the data module sizes the network, so leave {name} out of the config")
+        model.init_args[name] = list(value) if isinstance(value, tuple) else value
+    if key == "model":
+        for name, value in vars(model.init_args).items():
+            if isinstance(value, Namespace) and "class_path" in value:
+                nested = _import(value.class_path)
+                if isinstance(nested, type) and issubclass(nested, nn.Module):
+                    fill_from_data(value, data, f"model.init_args.{name}")
+
+
+def _check_yaml(argv: Sequence[str]) -> None:
+    """Read every ``--config`` file once, so that a YAML syntax error names the file."""
+    for i, arg in enumerate(argv):
+        flag, sep, value = arg.partition("=")
+        if flag not in _CONFIG_FLAGS:
+            continue
+        path = value if sep else (argv[i + 1] if i + 1 < len(argv) else "")
+        if path and Path(path).is_file():
+            try:
+                yaml.safe_load(Path(path).read_text())
+            except yaml.YAMLError as err:
+                print(f"error: {path} is not valid YAML: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+
+def resolve_configs(argv: Sequence[Any]) -> list[str]:
+    """``--config`` values as files: a shipped config's name becomes its path."""
+    try:
+        return resolve_config_args([str(a) for a in argv])
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def build_cli(args: ArgsType = None, *, run: bool = True, **kwargs: Any) -> SpectralCLI:
+    """The package's :class:`SpectralCLI` on ``args`` (a list of command-line arguments; default
+    ``sys.argv[1:]``): ``fit|validate|test|predict`` with ``run=True``, else the config alone
+    (``--config X ...``, classes built, nothing run). ``kwargs`` go to ``LightningCLI``."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)):
+        argv = resolve_configs(argv)
+        _check_yaml(argv)
+    options: dict[str, Any] = {
+        "model_class": None,  # any LightningModule (default SpectralModule)
+        "datamodule_class": None,  # any LightningDataModule
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        "auto_configure_optimizers": False,  # the modules build their own optimizers
+        "parser_class": SpectralArgumentParser,
+        "trainer_defaults": {"default_root_dir": "logs"},
+        **kwargs,
+    }
+    with warnings.catch_warnings():  # the arguments are always passed explicitly: no clash with sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return SpectralCLI(args=argv, run=run, **options)
