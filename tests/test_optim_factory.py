@@ -1,0 +1,70 @@
+"""``create_optimizer`` routes parameters by the rules of ``build_param_groups`` (embeddings and the
+output head take the fallback unless opted in)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_spectral.optim import ManifoldMuon, Muon, create_optimizer
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def stiefel_distance(W):
+    W = W.detach().double()
+    if W.shape[0] < W.shape[1]:
+        W = W.T
+    k = W.shape[1]
+    return float(torch.linalg.matrix_norm(W.T @ W - torch.eye(k, dtype=W.dtype)) / math.sqrt(k))
+
+
+def train(net, opt, steps=10):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("mode", ["inner", "amortized"])
+def test_manifold_muon_leaves_the_head_free_unless_asked(mode):
+    net = model()
+    opt = create_optimizer(net, "manifold_muon", lr=0.05, mode=mode)
+    assert isinstance(opt, ManifoldMuon)
+    assert [g["name"] for g in opt.param_groups] == ["matrix", "head", "vector"]
+    train(net, opt)
+    assert max(stiefel_distance(net[i].weight) for i in (0, 2)) <= 2e-6
+    assert stiefel_distance(net[4].weight) > 1e-2  # the head moved off the manifold: AdamW took it
+
+    net = model()
+    opt = create_optimizer(net, "manifold_muon", lr=0.05, mode=mode, head_as_matrix=True)
+    assert [g["name"] for g in opt.param_groups] == ["matrix", "vector"]
+    train(net, opt)
+    assert max(stiefel_distance(net[i].weight) for i in (0, 2, 4)) <= 2e-6
+
+
+def test_options_reach_build_param_groups():
+    net = model()
+    opt = create_optimizer(net, "muon", lr=0.02, head=["0"], exclude=["2.*"])
+    assert isinstance(opt, Muon)
+    layout = {g["name"]: g["param_names"] for g in opt.param_groups}
+    assert layout == {"matrix": ["4.weight"], "head": ["0.weight"],
+                      "vector": ["0.bias", "2.weight", "2.bias", "4.bias"]}
+    emb = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10))
+    names = [g["name"] for g in create_optimizer(emb, "muon_sgd", lr=0.1).param_groups]
+    assert names == ["matrix", "embedding", "head", "vector"]
+    names = [g["name"] for g in create_optimizer(emb, "muon_sgd", lr=0.1, embeddings_as_matrices=True).param_groups]
+    assert names == ["matrix", "head", "vector"]
