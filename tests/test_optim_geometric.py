@@ -20,7 +20,6 @@ from lightning_spectral.optim.geometric import (
     sinkhorn,
     symplectic_form,
 )
-from lightning_spectral.optim.param_groups import build_param_groups
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -29,6 +28,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def named_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters, split by ndim when the optimizer is built: every weight takes the matrix
+    rule (whatever :func:`~lightning_spectral.optim.param_groups.build_param_groups` does with a
+    model's head), the biases the fallback."""
+    return list(model.named_parameters())
 
 
 def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +76,7 @@ ON_MANIFOLD = {
 def train(opt_cls, kwargs, steps=300, model=None):
     model = model or mlp()
     X, y = data()
-    opt = opt_cls(build_param_groups(model), **kwargs)
+    opt = opt_cls(named_params(model), **kwargs)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -220,11 +226,11 @@ def test_block_stiefel_finds_its_parameters_or_refuses():
     _, opt, _ = train(BlockStiefel, dict(block_size=4), steps=2, model=model)
     assert all("momentum_buffer" in opt.state[p] for p in (model[0].weight, model[2].weight, model[4].weight))
     with pytest.raises(ValueError, match=r"'4\.weight'.*not divisible by block_size=8"):
-        BlockStiefel(build_param_groups(mlp()), block_size=8)
-    opt = BlockStiefel(build_param_groups(mlp()), block_size=8, unsupported="fallback")
+        BlockStiefel(named_params(mlp()), block_size=8)
+    opt = BlockStiefel(named_params(mlp()), block_size=8, unsupported="fallback")
     assert set(opt.constraint_report()) == {"0.weight", "2.weight"}
     with pytest.raises(ValueError, match="no matrix parameter fits"):
-        BlockStiefel(build_param_groups(mlp()), block_size=5, unsupported="fallback")
+        BlockStiefel(named_params(mlp()), block_size=5, unsupported="fallback")
 
 
 @pytest.mark.parametrize("opt_cls", [SLMuon, Symplectic, DoublyStochastic, Grassmann])
@@ -271,10 +277,10 @@ def test_bad_arguments(opt_cls, kwargs, match):
 # -- report, closure, state ---------------------------------------------------------------------
 def test_constraint_report_names_every_matrix_on_the_manifold():
     model = mlp()
-    opt = SLMuon(build_param_groups(model))
+    opt = SLMuon(named_params(model))
     report = opt.constraint_report()
     assert list(report) == ["2.weight"] and report["2.weight"]["constraint"] < 1e-5
-    ds = DoublyStochastic(build_param_groups(mlp()))
+    ds = DoublyStochastic(named_params(mlp()))
     entry = ds.constraint_report()["2.weight"]
     assert {"constraint", "inner_iterations", "inner_residual"} <= set(entry)
 
@@ -283,7 +289,7 @@ def test_constraint_report_names_every_matrix_on_the_manifold():
 def test_closure_is_called_and_its_loss_returned(opt_cls):
     model = mlp()
     X, y = data()
-    opt = opt_cls(build_param_groups(model))
+    opt = opt_cls(named_params(model))
     calls = []
 
     def closure():
@@ -312,14 +318,14 @@ def test_state_dict_round_trip_continues_bit_identically(opt_cls, kwargs):
             opt.step()
 
     model = mlp()
-    opt = opt_cls(build_param_groups(model), **kwargs)
+    opt = opt_cls(named_params(model), **kwargs)
     steps(model, opt, 4)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     clone = mlp(seed=1)
-    opt_clone = opt_cls(build_param_groups(clone), **kwargs)  # built first: it projects the weights
+    opt_clone = opt_cls(named_params(clone), **kwargs)  # built first: it projects the weights
     clone.load_state_dict(saved["model"])
     opt_clone.load_state_dict(saved["opt"])
     steps(model, opt, 3)
@@ -332,7 +338,7 @@ def test_non_finite_gradient_is_refused_without_touching_weights():
     from lightning_spectral.optim import NonFiniteGradientError
 
     model = mlp()
-    opt = Symplectic(build_param_groups(model))
+    opt = Symplectic(named_params(model))
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -349,3 +355,141 @@ def test_sinkhorn_balances_near_permutations_quickly():
     W, iterations, residual = sinkhorn(K, tol=1e-10, max_iters=100)
     assert residual <= 1e-10 and iterations < 30
     assert float(W.min()) >= 0 and torch.allclose(W.sum(0), torch.ones(n, dtype=W.dtype), atol=1e-12)
+
+
+# -- unsupported shapes: a fallback group of their own, reached by schedulers ----------------------
+def test_unsupported_matrices_get_a_fallback_group_that_schedulers_reach():
+    model = mlp()
+    X, y = data()
+    opt = Grassmann(named_params(model), lr=0.05, fallback_lr=1e-2)
+    assert [g.get("name") for g in opt.param_groups] == [None, "matrix_fallback", None]
+    fallback = opt.param_groups[1]
+    assert fallback["params"] == [model[2].weight] and fallback["param_names"] == ["2.weight"]
+    assert not fallback["matrix"] and fallback["lr"] == 1e-2 and fallback["algorithm"] == "adamw"
+    factors = [1.0, 0.5, 0.1, 0.02, 0.01]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factors[step])
+    square = model[2].weight
+    reference = nn.Parameter(square.detach().clone())
+    adamw = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.0)
+    for step in range(4):
+        assert fallback["lr"] == pytest.approx(1e-2 * factors[step])
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        reference.grad = square.grad.clone()
+        for group in adamw.param_groups:
+            group["lr"] = 1e-2 * factors[step]
+        before = square.detach().clone()
+        opt.step()
+        adamw.step()
+        scheduler.step()
+        assert torch.allclose(square.detach(), reference.detach(), rtol=0, atol=1e-7), step
+    # a learning rate frozen at 1e-2 would have moved the last step five times as far
+    assert float((square.detach() - before).abs().max()) < 0.5 * 1e-2
+
+
+def test_state_dict_with_a_fallback_group_round_trips():
+    model = mlp()
+    X, y = data()
+    opt = Grassmann(named_params(model))
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    clone = mlp(seed=1)
+    opt_clone = Grassmann(named_params(clone))
+    clone.load_state_dict(model.state_dict())
+    opt_clone.load_state_dict(torch.load(_saved(opt.state_dict()), weights_only=True))
+    assert torch.equal(opt_clone.state[clone[2].weight]["exp_avg"], opt.state[model[2].weight]["exp_avg"])
+    assert opt_clone.param_groups[1]["name"] == "matrix_fallback"
+
+
+def _saved(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+# -- bad input: a clear error naming the parameter, or the right behaviour ------------------------------
+def test_doubly_stochastic_leaves_a_1x1_matrix_to_the_fallback():
+    one, square = nn.Parameter(torch.randn(1, 1)), nn.Parameter(torch.randn(4, 4))
+    opt = DoublyStochastic([("one", one), ("square", square)], lr=0.1)
+    assert opt.param_groups[1]["param_names"] == ["one"] and not opt.param_groups[1]["matrix"]
+    assert torch.isfinite(one).all() and set(opt.constraint_report()) == {"square"}
+    one.grad, square.grad = torch.ones(1, 1), torch.randn(4, 4)
+    opt.step()
+    assert torch.isfinite(one).all() and torch.isfinite(square).all()
+    with pytest.raises(ValueError, match=r"no matrix parameter fits.*'one'.*single point \[\[1\]\]"):
+        DoublyStochastic([("one", nn.Parameter(torch.randn(1, 1)))])
+    with pytest.raises(ValueError, match=r"parameter 'one' cannot be kept on the manifold.*single point"):
+        DoublyStochastic([("one", one), ("square", square)], unsupported="error")
+
+
+def test_zero_matrices_are_refused_by_the_sets_that_cannot_scale_them():
+    from lightning_spectral.optim import SpectralBall
+
+    for build in (lambda p: SpectralBall([("w", p)]), lambda p: SLMuon([("w", p)])):
+        p = nn.Parameter(torch.zeros(4, 4))
+        with pytest.raises(ValueError, match=r"parameter 'w': it is the zero matrix.*initialise it"):
+            build(p)
+        assert torch.equal(p.detach(), torch.zeros(4, 4))  # nothing written, no NaN
+    p = nn.Parameter(torch.zeros(4, 6))
+    opt = SpectralBall([("w", p)], constraint="ball")  # the zero matrix is inside the ball
+    p.grad = torch.randn(4, 6)
+    opt.step()
+    assert torch.isfinite(p).all() and float(torch.linalg.matrix_norm(p.detach(), ord=2)) > 0
+
+
+@pytest.mark.parametrize("opt_cls", [Symplectic, L1Stiefel, Grassmann, BlockStiefel])
+def test_zero_matrices_start_on_the_sets_that_have_a_nearest_point(opt_cls):
+    """Every orthogonal symplectic matrix (every orthonormal frame) is nearest to 0: one is picked."""
+    p = nn.Parameter(torch.zeros(4, 4) if opt_cls in (Symplectic, BlockStiefel) else torch.zeros(6, 4))
+    kwargs = dict(block_size=2) if opt_cls is BlockStiefel else {}
+    opt = opt_cls([("w", p)], **kwargs)
+    assert opt.constraint_report()["w"]["constraint"] <= 1e-6
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt.constraint_report()["w"]["constraint"] <= 1e-5
+
+
+@pytest.mark.parametrize("opt_cls", [Oblique, SLMuon, DoublyStochastic])
+def test_meta_parameters_are_refused_with_the_fix(opt_cls):
+    p = nn.Parameter(torch.empty(4, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"parameter 'w' is on the meta device.*to_empty"):
+        opt_cls([("w", p)])
+
+
+def test_meta_parameters_are_refused_by_the_manifold_optimizers():
+    from lightning_spectral.optim import ManifoldMuon, SpectralBall
+
+    for opt_cls in (ManifoldMuon, SpectralBall):
+        with pytest.raises(ValueError, match=r"parameter 'w' is on the meta device"):
+            opt_cls([("w", nn.Parameter(torch.empty(4, 3, device="meta")))])
+
+
+def _trained(opt_cls, model, **kwargs):
+    X = torch.randn(16, model[0].in_features)
+    opt = opt_cls(named_params(model), **kwargs)
+    opt.zero_grad()
+    model(X).square().mean().backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("opt_cls", ["ManifoldMuon", "SpectralBall", "Oblique", "Grassmann"])
+def test_state_dict_of_other_shapes_is_refused_before_anything_changes(opt_cls):
+    import lightning_spectral.optim as optim
+
+    cls = getattr(optim, opt_cls)
+    kwargs = dict(momentum=0.9) if opt_cls in ("ManifoldMuon", "SpectralBall") else {}
+    saved = _trained(cls, nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), **kwargs).state_dict()
+    other = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+    opt = _trained(cls, other, **kwargs)
+    before = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match=r"the state '\w+' of parameter '0\.weight' has shape \(16.*\), "
+                                         r"but this parameter needs \(12.*\).*another model"):
+        opt.load_state_dict(saved)
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(before[p][key])), key

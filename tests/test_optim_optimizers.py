@@ -98,6 +98,12 @@ OPTIMIZERS = {
 }
 
 
+def every_matrix(model):
+    """Named parameters, split by ndim: every weight takes the matrix rule (the classifier head
+    included, which build_param_groups leaves to the fallback), the biases the fallback."""
+    return list(model.named_parameters())
+
+
 def params_of(model, grouping):
     return build_param_groups(model) if grouping == "groups" else model.parameters()
 
@@ -310,7 +316,7 @@ def test_budget_bounds_every_matrix_step(optimizer, tangent):
     eta = 0.02
     solver = get_inner_solver("dual_ascent", tangent=tangent)
     cls = MuonSGD if optimizer == "sgd" else MuonAdamW
-    opt = cls(build_param_groups(model), lr=0.5 if optimizer == "sgd" else 0.05, spectral_budget=eta,
+    opt = cls(every_matrix(model), lr=0.5 if optimizer == "sgd" else 0.05, spectral_budget=eta,
               inner_solver=solver, budget_follows_lr=False, weight_decay=0.0)
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     ratios = []
@@ -341,7 +347,7 @@ def stiefel_distance(p):
 def test_manifold_muon_stays_on_stiefel(mode, model_kind):
     model = MODELS[model_kind]()
     x, y = data(model_kind)
-    opt = ManifoldMuon(build_param_groups(model), lr=0.05, mode=mode)
+    opt = ManifoldMuon(every_matrix(model), lr=0.05, mode=mode)
     matrices = {n: p for n, p in model.named_parameters() if p.ndim >= 2}
     worst = max(stiefel_distance(p) for p in matrices.values())
     for _ in range(50 if model_kind == "mlp" else 20):
@@ -367,7 +373,7 @@ def test_spectral_ball_keeps_radius(radius_mode, constraint, mode):
     model = sphere_model()
     g = torch.Generator().manual_seed(7)
     x, y = torch.randn(32, 32, generator=g), torch.randint(0, 3, (32,), generator=g)
-    opt = SpectralBall(build_param_groups(model), lr=0.05, constraint=constraint, radius_mode=radius_mode,
+    opt = SpectralBall(every_matrix(model), lr=0.05, constraint=constraint, radius_mode=radius_mode,
                        mode=mode, radius_scale=1.0 if radius_mode == "identity" else 1.0)
     matrices = {n: p for n, p in model.named_parameters() if p.ndim >= 2}
     # the radius by hand: √(out/in) on the parameter's own shape (first layer is WIDE: 8 × 32 → R = 0.5)

@@ -31,7 +31,12 @@ import torch.distributed as dist
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from .geometry.base import record_inner
 from .param_groups import MATRIX_KEY, split_by_rule
+
+__all__ = ["FALLBACKS", "LR_ADJUSTMENTS", "MODES", "MatrixOptimizer", "NonFiniteGradientError", "ON_CONSTRAINT_TOL",
+           "check_mode", "check_positive", "check_unit_interval", "describe_param", "ema_momentum", "lr_scale",
+           "record_inner"]
 
 
 FALLBACKS = ("adamw", "sgd")
@@ -40,6 +45,8 @@ FALLBACKS = ("adamw", "sgd")
 # checkpoint's weights, and re-projecting those would perturb a resumed run in the last bits.
 ON_CONSTRAINT_TOL = 1e-3
 LR_ADJUSTMENTS = ("none", "original", "match_rms_adamw", "spectral")
+# How a constrained direction's dual is solved: to a tolerance every step, or one step per step.
+MODES = ("inner", "amortized")
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -56,6 +63,19 @@ def check_unit_interval(owner: str, **values: float) -> None:
     for name, value in values.items():
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}")
+
+
+def check_mode(mode: str, owner: Optional[str] = None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{owner + ': ' if owner else ''}mode must be one of {MODES}, got {mode!r}")
+
+
+def describe_param(group: dict[str, Any], group_index: int, i: int) -> str:
+    """``parameter 'name'`` or, for unnamed parameters, its position and shape."""
+    names = group.get("param_names")
+    if names:
+        return f"parameter '{names[i]}'"
+    return f"parameter #{i} of group {group.get('name', group_index)} (shape {tuple(group['params'][i].shape)})"
 
 
 def lr_scale(shape: torch.Size, mode: str) -> float:
@@ -241,31 +261,58 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     st["momentum_buffer"] = buf
 
     def _check_finite(self) -> None:
-        grads, where = [], []
+        """One fused reduction over all gradients (``torch._foreach_norm``, then one ``isfinite``
+        per device: one host sync); only if some norm is not finite are the tensors checked one by
+        one, to name the first bad one (a norm also overflows on finite entries above ~1e19 in
+        float32, which that check clears)."""
+        grads: dict[torch.device, list[torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.setdefault(p.grad.device, []).append(p.grad)
+        if all(bool(torch.stack(torch._foreach_norm(g)).isfinite().all()) for g in grads.values()):
+            return
         for index, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    grads.append(p.grad)
-                    where.append((index, i))
-        if not grads:
-            return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads])
-        if bool(finite.all()):
-            return
-        index, i = where[int((~finite).nonzero()[0])]
-        raise NonFiniteGradientError(
-            f"{type(self).__name__}: the gradient of {self.param_name(index, i)} holds NaN or Inf; "
-            "the step was refused and no weight was changed. Lower the learning rate, clip gradients, "
-            "or use bf16/fp32 instead of fp16."
-        )
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    raise NonFiniteGradientError(
+                        f"{type(self).__name__}: the gradient of {self.param_name(index, i)} holds NaN or Inf; "
+                        "the step was refused and no weight was changed. Lower the learning rate, clip "
+                        "gradients, or use bf16/fp32 instead of fp16."
+                    )
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, after checking that every state tensor has
+        the shape this optimizer needs for its parameter (a checkpoint of another model would
+        otherwise load and fail at the first step); hyperparameters added since the checkpoint
+        was written keep the values they have here."""
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        here = [(index, i) for index, g in enumerate(self.param_groups) for i in range(len(g["params"]))]
+        for key, (index, i) in zip(saved, here):
+            group = self.param_groups[index]
+            expected = self._state_shapes(group, group["params"][i])
+            for name, value in state_dict["state"].get(key, {}).items():
+                if name in expected and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(expected[name]):
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: the state '{name}' of {self.param_name(index, i)} "
+                        f"has shape {tuple(value.shape)}, but this parameter needs {tuple(expected[name])}: the "
+                        "checkpoint was written for another model (or another parameter order). Load this model's "
+                        "checkpoint, or build the model and optimizer the checkpoint was written with."
+                    )
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, before in zip(self.param_groups, current):
+            for name, value in before.items():
+                group.setdefault(name, value)
+
+    def _state_shapes(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """Shapes of the state tensors of ``p`` that have one (momentum and Adam moments: ``p``'s)."""
+        return {name: tuple(p.shape) for name in ("momentum_buffer", "exp_avg", "exp_avg_sq")}
 
     # -- reporting ------------------------------------------------------------------------
     def param_name(self, group_index: int, i: int) -> str:
-        group = self.param_groups[group_index]
-        names = group.get("param_names")
-        if names:
-            return f"parameter '{names[i]}'"
-        return f"parameter #{i} of group {group.get('name', group_index)} (shape {tuple(group['params'][i].shape)})"
+        return describe_param(self.param_groups[group_index], group_index, i)
 
     @torch.no_grad()
     def constraint_report(self) -> dict[str, dict[str, float]]:
@@ -326,10 +373,3 @@ def _broadcast_tensors(tensors: list[torch.Tensor], src: int, device: Optional[t
         for t in group:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
-
-
-def record_inner(state: dict, iterations: int, residual: Any) -> None:
-    """Keep the last inner solve's iteration count and residual in the parameter's state."""
-    state["inner_iterations"] = int(iterations)
-    state["inner_residual"] = residual if isinstance(residual, torch.Tensor) else torch.tensor(float(residual))
-

@@ -5,12 +5,13 @@ optimizers were rebuilt on one skeleton): for each of the nine constrained optim
 the optimizer on a tiny MLP (6×4 tall, 6×6 square, 4×6 wide and three biases, so every optimizer
 has matrices it keeps on its set and, for most, matrices it leaves to the fallback rule), takes
 three steps, saves the model and ``optimizer.state_dict()``, then takes a fourth step and saves the
-weights it produced. ``python tests/data/make_optim_checkpoints.py`` rewrites the files.
+weights it produced. ``python tests/data/make_optim_checkpoints.py [name ...]`` rewrites the files.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -26,13 +27,13 @@ from lightning_spectral.optim import (
     SLMuon,
     SpectralBall,
     Symplectic,
-    build_param_groups,
 )
 
 HERE = Path(__file__).parent
 # name -> (class, constructor keyword arguments)
 CASES = {
     "manifold_muon": (ManifoldMuon, dict(lr=0.05)),
+    "manifold_muon_inner": (ManifoldMuon, dict(lr=0.05, mode="inner")),
     "spectral_ball": (SpectralBall, dict(lr=0.05)),
     "oblique": (Oblique, {}),
     "sl_muon": (SLMuon, dict(lr=0.02)),
@@ -49,6 +50,17 @@ def tiny_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))
 
 
+def tiny_groups(model: nn.Module) -> list[dict]:
+    """The weights in one matrix group, the biases in a fallback group (spelled out, so the layout
+    does not depend on how ``build_param_groups`` picks a model's matrices)."""
+    named = list(model.named_parameters())
+    weights = [(n, p) for n, p in named if p.ndim >= 2]
+    biases = [(n, p) for n, p in named if p.ndim < 2]
+    return [dict(params=[p for _, p in weights], param_names=[n for n, _ in weights], name="matrix", matrix=True),
+            dict(params=[p for _, p in biases], param_names=[n for n, _ in biases], name="vector", matrix=False,
+                 weight_decay=0.0)]
+
+
 def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randn(16, 4, generator=g), torch.randint(0, 4, (16,), generator=g)
@@ -60,12 +72,13 @@ def take_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
     opt.step()
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     torch.set_num_threads(1)
     x, y = tiny_data()
-    for name, (cls, kwargs) in CASES.items():
+    for name in names or CASES:
+        cls, kwargs = CASES[name]
         model = tiny_model()
-        opt = cls(build_param_groups(model), **kwargs)
+        opt = cls(tiny_groups(model), **kwargs)
         for _ in range(3):
             take_step(model, opt, x, y)
         # deep copies: the fourth step updates the state tensors in place
@@ -76,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""The spectral sphere ``‖X‖₂ = R`` and ball ``‖X‖₂ ≤ R``.
+
+``σ₁`` is differentiable where the top singular value is simple, with ``dσ₁ = u₁ᵀ dX v₁``, so
+the sphere's tangent space at ``X`` is ``{A : u₁ᵀAv₁ = 0}`` (Bernstein 2025, "Modular manifolds";
+the ball's tangent cone on its boundary is ``{A : u₁ᵀAv₁ ≤ 0}`` for a move ``X + A``). Both are
+retracted by scaling, which is also the Frobenius-nearest point along the ray: ``X ← (R/σ₁) X``
+(sphere) or ``X ← min(1, R/σ₁) X`` (ball).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import top_singular_pair, top_singular_triple
+from .base import Geometry
+
+RADIUS_MODES = ("spectral_mup", "identity")
+
+
+@dataclass(frozen=True)
+class SpectralSphere(Geometry):
+    """The sphere ``‖X‖₂ = R`` (``ball=False``) or the ball ``‖X‖₂ ≤ R``.
+
+    Radius: ``radius_mode="spectral_mup"`` ``R = radius_scale·√(out/in)`` on the matrix's own
+    ``out × in`` shape (Yang, Simon & Bernstein 2023, "A spectral condition for feature
+    learning"), ``"identity"`` ``R = radius_scale``. The retraction finds the new ``σ₁`` to
+    ``sigma_tol`` (relative) by Lanczos warm-started from the top pair kept in ``state`` as
+    ``u``, ``v`` (:func:`~lightning_spectral.optim.linalg.top_singular_triple`; an SVD costs more
+    than a whole msign on ResNet-18's shapes, power iteration stalls on a clustered top).
+    """
+
+    radius_mode: str = "spectral_mup"
+    radius_scale: float = 1.0
+    ball: bool = False
+    sigma_tol: float = 1e-6
+
+    def radius(self, shape: torch.Size) -> float:
+        if self.radius_mode == "identity":
+            return self.radius_scale
+        return self.radius_scale * math.sqrt(shape[0] / math.prod(shape[1:]))
+
+    def scale(self, X: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``X`` scaled onto the set, given its ``σ₁``."""
+        factor = self.radius(X.shape) / sigma
+        return X * (factor.clamp(max=1.0) if self.ball else factor)
+
+    def project(self, X, state=None):
+        sigma = top_singular_pair(X)[0]
+        if float(sigma) == 0.0 and not self.ball:
+            raise ValueError("it is the zero matrix, which no scaling puts on the sphere ‖W‖₂ = R; initialise "
+                             "it with a nonzero matrix (e.g. nn.init.orthogonal_) or use constraint='ball'")
+        return self.scale(X, sigma)
+
+    def tangent(self, X, A):
+        """``A − (u₁ᵀAv₁) u₁v₁ᵀ`` (ball: only on the boundary and only the outward part)."""
+        sigma, u, v = top_singular_pair(X)
+        along = u @ A @ v
+        if self.ball and (float(sigma) < self.radius(X.shape) * (1.0 - 1e-6) or float(along) <= 0):
+            return A
+        return A - along * torch.outer(u, v)
+
+    def retract(self, X, D, step, state=None):
+        Y = X - step * D
+        warm = (state["u"], state["v"]) if state is not None and "u" in state else None
+        sigma, u, v, _ = top_singular_triple(Y, warm, self.sigma_tol)
+        if state is not None:
+            state.update(u=u, v=v)
+        return self.scale(Y, sigma)
+
+    def distance(self, X) -> float:
+        """``σ₁/R − 1`` with the exact ``σ₁``, signed: ``< 0`` inside the sphere (on the set for the ball)."""
+        return float(torch.linalg.matrix_norm(X, ord=2)) / self.radius(X.shape) - 1.0
+
+    def contains(self, X, tol) -> bool:
+        d = self.distance(X)
+        return d <= tol if self.ball else abs(d) <= tol
