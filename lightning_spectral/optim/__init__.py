@@ -24,7 +24,7 @@ from .geometric import (
 from .linalg import TangentSpace, spectral_clip
 from .msign import SCHEDULES, msign, msign_svd
 from .muon import Muon
-from .param_groups import build_param_groups
+from .param_groups import build_param_groups, routing_table
 from .solvers import (
     SOLVER_REGISTRY,
     ADMMSolver,
@@ -42,6 +42,6 @@ __all__ = [
     "SLMuon", "Symplectic", "sinkhorn", "symplectic_form", "DirectionInfo", "DualAscentSolver", "FrankWolfeSolver", "InnerSolver", "ManifoldMuon",
     "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "NonFiniteGradientError", "OPTIMIZER_TYPES",
     "QuasiNewtonDualSolver", "SCHEDULES", "SOLVER_REGISTRY", "SolveInfo", "SpectralBall", "SpectralClipSolver",
-    "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd",
+    "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd", "routing_table",
     "spectral_ball_direction", "spectral_clip", "stiefel_direction",
 ]
