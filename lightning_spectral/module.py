@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_spectral.checkpoint import use_atomic_checkpoint_io
 from lightning_spectral.optim.param_groups import build_param_groups
+from lightning_spectral.signals import SigtermNotice
 
 
 class CosineSchedule(LRScheduler):
@@ -218,6 +219,10 @@ class SpectralModule(LightningModule):
     def setup(self, stage: str) -> None:
         # Before Lightning loads a ckpt_path (which follows the setup hooks) and writes any checkpoint.
         use_atomic_checkpoint_io(self.trainer)
+
+    def configure_callbacks(self) -> list:
+        """:class:`~lightning_spectral.signals.SigtermNotice`: on SIGTERM, the checkpoint to resume from."""
+        return [SigtermNotice()]
 
     def configure_optimizers(self) -> Optimizer | dict:
         groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay)

@@ -1,4 +1,4 @@
-"""A killed run resumed from its last checkpoint equals the uninterrupted run (issue 8).
+"""A killed run resumed from its last checkpoint equals the uninterrupted run.
 
 The real CLI runs the quick start (digits, every diagnostic callback on, ``ModelCheckpoint(save_last=True)``)
 three times in subprocesses: uninterrupted; killed with ``os._exit`` (no cleanup, no save) in the
@@ -239,3 +239,51 @@ def test_cli_resume_policy(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert {g["initial_lr"] for g in cli.trainer.optimizers[0].param_groups} == {0.1}
     with pytest.raises(CheckpointMismatchError, match=r"net: checkpoint .*'width_mult': 1\.0.*requested .*0\.5"):
         run_cli("validate", *short, "--model.init_args.net.init_args.width_mult=0.5", f"--ckpt_path={last}")
+
+
+# -- SIGTERM ---------------------------------------------------------------------------------
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from lightning.pytorch import seed_everything  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+
+from lightning_spectral.signals import SIGTERM_EXIT_CODE, SigtermNotice, exit_code  # noqa: E402
+
+
+class SendSigterm(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _sigterm_fit(trainer: Trainer, ckpt_path: Path | None = None) -> SpectralModule:
+    seed_everything(0)
+    module = _module(scheduler=lambda opt: CosineSchedule(opt, warmup_steps=2))
+    trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+    return module
+
+
+def _sigterm_trainer(tmp_path: Path, name: str, callbacks: list) -> Trainer:
+    return _trainer(tmp_path, 3, callbacks=[ModelCheckpoint(dirpath=tmp_path / name, save_last=True), *callbacks])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_stops_resumably_and_the_rerun_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGTERM in the middle of epoch 1 (step 5 of 3×3): Lightning stops at the batch boundary;
+    the notice names last.ckpt of epoch 0 (step 3); rerunning from it ends with the uninterrupted
+    run's weights bit for bit; the exit status is 143."""
+    full = _sigterm_fit(_sigterm_trainer(tmp_path, "full", []))
+    last = tmp_path / "stopped" / "last.ckpt"
+    stopped = _sigterm_trainer(tmp_path, "stopped", [SendSigterm(at_step=5)])
+    with pytest.raises(SIGTERMException) as info, pytest.warns(UserWarning, match=rf"resume from {last}"):
+        _sigterm_fit(stopped)
+    assert exit_code(info.value) == SIGTERM_EXIT_CODE == 143 and exit_code(ValueError()) is None
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert next(c for c in stopped.callbacks if isinstance(c, SigtermNotice)).resume_from == str(last)
+    resumed = _sigterm_fit(_sigterm_trainer(tmp_path, "stopped", []), ckpt_path=last)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
