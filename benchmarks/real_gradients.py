@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from lightning_spectral.optim.msign import msign
+
 from ._common import interleaved, median, ns_floor, stack_by_shape, table
 
 CACHE = Path("logs/bench_cache")
@@ -135,11 +137,13 @@ def optimizer_configs() -> dict[str, Callable[[list], torch.optim.Optimizer]]:
 
 
 FLOOR = "floor: standard float32 chain"
+CHAIN = "Muon's chain: msign auto (Gram form where n ≥ 2m)"
 
 
 def time_column(weights: list[torch.Tensor], grads: list[list[torch.Tensor]], configs: dict, warmup: int,
-                repeats: int, cap_s: float, log) -> dict:
-    """Median step time of every configuration (and the floor) on these weights and gradients."""
+                repeats: int, cap_s: float, log, chain: bool = True) -> dict:
+    """Median step time of every configuration, the floor and (``chain``) Muon's msign chain alone
+    on these weights and gradients."""
     cases: dict[str, Callable[[], object]] = {}
     errors: dict[str, str] = {}
 
@@ -155,6 +159,8 @@ def time_column(weights: list[torch.Tensor], grads: list[list[torch.Tensor]], co
 
     stacks = stack_by_shape(grads[0])
     cases[FLOOR] = lambda: ns_floor(stacks, 5)
+    if chain:
+        cases[CHAIN] = lambda: [msign(X, 5, "jordan") for X in stacks]
     for name, build in configs.items():
         params = [torch.nn.Parameter(w.clone()) for w in weights]
         try:
@@ -204,7 +210,7 @@ def render_model(name: str, res: dict) -> str:
             f"median stable rank / min(n, m): real {res['spectrum']['real']['stable_rank_fraction_median']:.3f}, "
             f"Gaussian {res['spectrum']['gaussian']['stable_rank_fraction_median']:.3f}")
     rows = []
-    for row in [FLOOR, *optimizer_configs()]:
+    for row in [FLOOR, CHAIN, *optimizer_configs()]:
         cells = [row]
         for column in ("real", "gaussian"):
             r, c = cols[column].get(row, {}), cols[column]
@@ -224,8 +230,8 @@ GROWTH_CONFIGS = ("Muon", "ManifoldMuon amortized", "SpectralBall amortized")
 
 
 def cost_growth(quick: bool, budget_s: float, log) -> dict:
-    """Step time of one ``n × n`` matrix, n = 128, 256, …, until the floor passes the cap or the
-    section's budget is spent; the exponent is the least-squares slope of log t against log n
+    """Step time of one ``n × n`` matrix, n = 128, 256, …, 2048 while the floor's next step would
+    stay under the cap and the section's budget lasts; the exponent is the least-squares slope of log t against log n
     over n ≥ 256 (cubic work shows as 3, Python overhead per parameter as < 3 at small n)."""
     configs = {k: v for k, v in optimizer_configs().items() if k in GROWTH_CONFIGS}
     sizes = (16, 32, 64) if quick else (128, 256, 512, 1024, 2048)
@@ -240,12 +246,13 @@ def cost_growth(quick: bool, budget_s: float, log) -> dict:
         W = torch.randn(n, n, generator=g) / math.sqrt(n)
         grads = [[torch.randn(n, n, generator=g)] for _ in range(2)]
         res = time_column([W], grads, configs, warmup=1, repeats=1 if quick or n >= 1024 else 2, cap_s=math.inf,
-                          log=lambda *_: None)
+                          log=lambda *_: None, chain=False)
         for k in rows:
             if "median_s" in res.get(k, {}):
                 rows[k][n] = res[k]["median_s"]
         log(f"[growth] n = {n}: " + ", ".join(f"{k} {v.get(n, math.nan):.3f} s" for k, v in rows.items()))
-        if rows[FLOOR].get(n, 0.0) > cap:
+        if 8 * rows[FLOOR].get(n, 0.0) > cap:  # the next doubling would take ≈ 8× as long
+            log(f"[growth] stopping at n = {n}: the next size would pass {cap:g} s per floor step")
             break
     fits = {}
     for k, pts in rows.items():
@@ -275,15 +282,14 @@ def _gemm_calls(fn: Callable[[], object]) -> int:
 def many_small(quick: bool, log) -> dict:
     """200 matrices of 64 × 64 (quick: 20 of 16 × 16): one batched chain against 200 chains,
     and how many GEMM kernels each optimizer launches per step (≈ 200·k: not batched)."""
-    from lightning_spectral.optim.msign import msign
-
     count, n = (20, 16) if quick else (200, 64)
     g = torch.Generator().manual_seed(4)
     weights = [torch.linalg.qr(torch.randn(n, n, generator=g))[0] for _ in range(count)]
     grads = [[torch.randn(n, n, generator=g) for _ in range(count)] for _ in range(2)]
     stack = torch.stack(grads[0])
     configs = {k: v for k, v in optimizer_configs().items() if k in GROWTH_CONFIGS}
-    res = time_column(weights, grads, configs, warmup=1, repeats=1 if quick else 3, cap_s=math.inf, log=lambda *_: None)
+    res = time_column(weights, grads, configs, warmup=1, repeats=1 if quick else 3, cap_s=math.inf, log=lambda *_: None,
+                      chain=False)
     loop = interleaved({"per-matrix msign loop": lambda: [msign(G, 5, "jordan") for G in grads[0]]}, 1,
                        1 if quick else 3)["per-matrix msign loop"]["median_s"]
     rows = {FLOOR: {"median_s": res[FLOOR]["median_s"], "gemm_calls": _gemm_calls(lambda: ns_floor([stack], 5))},
@@ -319,8 +325,6 @@ def render_small(sec: dict) -> str:
 def compiled_chain(quick: bool, log, cache: Path = CACHE) -> dict:
     """Muon's msign chain (the stacked ResNet-18 gradients, Jordan 5 steps, auto method) under
     ``torch.compile`` on the CPU against eager; compile time reported apart."""
-    from lightning_spectral.optim.msign import msign
-
     grads = capture("resnet18", quick, log=log, cache=cache)["grads"][0]
     stacks = stack_by_shape(grads)
     chain = lambda: [msign(X, 5, "jordan") for X in stacks]
