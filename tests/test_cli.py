@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 import yaml
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -138,6 +139,20 @@ def test_any_lightning_module_is_sized_by_the_data(run_cli) -> None:
     hparams = cli.model.hparams
     assert (hparams["num_classes"], hparams["input_shape"], hparams["in_channels"]) == (10, [1, 8, 8], 1)
     assert cli.trainer.global_step == 1
+
+
+class Terminate(Callback):
+    """Raises what Lightning raises when the process receives SIGTERM."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        raise SIGTERMException
+
+
+def test_sigterm_exits_with_143(run_cli) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli("fit", "--config", QUICKSTART, "--trainer.callbacks+", f"{__name__}.Terminate",
+                "--trainer.max_epochs=1", "--trainer.logger=false")
+    assert info.value.code == 143
 
 
 def test_configs_subcommand_lists_the_shipped_configs(run_cli, capsys) -> None:

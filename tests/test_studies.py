@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_spectral.cli import cli_main
 from lightning_spectral.experiments import lr_stability_scan
+from lightning_spectral.experiments.cli import study_main
 from lightning_spectral.experiments.report import collect, group_results, mean_std
 from lightning_spectral.experiments.runner import pending_runs, run_study
 from lightning_spectral.experiments.spec import expand, load_study, set_dotted
@@ -132,6 +133,7 @@ def test_run_resume_collect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     run_dir = out / "tiny" / "runs" / "optimizer=MuonSGD__seed=0"
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "finished" and result["epochs"] == 2 and len(result["history"]) == 2
+    assert result["resumed_from"] is None  # a run never interrupted
     assert {"train_loss", "val_acc", "max_spectral_norm", "step_time_ms", "lr"} <= set(result["history"][-1])
     assert result["final_solver_inner_iterations"] == 0  # exact clipping: no iterations
     assert set(result["final_spectral_norms"]) == {"net.features.0", "net.features.2", "net.fc1", "net.fc2"}
@@ -146,6 +148,15 @@ def test_run_resume_collect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert run_study(study, out, log=lambda _: None)["ran"] == ["optimizer=MuonSGD__seed=0"]
     resumed = json.loads((run_dir / "result.json").read_text())
     assert resumed["resumed_from"].endswith("last.ckpt") and resumed["history"] == result["history"]
+    # A damaged last.ckpt is moved aside with a message; the run resumes from the other checkpoint.
+    (run_dir / "result.json").unlink()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    messages: list[str] = []
+    assert run_study(study, out, log=messages.append)["ran"] == ["optimizer=MuonSGD__seed=0"]
+    assert len(list((run_dir / "checkpoints").glob("last.ckpt.corrupt-*"))) == 1
+    assert any("moved aside" in m for m in messages)
+    again = json.loads((run_dir / "result.json").read_text())
+    assert again["resumed_from"].endswith(".ckpt") and again["history"] == result["history"]
     # A changed config makes the run pending again.
     changed = load_study(write_study(tmp_path), {"set.optimizer_note": None, "seeds": [0],
                                                  "set.trainer.limit_val_batches": 2})
@@ -178,6 +189,22 @@ def test_print_runs_and_cli_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     cli_main([*args, "--collect"])
     assert (tmp_path / "out" / "tiny" / "report" / "summary.md").exists()
+
+
+def test_study_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """0 when every run finished, 1 when one failed (here: a negative learning rate), 2 for a bad file."""
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, grids=[{"optimizer": [
+        {"name": "bad", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": -1.0}}}},
+    ]}])
+    assert study_main(["--config", str(path), "--out_dir", "out"]) == 1
+    assert "failed: optimizer=bad__seed=0" in capsys.readouterr().err
+    (tmp_path / "typo.yaml").write_text(path.read_text().replace("grids:", "grid:"))
+    assert study_main(["--config", str(tmp_path / "typo.yaml")]) == 2
+    assert "grid" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("name: x\n  grids: [\n")
+    assert study_main(["--config", str(tmp_path / "broken.yaml")]) == 2
+    assert f"error: {tmp_path / 'broken.yaml'} is not valid YAML" in capsys.readouterr().err
 
 
 # -- lr_stability_scan ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import yaml
 
 from lightning_spectral.experiments.report import collect
 from lightning_spectral.experiments.runner import pending_runs, run_commands, run_study
-from lightning_spectral.experiments.spec import expand, load_study
+from lightning_spectral.experiments.spec import StudySpecError, expand, load_study
 
 PASS_THROUGH = ("--out_dir", "--seeds", "--max_epochs", "--set", "--threads")
 
@@ -87,9 +87,18 @@ def _pass_through(argv: Sequence[str]) -> list[str]:
 
 
 def study_main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``study`` command; returns the exit status: 0, 1 when a run failed, 2 for a bad
+    study file (its path and the problem on stderr)."""
     argv = list(sys.argv[2:] if argv is None else argv)
     args = parser().parse_args(argv)
-    study = load_study(args.config, overrides(args))
+    try:
+        study = load_study(args.config, overrides(args))
+    except yaml.YAMLError as err:
+        print(f"error: {args.config} is not valid YAML: {err}", file=sys.stderr)
+        return 2
+    except (StudySpecError, FileNotFoundError) as err:  # the message names the file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         import torch
 
@@ -101,15 +110,16 @@ def study_main(argv: Sequence[str] | None = None) -> int:
         print(f"# {study.name}: {total} runs, {pending} pending; afterwards: python -m lightning_spectral study "
               f"{' '.join(shlex.quote(a) for a in _pass_through(argv))} --collect", file=sys.stderr)
         return 0
+    failed: list[str] = []
     if not args.collect:
         done = run_study(study, args.out_dir, only=args.run or None, force=args.force)
-        print(f"{study.name}: ran {len(done['ran'])}, skipped {len(done['skipped'])} finished, "
-              f"failed {len(done['failed'])}")
-        if done["failed"]:
-            print("failed: " + ", ".join(done["failed"]), file=sys.stderr)
+        failed = done["failed"]
+        print(f"{study.name}: ran {len(done['ran'])}, skipped {len(done['skipped'])} finished, failed {len(failed)}")
+        if failed:
+            print("failed: " + ", ".join(failed), file=sys.stderr)
         if args.run or args.no_collect:
-            return 1 if done["failed"] else 0
+            return 1 if failed else 0
     command = "python -m lightning_spectral study " + " ".join(shlex.quote(a) for a in _pass_through(argv))
     report = collect(study, args.out_dir, args.report_dir, command=command, docs_dir=args.docs)
     print(f"report: {report / 'summary.md'}")
-    return 0
+    return 1 if failed else 0

@@ -4,14 +4,18 @@ Layout under ``<out_dir>/<study>/``::
 
     runs/<run_id>/run.yaml        the complete LightningCLI config of the run (``fit --config`` it by hand)
     runs/<run_id>/tensorboard/    its TensorBoard log (``tensorboard --logdir <out_dir>/<study>/runs``)
-    runs/<run_id>/checkpoints/    last.ckpt while it runs (deleted when it finishes, unless keep_checkpoints)
+    runs/<run_id>/checkpoints/    last.ckpt while it runs (deleted when it finishes, unless keep_checkpoints),
+                                  and config_hash: the config the checkpoints were written for
+    runs/<run_id>/.lock           held while a process trains the run
     runs/<run_id>/history.json    per-epoch metrics (also .csv)
     runs/<run_id>/result.json     written last: the run is finished when this exists (and matches run.yaml)
     report/                       collect's tables (Markdown, JSON, CSV) and figures (PNG)
 
 A run is finished when ``result.json`` exists and records the hash of the current config; a
-changed config makes it pending again. An interrupted run restarts; if ``checkpoints/last.ckpt``
-exists it resumes from there (model, optimizer, scheduler, callbacks and the recorded epochs).
+changed config makes it pending again. An interrupted run restarts; if it left a checkpoint of
+the same config that loads (``last.ckpt``, else the newest other one) it resumes from there
+(model, optimizer, scheduler, callbacks and the recorded epochs); checkpoints of a changed
+config, and damaged files, are moved aside with a message.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
+from lightning_spectral.checkpoint import resume_checkpoint, run_lock, write_config_marker
 from lightning_spectral.experiments.files import write_json
 from lightning_spectral.experiments.spec import Run, Study, config_hash, expand
 from lightning_spectral.spectral_cli import build_cli
@@ -126,38 +131,46 @@ def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
             "total_time_s": sum(h.get("time", 0.0) for h in history)}
 
 
-def execute_train(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
-    """Fit one run through :func:`~lightning_spectral.spectral_cli.build_cli` (``run=False``) and write ``result.json``."""
+def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit one run through :func:`~lightning_spectral.spectral_cli.build_cli` (``run=False``) and write ``result.json``.
+
+    The run directory is locked for the fit (:func:`~lightning_spectral.checkpoint.run_lock`: a
+    second process on the same run fails at once). The fit resumes from the checkpoint that
+    :func:`~lightning_spectral.checkpoint.resume_checkpoint` picks: one written for this very
+    config that loads; checkpoints of another config, and files that do not load, are moved aside.
+    """
     directory = run_dir(study, run, out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     config = full_config(study, run, out_dir)
     digest = config_hash(config)
-    (directory / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    last = directory / "checkpoints" / "last.ckpt"
-    previous = directory / "result.json"
-    if previous.exists():  # stale result of another config
-        previous.unlink()
-    cli = build_cli(["--config", str(directory / "run.yaml")], run=False, save_config_kwargs={"overwrite": True})
-    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, EpochRecorder))
-    status, error = "finished", None
-    start = time.perf_counter()
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.exists() else None)
-    except FloatingPointError as err:  # NonFiniteGradientError: the optimizer refused a NaN/Inf gradient
-        status, error = "diverged", str(err)
-    if recorder.diverged:
-        status = "diverged"
-    result = {
-        "study": study.name, "run_id": run.run_id, "axes": run.axes, "values": run.values, "seed": run.seed,
-        "status": status, "error": error, "config_hash": digest, "wall_time_s": time.perf_counter() - start,
-        "resumed_from": str(last) if last.exists() else None,
-        **_summary(recorder.history),
-        **{f"final_{k}" if not k.startswith("final") else k: v for k, v in recorder.final.items()},
-        "history": recorder.history,
-    }
-    if not diagnostics(study)["keep_checkpoints"]:
-        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-    write_json(previous, result)
+    with run_lock(directory):
+        (directory / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        previous = directory / "result.json"
+        if previous.exists():  # stale result of another config
+            previous.unlink()
+        resume = resume_checkpoint(directory / "checkpoints", digest, log)
+        write_config_marker(directory / "checkpoints", digest)
+        cli = build_cli(["--config", str(directory / "run.yaml")], run=False, save_config_kwargs={"overwrite": True})
+        recorder = next(c for c in cli.trainer.callbacks if isinstance(c, EpochRecorder))
+        status, error = "finished", None
+        start = time.perf_counter()
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(resume) if resume else None)
+        except FloatingPointError as err:  # a NaN/Inf loss, gradient or step stopped the run
+            status, error = "diverged", str(err)
+        if recorder.diverged:
+            status = "diverged"
+        result = {
+            "study": study.name, "run_id": run.run_id, "axes": run.axes, "values": run.values, "seed": run.seed,
+            "status": status, "error": error, "config_hash": digest, "wall_time_s": time.perf_counter() - start,
+            "resumed_from": str(resume) if resume else None,
+            **_summary(recorder.history),
+            **{f"final_{k}" if not k.startswith("final") else k: v for k, v in recorder.final.items()},
+            "history": recorder.history,
+        }
+        if not diagnostics(study)["keep_checkpoints"]:
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+        write_json(previous, result)
     return result
 
 
@@ -190,8 +203,10 @@ def execute_lr_scan(study: Study, run: Run, out_dir: str | Path) -> dict[str, An
     return result
 
 
-def execute(study: Study, run: Run, out_dir: str | Path) -> dict[str, Any]:
-    return (execute_lr_scan if study.kind == "lr_scan" else execute_train)(study, run, out_dir)
+def execute(study: Study, run: Run, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    if study.kind == "lr_scan":
+        return execute_lr_scan(study, run, out_dir)
+    return execute_train(study, run, out_dir, log)
 
 
 def run_study(study: Study, out_dir: str | Path, only: list[str] | None = None, force: bool = False,
@@ -215,7 +230,7 @@ def run_study(study: Study, out_dir: str | Path, only: list[str] | None = None, 
             continue
         log(f"[{study.name} {i}/{len(runs)}] {run.run_id}")
         try:
-            result = execute(study, run, out_dir)
+            result = execute(study, run, out_dir, log)
         except Exception as err:  # noqa: BLE001 - keep the grid going; the run stays pending
             from lightning_spectral.data import DatasetUnavailableError
 
