@@ -493,3 +493,31 @@ def test_state_dict_of_other_shapes_is_refused_before_anything_changes(opt_cls):
     for p, state in opt.state.items():
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(before[p][key])), key
+
+
+def test_a_group_of_unsupported_matrices_becomes_a_fallback_group_and_old_layouts_load():
+    sq, tall, sq2 = (nn.Parameter(torch.randn(*s)) for s in ((4, 4), (6, 4), (4, 4)))
+    groups = [dict(params=[sq, tall], name="a"), dict(params=[sq2], name="b", lr=0.01)]
+    opt = Grassmann(groups, fallback_lr=None)
+    assert [(g["name"], g["matrix"], len(g["params"])) for g in opt.param_groups] == [
+        ("a", True, 1), ("a_fallback", False, 1), ("b_fallback", False, 1)]
+    assert opt.param_groups[2]["lr"] == 0.01  # fallback_lr=None: the group's own lr
+    # the layout before unsupported matrices had groups of their own: ids in the original order
+    step = torch.zeros(())
+    old = {"state": {0: {"step": step + 3, "exp_avg": torch.ones(4, 4), "exp_avg_sq": torch.ones(4, 4)},
+                     1: {"momentum_buffer": torch.full((6, 4), 2.0)},
+                     2: {"step": step + 5, "exp_avg": torch.ones(4, 4), "exp_avg_sq": torch.ones(4, 4)}},
+           "param_groups": [{k: v for k, v in opt.param_groups[0].items() if k != "params"} | dict(
+                                params=[0, 1], fallback_rule=dict(algorithm="sgd", lr=0.5, fallback_momentum=0.0)),
+                            {k: v for k, v in opt.param_groups[0].items() if k != "params"} | dict(
+                                params=[2], name="b", fallback_rule=dict(algorithm="adamw", lr=0.02))]}
+    opt.load_state_dict(old)
+    assert float(opt.state[sq]["step"]) == 3 and float(opt.state[sq2]["step"]) == 5
+    assert torch.equal(opt.state[tall]["momentum_buffer"], torch.full((6, 4), 2.0))
+    assert (opt.param_groups[1]["algorithm"], opt.param_groups[1]["lr"]) == ("sgd", 0.5)
+    assert (opt.param_groups[2]["algorithm"], opt.param_groups[2]["lr"], opt.param_groups[2]["name"]) == (
+        "adamw", 0.02, "b_fallback")
+    for p in (sq, tall, sq2):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.constraint_report()["a.0"]["constraint"] <= 1e-5

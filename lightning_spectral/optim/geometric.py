@@ -154,12 +154,13 @@ class GeometricOptimizer(MatrixOptimizer):
                rule: dict[str, Any]) -> list[dict[str, Any]]:
         """Move each matrix the set cannot hold into a fallback group right after its own (or
         raise, with ``unsupported="error"``); refuse meta tensors and an optimizer with nothing
-        to constrain."""
-        owner, out, supported, seen = type(self).__name__, [], 0, []
-        self._routed: dict[int, tuple[list[int], list[int]]] = {}
+        to constrain. ``self._sources[k]`` says where group ``k`` came from: ``(index of the
+        group it was split from, positions there, whether it is the fallback part)``."""
+        owner, out, sources, supported, seen = type(self).__name__, [], [], 0, []
         for index, group in enumerate(groups):
-            out.append(group)
             if not group[MATRIX_KEY]:
+                out.append(group)
+                sources.append((index, list(range(len(group["params"]))), False))
                 continue
             settings = {**defaults, **group}
             geometry = self.geometry(settings)
@@ -185,23 +186,27 @@ class GeometricOptimizer(MatrixOptimizer):
                         "them in a group with matrix=False."
                     )
             supported += len(keep)
-            if not off:
-                continue
             names = group.get("param_names")
-            fallback = dict(rule, lr=rule["lr"] if rule["lr"] is not None else settings["lr"])
-            fallback.update(params=[group["params"][i] for i in off], name=f"{group.get('name', 'matrix')}_fallback")
-            fallback[MATRIX_KEY] = False
-            group["params"] = [group["params"][i] for i in keep]
-            if names:
-                fallback["param_names"] = [names[i] for i in off]
-                group["param_names"] = [names[i] for i in keep]
-            self._routed[len(out)] = (keep, off)
-            out.append(fallback)
+            if keep:
+                kept = dict(group, params=[group["params"][i] for i in keep])
+                if names:
+                    kept["param_names"] = [names[i] for i in keep]
+                out.append(kept)
+                sources.append((index, keep, False))
+            if off:
+                fallback = dict(rule, lr=rule["lr"] if rule["lr"] is not None else settings["lr"])
+                fallback.update(params=[group["params"][i] for i in off], name=f"{group.get('name', 'matrix')}_fallback")
+                fallback[MATRIX_KEY] = False
+                if names:
+                    fallback["param_names"] = [names[i] for i in off]
+                out.append(fallback)
+                sources.append((index, off, True))
         if supported == 0:
             detail = "; ".join(seen[:4]) + ("; ..." if len(seen) > 4 else "")
             raise ValueError(f"{owner}: no matrix parameter fits the manifold, so nothing would be constrained "
                              f"({detail or 'there are no matrix parameters'})")
-        return [g for g in out if g["params"]]
+        self._sources = sources
+        return out
 
     @torch.no_grad()
     def _project_onto_sets(self) -> None:
@@ -242,31 +247,24 @@ class GeometricOptimizer(MatrixOptimizer):
         """Also loads a checkpoint written before unsupported matrices had a group of their own
         (they were in their matrix group, the fallback's hyperparameters in ``fallback_rule``)."""
         saved = state_dict["param_groups"]
-        if self._routed and len(saved) == len(self.param_groups) - len(self._routed):
-            state_dict = dict(state_dict, param_groups=self._split_saved_groups(saved))
+        original = len({index for index, _, _ in self._sources})
+        if len(saved) == original != len(self.param_groups):
+            state_dict = dict(state_dict, param_groups=[self._split_saved(saved, k) for k in range(len(self._sources))])
         super().load_state_dict(state_dict)
 
-    def _split_saved_groups(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out, source = [], iter(saved)
-        for index, current in enumerate(self.param_groups):
-            if index in self._routed:
-                keep, off = self._routed[index]
-                old = out[-1].pop("_old")
-                group = {k: v for k, v in current.items() if k not in ("params", "param_names")}
-                group.update(old.get("fallback_rule", {}))
-                group["params"] = [old["params"][i] for i in off]
-                out.append(group)
-                continue
-            old = next(source)
-            group = {k: v for k, v in old.items() if k != "fallback_rule"}
-            if index + 1 in self._routed:
-                keep, _ = self._routed[index + 1]
-                group["params"] = [old["params"][i] for i in keep]
-                if "param_names" in old:
-                    group["param_names"] = [old["param_names"][i] for i in keep]
-                group["_old"] = old
-            out.append(group)
-        return out
+    def _split_saved(self, saved: list[dict[str, Any]], k: int) -> dict[str, Any]:
+        """Group ``k`` of this optimizer, cut out of the old layout's groups ``saved``."""
+        index, positions, is_fallback = self._sources[k]
+        old = saved[index]
+        if is_fallback:
+            group = {key: v for key, v in self.param_groups[k].items() if key not in ("params", "param_names")}
+            group.update(old.get("fallback_rule", {}))
+        else:
+            group = {key: v for key, v in old.items() if key != "fallback_rule"}
+        group["params"] = [old["params"][i] for i in positions]
+        if "param_names" in old:
+            group["param_names"] = [old["param_names"][i] for i in positions]
+        return group
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
