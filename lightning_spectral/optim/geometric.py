@@ -8,32 +8,33 @@ Every step of every one of them (:meth:`GeometricOptimizer._matrix_step`) is
 
 with the set (the :mod:`~lightning_spectral.optim.geometry`) and the direction rule as follows:
 
-=======================  ====================================  ==============================  =================
-optimizer                constraint set (per matrix)           direction                       shapes it takes
-=======================  ====================================  ==============================  =================
-:class:`ManifoldMuon`    Stiefel ``WᵀW = I``                   ``msign(G + WX)``, dual ``X``   every matrix
-:class:`SpectralBall`    ``‖W‖₂ = R`` / ``≤ R``                ``msign(G + λu₁v₁ᵀ)``, dual λ   every matrix
-:class:`Oblique`         unit-norm columns (or rows)           Riemannian / msign              every matrix
-:class:`SLMuon`          ``det W = 1``                         Riemannian / msign (algebra)    square
-:class:`Symplectic`      ``WᵀJW = J``                          Riemannian / msign (algebra)    square, even size
-:class:`L1Stiefel`       Stiefel (+ an ℓ1 penalty)             Riemannian / msign              every matrix
-:class:`BlockStiefel`    each block of rows/columns Stiefel    Riemannian / msign per block    blocked dim % block_size == 0
-:class:`DoublyStochastic`  ``W ≥ 0``, ``W1 = 1``, ``Wᵀ1 = 1``  entropic mirror step            square, n ≥ 2
-:class:`Grassmann`       span of ``W`` (orthonormal basis)     Riemannian / msign (horizontal)  non-square
-=======================  ====================================  ==============================  =================
+=========================  ==================================  =================================  ==================
+optimizer                  constraint set (per matrix)         direction                          shapes it takes
+=========================  ==================================  =================================  ==================
+:class:`ManifoldMuon`      Stiefel ``WᵀW = I``                 ``msign(G + WX)``, dual ``X``      every matrix
+:class:`SpectralBall`      ``‖W‖₂ = R`` or ``≤ R``             ``msign(G + λu₁v₁ᵀ)``, dual ``λ``  every matrix
+:class:`Oblique`           unit-norm columns (or rows)         Riemannian / msign                 every matrix
+:class:`SLMuon`            ``det W = 1``                       Riemannian / msign, Lie algebra    square
+:class:`Symplectic`        ``WᵀJW = J``                        Riemannian / msign, Lie algebra    square, even size
+:class:`L1Stiefel`         Stiefel (+ an ℓ1 penalty)           Riemannian / msign                 every matrix
+:class:`BlockStiefel`      each block of rows/columns Stiefel  Riemannian / msign per block       block_size divides
+:class:`DoublyStochastic`  ``W ≥ 0``, ``W1 = 1``, ``Wᵀ1 = 1``  entropic mirror step               square, n ≥ 2
+:class:`Grassmann`         span of ``W`` (orthonormal basis)   Riemannian / msign, horizontal     non-square
+=========================  ==================================  =================================  ==================
 
 ``direction="riemannian"`` is Riemannian SGD with projection transport of the momentum (as
 geoopt's ``RiemannianSGD``); ``"msign"`` is ``P_T(msign(D_R))``, a Muon-sized step that is still
 a descent direction, ``⟨D_R, P_T(msign(D_R))⟩ = ‖D_R‖_* ≥ 0`` (Jordan et al. 2024, Muon).
 
 A matrix of a shape the set cannot hold is moved, when the optimizer is built, into a group of
-its own right after its matrix group (named ``"<group name>_fallback"``, ``matrix=False``)
-that follows the fallback rule at ``fallback_lr``, so learning-rate schedulers reach it;
-``unsupported="error"`` makes the constructor raise a ``ValueError`` naming it instead. An
-optimizer none of whose matrices fits its set refuses to be built. Conv kernels are
-``out × in·kh·kw`` matrices. Every matrix is projected onto its set when the optimizer is built
-(unless already within :data:`~lightning_spectral.optim.base.ON_CONSTRAINT_TOL` of it), so build
-the optimizer *before* loading a checkpoint's weights.
+its own right after its matrix group (``matrix=False``, named ``"<group name>_fallback"``, or
+``"matrix_fallback"`` for an unnamed group) that follows the fallback rule at ``fallback_lr``,
+so learning-rate schedulers reach it; ``unsupported="error"`` makes the constructor raise a
+``ValueError`` naming it instead. An optimizer none of whose matrices fits its set refuses to
+be built. Conv kernels are ``out × in·kh·kw`` matrices. Every matrix is projected onto its set
+when the optimizer is built (unless already within
+:data:`~lightning_spectral.optim.base.ON_CONSTRAINT_TOL` of it), so build the optimizer *before*
+loading a checkpoint's weights.
 
 Direction and retraction run in float32 (determinants, the Cayley solve and Sinkhorn in
 float64) whatever the parameter dtype; state is only tensors and plain values.
@@ -60,7 +61,7 @@ from .base import (
 )
 from .directions import spectral_ball_direction, stiefel_direction
 from .geometry import sinkhorn, symplectic_form
-from .linalg import as_matrix
+from .linalg import as_matrix, top_singular_pair
 from .msign import check_schedule, msign
 from .param_groups import MATRIX_KEY, split_by_rule
 
@@ -443,7 +444,7 @@ class SpectralBall(GeometricOptimizer):
         return SpectralBall.geometry(group).radius(as_matrix(p).shape)
 
     def _init_state(self, group, X, state):
-        _, u, v = geo.sphere.top_singular_pair(X)
+        _, u, v = top_singular_pair(X)
         state.update(u=u, v=v, dual=0.0)
 
     def _direction(self, group, geometry, X, G, state):
