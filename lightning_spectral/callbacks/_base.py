@@ -133,9 +133,10 @@ def _quiet(pl_module: nn.Module) -> Iterator[None]:
 
 
 def _metric_state(metric: Metric) -> dict[str, Any]:
-    """A torchmetrics ``Metric``'s accumulated states (tensors cloned, lists copied) and update count."""
+    """A torchmetrics ``Metric``'s accumulated states (tensors cloned, lists copied), update count and
+    caches: the attributes ``Metric.update``/``forward`` change (torchmetrics 1.x)."""
     state: dict[str, Any] = {}
-    for name in (*metric._defaults, "_update_count", "_computed"):
+    for name in (*metric._defaults, "_update_count", "_computed", "_forward_cache"):
         value = metric.__dict__.get(name)
         state[name] = value.clone() if isinstance(value, Tensor) else list(value) if isinstance(value, list) else value
     return state
