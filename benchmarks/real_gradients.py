@@ -2,6 +2,7 @@
 cost growth with n; many small matrices; ``torch.compile`` of Muon's msign chain.
 
     python -m benchmarks.real_gradients [--quick] [--models mlp,small_cnn,resnet18,gpt]
+                                        [--sections forms,growth,small,compile]
                                         [--out logs/bench_real.json] [--budget-s 600] [--threads 1]
 
 Capture: each network (seeded) trains for a few SGD steps (lr 0.01, momentum 0.9) on synthetic
@@ -321,6 +322,44 @@ def render_small(sec: dict) -> str:
             + table(["step", "ms", "÷ one batched chain", "GEMM kernels per step", "batched"], rows))
 
 
+# -- the two msign forms by shape -------------------------------------------------------------------
+def form_flops(m: int, n: int, steps: int = 5) -> tuple[float, float]:
+    """Flops of the standard chain and of the re-synchronised Gram form for one ``m × n``, ``m ≤ n``."""
+    from lightning_spectral.optim.msign import GRAM_RESYNC
+
+    standard = steps * (4 * m * m * n + 2 * m**3)
+    gram = 8 * m * m * n + (4 * steps - 6) * 2 * m**3 if steps > GRAM_RESYNC else 4 * m * m * n + (4 * steps - 3) * 2 * m**3
+    return standard, gram
+
+
+def msign_forms(quick: bool, log) -> dict:
+    """``msign(method="gram")`` against ``method="standard"`` (Jordan, 5 steps, float32) on one
+    ``m × n`` matrix per aspect ratio (``m = 256``; quick 32) and on GPT-2 small's MLP matrix,
+    with the flop ratio predicted by :func:`form_flops`; what ``"auto"`` picks is marked."""
+    from lightning_spectral.optim.msign import uses_gram
+
+    m = 32 if quick else 256
+    shapes = [(m, int(m * r)) for r in (1, 1.5, 2, 3, 4.5, 9)] + ([] if quick else [(768, 3072)])
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for shape in shapes:
+        X = torch.randn(*shape, generator=g)
+        cases = {k: (lambda k=k: msign(X, 5, "jordan", method=k)) for k in ("standard", "gram")}
+        t = interleaved(cases, 1, 1 if quick else 5)
+        standard, gram = form_flops(*shape)
+        rows.append({"shape": list(shape), "aspect": shape[1] / shape[0], "flop_ratio": gram / standard,
+                     "time_ratio": t["gram"]["median_s"] / t["standard"]["median_s"],
+                     "standard_s": t["standard"]["median_s"], "auto_uses_gram": uses_gram(shape, 5, torch.float32)})
+        log(f"[forms] {shape}: gram/standard {rows[-1]['time_ratio']:.2f} (flops {rows[-1]['flop_ratio']:.2f})")
+    return {"rows": rows}
+
+
+def render_forms(sec: dict) -> str:
+    rows = [[f"{r['shape'][0]} × {r['shape'][1]}", r["aspect"], r["standard_s"] * 1e3, r["time_ratio"], r["flop_ratio"],
+             "Gram" if r["auto_uses_gram"] else "standard"] for r in sec["rows"]]
+    return table(["matrix", "n/m", "standard ms", "Gram ÷ standard (time)", "(flops)", "auto picks"], rows)
+
+
 # -- torch.compile ----------------------------------------------------------------------------------
 def compiled_chain(quick: bool, log, cache: Path = CACHE) -> dict:
     """Muon's msign chain (the stacked ResNet-18 gradients, Jordan 5 steps, auto method) under
@@ -355,6 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recapture", action="store_true", help="rebuild the gradient cache")
     parser.add_argument("--cache", default=str(CACHE), help="gradient cache folder")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    parser.add_argument("--sections", default="forms,growth,small,compile",
+                        help="after the models: any of forms, growth, small, compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -374,13 +415,17 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"[real gradients] {name} skipped: {err}")
             continue
         md.append(render_model(name, res))
-    if left() > 0:
+    wanted = {s.strip() for s in args.sections.split(",")}
+    if left() > 0 and "forms" in wanted:
+        result["forms"] = msign_forms(args.quick, log)
+        md += ["msign, standard chain against the Gram form (Jordan, 5 steps, float32):", render_forms(result["forms"])]
+    if left() > 0 and "growth" in wanted:
         result["growth"] = cost_growth(args.quick, max(left() / 2, 1.0), log)
         md += ["Cost growth, one n × n matrix:", render_growth(result["growth"])]
-    if left() > 0:
+    if left() > 0 and "small" in wanted:
         result["many_small"] = many_small(args.quick, log)
         md += ["Many small matrices:", render_small(result["many_small"])]
-    if left() > 0 and not args.no_compile:
+    if left() > 0 and "compile" in wanted and not args.no_compile:
         result["compile"] = c = compiled_chain(args.quick, log, Path(args.cache))
         md.append("torch.compile of Muon's msign chain on ResNet-18's gradients (CPU): " + (
             c["error"] if "error" in c else f"compiled ÷ eager = {c['ratio']:.3f} (compile {c['compile_s']:.1f} s, "
