@@ -89,8 +89,10 @@ def stiefel_direction(
             below ``tol``; the direction is tangent and in the unit ball) or ``"amortized"``
             (one fixed-point step of :func:`stiefel_amortized` from ``Y``, without its
             Anderson memory; ``W`` must be orthonormal).
-        alpha: unused: the fixed-point step of the amortized mode has no step size (the
-            argument stays so that existing callers run).
+        alpha, msign_steps, schedule: unused (kept so that existing callers run): the
+            amortized fixed-point step has no step size, and neither mode calls msign (the
+            Gram-space solves and the square closed form use eigen/singular value
+            decompositions of ``k × k`` matrices).
         orthonormal: ``W`` is on the manifold (skips the eigensolve of the general projection).
         certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + W X‖_*``.
 
@@ -208,9 +210,10 @@ def stiefel_amortized(
         smoothing: ``μ``; ``None``: 1e-4 with a float64 Gram matrix, 1e-3 with float32.
         gram_dtype: precision of ``H``, ``N`` and the eigensolve. ``N`` holds squared singular
             values, so float32 resolves those of ``M`` only down to about ``3e-4``: a smaller
-            ``μ`` would let ``S⁻¹`` overshoot (``‖Φ‖₂ > 1``). float32 is about 1.3× faster on
-            ResNet-18's shapes; float64 keeps ``μ = 1e-4`` (objective within ~1e-4 of the
-            unsmoothed optimum on gradients with decaying spectra).
+            ``μ`` lets ``S⁻¹`` overshoot. Measured on ``n × 256`` points with power-law and
+            exponential gradient spectra: float64 (``μ = 1e-4``) within 3e-5 of the dual bound,
+            float32 (``μ = 1e-3``) 0.3–0.7 % below it and a tangency residual stalling at ~3e-3;
+            float32 makes the direction about 1.3× faster on ResNet-18's shapes.
         certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + W X‖_*``.
 
     Returns:
