@@ -149,6 +149,8 @@ def test_routing_table_and_warning():
         routing_table(Muon(build_param_groups(model, embeddings_as_matrices=True, head_as_matrix=True)), model)
         routing_table(torch.optim.SGD(model.parameters(), lr=0.1), model)  # one rule for all: nothing to warn
     assert "| #0.0 " in routing_table(Muon([torch.nn.Parameter(torch.randn(3, 3))]))  # no names known
+    wrapper = type("Wrapper", (), {"optimizer": opt})()  # as LightningModule.optimizers() returns
+    assert routing_table(wrapper, model) == table
 
 
 def test_package_optimizers_and_torch_take_the_same_groups():

@@ -203,13 +203,17 @@ def split_by_rule(params: Iterable[Any]) -> list[dict[str, Any]]:
 def routing_table(optimizer_or_groups: torch.optim.Optimizer | Iterable[Any], model: Optional[nn.Module] = None) -> str:
     """A Markdown table: which group and rule takes each parameter, with its shape, lr and weight decay.
 
-    ``optimizer_or_groups`` is a built optimizer (its ``param_groups``, after any split) or the
+    ``optimizer_or_groups`` is a built optimizer (its ``param_groups``, after any split; a wrapper
+    with an ``optimizer`` attribute, such as ``LightningModule.optimizers()``, is unwrapped) or the
     groups/parameters one would be given (split as a package optimizer would split them).
     With ``model`` the names come from ``model.named_parameters()`` where the groups carry none,
     a ``module`` column gives each parameter's module type (``Linear (head)``, ``Embedding``), and
     one warning lists the embedding and head weights that sit in a matrix group without being
     opted in (see :func:`build_param_groups`); from bare tensors this cannot be detected.
     """
+    wrapped = getattr(optimizer_or_groups, "optimizer", None)  # Lightning's LightningOptimizer wrapper
+    if isinstance(wrapped, torch.optim.Optimizer):
+        optimizer_or_groups = wrapped
     if isinstance(optimizer_or_groups, torch.optim.Optimizer):
         groups, owner = optimizer_or_groups.param_groups, optimizer_or_groups
     else:
