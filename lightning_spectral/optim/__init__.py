@@ -5,7 +5,7 @@ factory."""
 
 from .base import MatrixOptimizer, NonFiniteGradientError
 from .budgeted import MuonAdamW, MuonSGD
-from .directions import DirectionInfo, spectral_ball_direction, stiefel_direction
+from .directions import DirectionInfo, orthogonal_direction, spectral_ball_direction, stiefel_amortized, stiefel_direction
 from .factory import OPTIMIZER_TYPES, create_optimizer
 from .geometric import (
     BlockStiefel,
@@ -43,5 +43,5 @@ __all__ = [
     "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "NonFiniteGradientError", "OPTIMIZER_TYPES",
     "QuasiNewtonDualSolver", "SCHEDULES", "SOLVER_REGISTRY", "SolveInfo", "SpectralBall", "SpectralClipSolver",
     "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd", "routing_table",
-    "spectral_ball_direction", "spectral_clip", "stiefel_direction",
+    "orthogonal_direction", "spectral_ball_direction", "spectral_clip", "stiefel_amortized", "stiefel_direction",
 ]
