@@ -12,9 +12,9 @@ steepest direction under ``‖·‖₂``):
   ``Θ = u₁v₁ᵀ``, ``λ`` minimising ``‖G + λΘ‖_*``; ``∇ = ⟨Θ, Φ⟩``, monotone in ``λ``.
 
 ``mode="inner"`` iterates to a tolerance; ``mode="amortized"`` takes one step from the
-multiplier kept by the caller (the optimizer's state) and returns the new one. ``G`` is divided
-by an estimate of ``‖G‖₂`` first, so the multipliers live on a fixed scale whatever the
-gradient's size.
+multiplier kept by the caller (the optimizer's state) and returns the new one. The multipliers
+are in units of an estimate of ``‖G‖₂``, so they live on a fixed scale whatever the gradient's
+size.
 
 Weak duality is the certificate: for any feasible ``Φ``, ``⟨G, Φ⟩ ≤ ‖G + W X‖_*`` (resp.
 ``‖G + λΘ‖_*``). With ``certify=True`` the returned direction is made exactly feasible
@@ -35,8 +35,9 @@ from .msign import msign, msign_svd, nuclear_norm
 
 @dataclass
 class DirectionInfo:
-    """What a direction solve did: dual iterations (msign calls), the constraint residual of
-    the msign iterate it stopped at, and, when certified, primal objective and dual value."""
+    """What a direction solve did: dual iterations (evaluations: an msign, or a ``k × k``
+    eigensolve in the Stiefel Gram-space solves), the constraint residual of the iterate it
+    stopped at, and, when certified, primal objective and dual value."""
 
     iterations: int
     residual: torch.Tensor
