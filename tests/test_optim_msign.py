@@ -371,6 +371,10 @@ def test_gram_form_dispatch():
     assert uses_gram((768, 768), 5, bf16, method="gram") and not uses_gram((64, 576), 5, f32, method="standard")
     with pytest.raises(ValueError, match="method"):
         msign(torch.ones(4, 8), method="fast")
+    G = torch.randn(16, 64, generator=gen(16))
+    for steps in (1, 2, 3):  # up to GRAM_RESYNC steps: one segment, no re-synchronisation
+        assert torch.allclose(msign(G, steps, "jordan", method="gram"), msign(G, steps, "jordan", method="standard"),
+                              atol=1e-5)
     zero = msign(torch.zeros(8, 64), 5, "jordan", method="gram")
     assert torch.isfinite(zero).all() and (zero == 0).all()
 
