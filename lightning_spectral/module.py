@@ -391,13 +391,22 @@ class SpectralModule(LightningModule):
         saved = _plain(checkpoint.get("hyper_parameters") or {})
         requested = _plain(dict(self.hparams))
         problems = []
-        for key in ("net", "exclude"):  # the class count shows in the weights' shapes
-            if key in saved and key in requested and saved[key] != requested[key]:
-                problems.append(f"{key}: checkpoint {saved[key]}, requested {requested[key]}")
+        old_net, new_net = saved.get("net"), requested.get("net")
+        if isinstance(old_net, dict) and isinstance(new_net, dict):
+            # Arguments given on one side only are defaults or filled in from the data: the
+            # weights' shapes below show whether they matter.
+            old_args, new_args = old_net.get("init_args") or {}, new_net.get("init_args") or {}
+            if old_net.get("class_path") != new_net.get("class_path") or any(
+                    old_args[k] != new_args[k] for k in old_args.keys() & new_args.keys()):
+                problems.append(f"net: checkpoint {old_net}, requested {new_net}")
+        if "exclude" in saved and (saved["exclude"] or []) != (requested.get("exclude") or []):
+            problems.append(f"exclude: checkpoint {saved['exclude']}, requested {requested.get('exclude')}")
         for key in ("optimizer", "scheduler") if fitting else ():
-            old, new = saved.get(key), requested.get(key)
-            if isinstance(old, dict) and isinstance(new, dict) and old.get("class_path") != new.get("class_path"):
-                problems.append(f"{key} class: checkpoint {old.get('class_path')}, requested {new.get('class_path')}")
+            if key not in saved or key not in requested:
+                continue
+            old, new = (v.get("class_path") if isinstance(v, dict) else v for v in (saved[key], requested[key]))
+            if old != new:  # another class, or a schedule added or removed
+                problems.append(f"{key} class: checkpoint {old}, requested {new}")
         meta = checkpoint.get("spectral_module", {})
         if meta.get("net") and meta["net"] != _qualname(self.net):
             problems.append(f"network class: checkpoint {meta['net']}, requested {_qualname(self.net)}")
