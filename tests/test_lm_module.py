@@ -223,3 +223,29 @@ def test_resume_equals_the_uninterrupted_run(corpus, tmp_path):
     for key in opt_a:
         for k, v in opt_a[key].items():
             assert torch.equal(v, opt_b[key][k]) if isinstance(v, torch.Tensor) else v == opt_b[key][k], (key, k)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHRINK = ("--data.init_args.windows_per_epoch=16", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=2",
+          "--model.init_args.scheduler.init_args.warmup_steps=1", "--model.init_args.max_new_tokens=12",
+          "--model.init_args.net.init_args.n_layer=1", "--model.init_args.net.init_args.n_embd=32",
+          "--data.init_args.max_bytes=300000", "--data.init_args.block_size=32", "--data.init_args.batch_size=4")
+
+
+def test_quickstart_config_through_the_cli(run_cli, tmp_path, capsys):
+    """The quick start (shrunk) with the Block-Stiefel overlay: fit, the recorded corpus, the sample, predict."""
+    extra = ["--config", str(ROOT / "configs" / "optim" / "gpt_block_stiefel_heads.yaml"),
+             "--model.init_args.optimizer.init_args.block_size=8"]
+    cli = run_cli("fit", "--config", str(ROOT / "configs" / "gpt_quickstart.yaml"), *extra, *SHRINK)
+    module, trainer = cli.model, cli.trainer
+    assert isinstance(module, LanguageModule) and isinstance(trainer.optimizers[0], BlockStiefel)
+    assert trainer.global_step == 4
+    assert (module.net.vocab_size, module.net.block_size) == (256, 32)  # from the data module
+    assert "val/bpb" in trainer.callback_metrics
+    assert "----- sample: 12 bytes after 'def ' -----\ndef " in capsys.readouterr().out
+    hparams = next((tmp_path / "logs").rglob("hparams.yaml")).read_text()
+    assert f"corpus/train_sha256: {cli.datamodule.corpus['train_sha256']}" in hparams
+    ckpt = next((tmp_path / "logs").rglob("last.ckpt"))
+    predicted = run_cli("predict", "--config", str(ROOT / "configs" / "gpt_quickstart.yaml"), *extra, *SHRINK,
+                        f"--ckpt_path={ckpt}", '--data.init_args.prompts=["class ", "import "]')
+    assert predicted is not None and capsys.readouterr().out.count("\n") >= 2
