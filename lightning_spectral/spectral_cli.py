@@ -28,7 +28,7 @@ import lightning_spectral.callbacks  # noqa: F401
 import lightning_spectral.models  # noqa: F401
 import lightning_spectral.optim  # noqa: F401
 from lightning_spectral.config_files import resolve_config_args
-from lightning_spectral.data import DataDescription, data_arguments
+from lightning_spectral.data import DataDescription, DataShapeError, data_arguments
 from lightning_spectral.models import MODEL_REGISTRY
 from lightning_spectral.module import SpectralModule
 
@@ -60,10 +60,10 @@ class SpectralCLI(LightningCLI):
             super().instantiate_classes()
             return
         parser = self._parser(self.subcommand)
-        datamodule = parser.instantiate_classes(Namespace(data=spec)).data
+        datamodule = parser.instantiate(Namespace(data=spec)).data
         try:
             fill_from_data(config.model, DataDescription(datamodule))
-        except ValueError as err:
+        except DataShapeError as err:
             parser.error(str(err))
         if hasattr(self, "config_dump"):  # the hyperparameters are dumped once: from the filled config
             del self.config_dump
@@ -91,7 +91,8 @@ def fill_from_data(model: Namespace, data: DataDescription, key: str = "model") 
     parsed ``{class_path, init_args}`` of the model and of each network among its arguments.
 
     Raises:
-        ValueError: the config sets one of them to another value than the data module's.
+        DataShapeError: the config sets one of them to another value than the data module's,
+            or the data module cannot give one the model needs.
     """
     if not isinstance(model, Namespace) or "class_path" not in model:
         return
@@ -102,7 +103,7 @@ def fill_from_data(model: Namespace, data: DataDescription, key: str = "model") 
     for name, value in data_arguments(cls, data).items():
         given = model.init_args.get(name)
         if given is not None and not _same(given, params[name].default) and not _same(given, value):
-            raise ValueError(
+            raise DataShapeError(
                 f"{key}.init_args.{name}={given!r} in the config, but {type(data.datamodule).__name__} gives "
                 f"{name}={value!r}: the data module sizes the network, so leave {name} out of the config")
         model.init_args[name] = list(value) if isinstance(value, tuple) else value

@@ -13,6 +13,7 @@ from torchvision.datasets import CIFAR10
 from lightning_spectral.data import (
     CIFAR10DataModule,
     DataDescription,
+    DataShapeError,
     DatasetUnavailableError,
     DigitsDataModule,
     MNISTDataModule,
@@ -177,9 +178,9 @@ def test_undeclared_shape_and_classes_come_from_the_data() -> None:
 
 
 def test_what_the_data_cannot_give_is_an_error_or_left_out() -> None:
-    with pytest.raises(ValueError, match="not square images"):
+    with pytest.raises(DataShapeError, match="not square images"):
         data_arguments(SmallCNN, Plain(shape=(40,)))
-    with pytest.raises(ValueError, match="declare num_classes"):
+    with pytest.raises(DataShapeError, match="declare num_classes"):
         data_arguments(MLP, Plain(labelled=False))  # MLP's default of 10 classes would be silently wrong
     assert data_arguments(MLP, Plain(labelled=False, num_classes=3))["num_classes"] == 3
     # vocab_size/block_size are never inferred; an optional argument (default None) is left out.

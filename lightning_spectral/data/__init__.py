@@ -1,7 +1,13 @@
 """Lightning data modules: the bundled digits (offline default), CIFAR-10 and MNIST; the contract
 by which any data module sizes the network (:func:`data_arguments`, :data:`DATA_ATTRIBUTES`)."""
 
-from lightning_spectral.data.base import DATA_ATTRIBUTES, DataDescription, ImageDataModule, data_arguments
+from lightning_spectral.data.base import (
+    DATA_ATTRIBUTES,
+    DataDescription,
+    DataShapeError,
+    ImageDataModule,
+    data_arguments,
+)
 from lightning_spectral.data.digits import DigitsDataModule
 from lightning_spectral.data.vision import (
     CIFAR10DataModule,
@@ -14,6 +20,7 @@ __all__ = [
     "CIFAR10DataModule",
     "DATA_ATTRIBUTES",
     "DataDescription",
+    "DataShapeError",
     "DatasetUnavailableError",
     "DigitsDataModule",
     "ImageDataModule",

@@ -46,6 +46,10 @@ DATA_ATTRIBUTES = ("num_classes", "input_shape", "in_channels", "image_size", "i
 _INFERRED = ("num_classes", "input_shape", "in_channels", "image_size", "in_features")
 
 
+class DataShapeError(ValueError):
+    """The data module cannot give a value the network needs, or a config contradicts it."""
+
+
 class DataDescription:
     """The :data:`DATA_ATTRIBUTES` values of one data module, read (or inferred) on first use."""
 
@@ -85,7 +89,7 @@ class DataDescription:
         if name == "in_features":
             return math.prod(shape)
         if len(shape) != 3 or shape[1] != shape[2]:
-            raise ValueError(
+            raise DataShapeError(
                 f"{type(self.datamodule).__name__} gives inputs of shape {shape}, not square images (C, S, S): "
                 f"a network that takes in_channels and image_size cannot read them; use one that takes "
                 "input_shape (e.g. MLP) or declare in_channels and image_size on the data module")
@@ -102,7 +106,7 @@ class DataDescription:
         batch = next(iter(self.datamodule.train_dataloader()))
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
-            raise ValueError(
+            raise DataShapeError(
                 f"cannot read the input shape from a batch of {type(self.datamodule).__name__} (expected a tensor x "
                 f"or (x, y, ...) with a batch dimension, got {type(x).__name__}); declare input_shape on the data module")
         return tuple(x.shape[1:])
@@ -118,7 +122,7 @@ class DataDescription:
             labels = dataset.tensors[-1]
         labels = torch.as_tensor(labels) if labels is not None else None
         if labels is None or labels.ndim != 1 or labels.is_floating_point() or not len(labels):
-            raise ValueError(
+            raise DataShapeError(
                 f"cannot tell the class count of {type(self.datamodule).__name__}: its training set has no 'classes', "
                 "'targets' or integer label tensor; declare num_classes on the data module")
         return int(labels.max()) + 1
@@ -129,10 +133,10 @@ def data_arguments(target: Callable[..., Any], datamodule: LightningDataModule |
     each parameter of ``target`` named in :data:`DATA_ATTRIBUTES` that the data module declares
     or implies (see the module docstring).
 
-    A parameter whose default is ``None`` is optional: left out when the data cannot give it. Any
-    other parameter the data cannot give raises ``ValueError`` (its default would silently size
-    the network for other data). ``in_channels``, ``image_size`` and ``in_features`` count as
-    optional for a network that also takes ``input_shape``.
+    A parameter whose default is ``None`` is optional: left out when the data cannot give it.
+    Any other parameter the data cannot give raises :class:`DataShapeError` (its default would
+    silently size the network for other data). ``in_channels``, ``image_size`` and
+    ``in_features`` count as optional for a network that also takes ``input_shape``.
     """
     data = datamodule if isinstance(datamodule, DataDescription) else DataDescription(datamodule)
     params = inspect.signature(target).parameters
@@ -147,7 +151,7 @@ def data_arguments(target: Callable[..., Any], datamodule: LightningDataModule |
             out[name] = data[name]
         except KeyError:
             continue
-        except ValueError:
+        except DataShapeError:
             if not optional:
                 raise
     return out
