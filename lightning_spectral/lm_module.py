@@ -16,9 +16,11 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from lightning_spectral.checkpoint import use_atomic_checkpoint_io
 from lightning_spectral.data.text import decode, encode
 from lightning_spectral.module import CosineSchedule, SpectralModule
 from lightning_spectral.optim.param_groups import build_param_groups
+from lightning_spectral.signals import SigtermNotice
 
 
 class LanguageModule(LightningModule):
@@ -107,6 +109,14 @@ class LanguageModule(LightningModule):
 
     _log_learning_rates = SpectralModule._log_learning_rates
 
+    def setup(self, stage: str) -> None:
+        # As SpectralModule: atomic checkpoint writes, installed before any checkpoint is read or written.
+        use_atomic_checkpoint_io(self.trainer)
+
+    def configure_callbacks(self) -> list:
+        """:class:`~lightning_spectral.signals.SigtermNotice`: on SIGTERM, the checkpoint to resume from."""
+        return [SigtermNotice()]
+
     def configure_optimizers(self) -> Optimizer | dict:
         # The parameter groups and schedule of SpectralModule.configure_optimizers.
         groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay,
@@ -122,6 +132,9 @@ class LanguageModule(LightningModule):
             total = self.trainer.estimated_stepping_batches
             if math.isinf(total):
                 raise ValueError("the cosine schedule needs trainer.max_epochs or trainer.max_steps (or total_steps)")
+            if total <= 0:
+                raise ValueError("no optimizer step would run: the training data gives no batch (windows_per_epoch "
+                                 "below batch_size?) or trainer.limit_train_batches is 0")
             scheduler.set_total_steps(int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -159,6 +159,8 @@ def test_bad_arguments_name_the_problem(corpus: Path, tmp_path: Path):
         PythonSourceDataModule(block_size=0)
     with pytest.raises(ValueError, match="val_fraction"):
         PythonSourceDataModule(val_fraction=1.0)
+    with pytest.raises(ValueError, match="windows_per_epoch"):
+        PythonSourceDataModule(windows_per_epoch=8, batch_size=16)
     with pytest.raises(ValueError, match="prompts"):
         PythonSourceDataModule(prompts="def ")
     empty = tmp_path / "empty"

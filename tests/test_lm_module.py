@@ -18,6 +18,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spectral.callbacks import GradientNoiseScaleMonitor, SharpnessMonitor, SpectralNormMonitor
+from lightning_spectral.checkpoint import AtomicCheckpointIO
 from lightning_spectral.data.text import PythonSourceDataModule
 from lightning_spectral.lm_module import LanguageModule
 from lightning_spectral.models import GPT
@@ -215,6 +216,7 @@ def test_resume_equals_the_uninterrupted_run(corpus, tmp_path):
     first, _ = _resume_run(corpus, tmp_path / "part", stop_early=True)
     assert first.global_step == full_trainer.global_step // 2 == 6
     resumed_trainer, resumed = _resume_run(corpus, tmp_path / "part", ckpt=tmp_path / "part" / "last.ckpt")
+    assert isinstance(resumed_trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # installed by the module
     assert resumed_trainer.global_step == full_trainer.global_step
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name

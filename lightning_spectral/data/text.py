@@ -155,6 +155,9 @@ class ByteTextDataModule(LightningDataModule, ABC):
             if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)
                                                         or value < 1):
                 raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+        if windows_per_epoch is not None and windows_per_epoch < batch_size:
+            raise ValueError(f"windows_per_epoch ({windows_per_epoch}) must be >= batch_size ({batch_size}): "
+                             "the training loader drops an incomplete last batch, so no step would run")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts):
