@@ -150,6 +150,10 @@ class Row:
     names: tuple[str, ...] = field(default_factory=tuple)
 
 
+class CLIError(Exception):
+    """The command line's error output, for a table row."""
+
+
 def net(width: float = 0.25) -> nn.Module:
     return SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=width)
 
@@ -462,7 +466,66 @@ ROWS = [
         ("mode must be one of",)),
     Row("data-zero-batch", lambda c: DigitsDataModule(batch_size=0), ValueError, ("batch_size must be >= 1",)),
     Row("data-val-fraction", lambda c: DigitsDataModule(val_fraction=1.5), ValueError, ("val_fraction",)),
+    # Geometric optimizers on inputs they cannot constrain
+    Row("doubly-stochastic-1x1", lambda c: optim.DoublyStochastic(_one_param((1, 1)), lr=0.1), ValueError,
+        ("DoublyStochastic", "(1, 1)")),
+    Row("spectral-ball-zero-matrix", lambda c: optim.SpectralBall([nn.Parameter(torch.zeros(4, 4))], lr=0.1),
+        ValueError, ("zero matrix", "nonzero")),
+    Row("sl-muon-zero-matrix", lambda c: optim.SLMuon([nn.Parameter(torch.zeros(4, 4))], lr=0.1), ValueError,
+        ("zero matrix", "det W = 1")),
+    Row("symplectic-zero-matrix-on-constraint", lambda c: _symplectic_from_zero()),
+    Row("meta-device-parameters", lambda c: optim.MuonSGD([nn.Parameter(torch.zeros(4, 4, device="meta"))], lr=0.1)),
+    Row("state-dict-of-other-shapes", lambda c: _other_shapes_state(), ValueError,
+        ("momentum_buffer", "has shape (4, 4), but this parameter needs (8, 4)")),
+    # The command line
+    Row("cli-yaml-syntax-error", lambda c: _cli_error(c, "fit", "--config", str(_write(c, "bad.yaml", "a: [\n"))),
+        CLIError, ("bad.yaml is not valid YAML",)),
+    Row("cli-unknown-net", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART), "--model.init_args.net=NoNet"),
+        CLIError, ("Networks of the package: MLP, SmallCNN",)),
+    Row("cli-bad-nonfinite-policy", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART),
+                                                         "--model.init_args.nonfinite=maybe",
+                                                         "--trainer.max_epochs=0"),
+        ValueError, ("nonfinite must be one of", "'maybe'")),
 ]
+
+
+def _write(ctx, name: str, text: str) -> Path:
+    (ctx.tmp / name).write_text(text)
+    return ctx.tmp / name
+
+
+def _cli_error(ctx, *args: str) -> None:
+    import contextlib
+    import io
+    import os
+
+    from lightning_spectral.cli import cli_main
+
+    stderr, cwd = io.StringIO(), os.getcwd()
+    os.chdir(ctx.tmp)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            cli_main([*args, "--trainer.enable_progress_bar=false"])
+    except SystemExit as err:
+        raise CLIError(f"exit {err.code}: {stderr.getvalue()}") from None
+    finally:
+        os.chdir(cwd)
+
+
+def _symplectic_from_zero() -> None:
+    """A zero matrix has no symplectic rescaling; the optimizer starts it at the identity, on W^T J W = J."""
+    weight = nn.Parameter(torch.zeros(4, 4))
+    optim.Symplectic([weight], lr=0.1)
+    form = optim.symplectic_form(4, dtype=weight.dtype)
+    assert torch.allclose(weight.T @ form @ weight, form, atol=1e-6) and weight.abs().sum() > 0
+
+
+def _other_shapes_state() -> None:
+    small = [nn.Parameter(torch.randn(4, 4))]
+    optimizer = optim.MuonSGD(small, lr=0.1)
+    small[0].grad = torch.randn(4, 4)
+    optimizer.step()
+    optim.MuonSGD([nn.Parameter(torch.randn(8, 4))], lr=0.1).load_state_dict(optimizer.state_dict())
 
 
 def test_table_is_large() -> None:
