@@ -1,4 +1,4 @@
-"""Lightning data modules: the bundled digits (offline default), CIFAR-10 and MNIST; the contract
+"""Lightning data modules: the bundled digits (offline default), CIFAR-10, MNIST and byte-level text; the contract
 by which any data module sizes the network (:func:`data_arguments`, :data:`DATA_ATTRIBUTES`)."""
 
 from lightning_spectral.data.base import (
@@ -9,6 +9,7 @@ from lightning_spectral.data.base import (
     data_arguments,
 )
 from lightning_spectral.data.digits import DigitsDataModule
+from lightning_spectral.data.text import ByteTextDataModule, PythonSourceDataModule, TinyShakespeareDataModule
 from lightning_spectral.data.vision import (
     CIFAR10DataModule,
     DatasetUnavailableError,
@@ -17,6 +18,7 @@ from lightning_spectral.data.vision import (
 )
 
 __all__ = [
+    "ByteTextDataModule",
     "CIFAR10DataModule",
     "DATA_ATTRIBUTES",
     "DataDescription",
@@ -25,6 +27,8 @@ __all__ = [
     "DigitsDataModule",
     "ImageDataModule",
     "MNISTDataModule",
+    "PythonSourceDataModule",
+    "TinyShakespeareDataModule",
     "TorchvisionDataModule",
     "data_arguments",
 ]
