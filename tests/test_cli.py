@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ast
 import math
 
 import pytest
@@ -265,3 +266,17 @@ def test_ddp_config_runs_two_cpu_processes(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     # Each of the 2 ranks sees half of the 1438 training images: 11 batches of 64, not 22.
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1438 // 2 // 64
+
+
+def test_the_study_runner_builds_runs_without_the_command_line_module() -> None:
+    """One builder, no import circle: the study code uses ``spectral_cli.build_cli``; only the
+    command line (``cli.py``) imports the study command, and only ``__main__`` imports ``cli.py``."""
+    package = ROOT / "lightning_spectral"
+    importers = {}
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                importers.setdefault(node.module, set()).add(path.relative_to(package).as_posix())
+    assert importers["lightning_spectral.cli"] == {"__main__.py"}
+    assert "experiments/runner.py" in importers["lightning_spectral.spectral_cli"]
+    assert "cli.py" in importers["lightning_spectral.experiments.cli"]
