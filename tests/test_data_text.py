@@ -208,3 +208,21 @@ def test_tiny_shakespeare_offline_errors_name_the_file(tmp_path: Path, monkeypat
     assert not target.exists() and not target.with_suffix(".part").exists()
     with pytest.raises(DatasetUnavailableError, match="prepare_data has not fetched it"):
         dm.setup("fit")
+
+
+def test_under_ddp_each_rank_takes_a_share_of_the_same_epoch_draw():
+    """Lightning wraps a custom sampler in its DistributedSamplerWrapper (not a pass over every start)."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    sampler = EpochWindowSampler(num_starts=10_000, num_windows=64, seed=5)
+    ranks = [DistributedSamplerWrapper(sampler, num_replicas=2, rank=r, shuffle=False) for r in range(2)]
+    draws = []
+    for epoch in (0, 1):
+        for wrapper in ranks:
+            wrapper.set_epoch(epoch)  # forwarded to the inner sampler
+        shares = [list(w) for w in ranks]
+        assert len(shares[0]) == len(shares[1]) == 32
+        sampler.set_epoch(epoch)
+        assert sorted(shares[0] + shares[1]) == sorted(sampler)
+        draws.append(shares[0])
+    assert draws[0] != draws[1]  # a new draw each epoch

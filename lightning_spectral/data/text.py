@@ -71,21 +71,21 @@ class TokenWindows(Dataset):
 
 class EpochWindowSampler(Sampler[int]):
     """``num_windows`` window starts drawn uniformly (with replacement) from ``range(num_starts)``
-    by a generator seeded with ``seed + epoch``; Lightning calls :meth:`set_epoch` before every
-    epoch. Not a ``RandomSampler``, so under DDP Lightning wraps it in its
+    by a generator seeded with ``seed + epoch`` (every pass over the sampler in an epoch gives the
+    same starts); Lightning calls :meth:`set_epoch` before every epoch. Not a ``RandomSampler``, so under DDP Lightning wraps it in its
     ``DistributedSamplerWrapper`` (which forwards ``set_epoch`` and gives each rank a share of
     the same draw) instead of replacing it with a pass over every possible start."""
 
     def __init__(self, num_starts: int, num_windows: int, seed: int) -> None:
         self.num_starts, self.num_windows, self.seed = num_starts, num_windows, seed
-        self.generator = torch.Generator()
-        self.set_epoch(0)
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed((self.seed + epoch) % (1 << 64))
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        yield from torch.randint(self.num_starts, (self.num_windows,), generator=self.generator).tolist()
+        generator = torch.Generator().manual_seed((self.seed + self.epoch) % (1 << 64))  # the same draw every pass
+        yield from torch.randint(self.num_starts, (self.num_windows,), generator=generator).tolist()
 
     def __len__(self) -> int:
         return self.num_windows
