@@ -511,6 +511,9 @@ def test_a_group_of_unsupported_matrices_becomes_a_fallback_group_and_old_layout
                                 params=[0, 1], fallback_rule=dict(algorithm="sgd", lr=0.5, fallback_momentum=0.0)),
                             {k: v for k, v in opt.param_groups[0].items() if k != "params"} | dict(
                                 params=[2], name="b", fallback_rule=dict(algorithm="adamw", lr=0.02))]}
+    upgraded = opt.upgrade_param_groups(old["param_groups"])  # what a resume compares with
+    assert [(g["name"], g["params"]) for g in upgraded] == [("a", [1]), ("a_fallback", [0]), ("b_fallback", [2])]
+    assert opt.upgrade_param_groups(opt.state_dict()["param_groups"]) == opt.state_dict()["param_groups"]
     opt.load_state_dict(old)
     assert float(opt.state[sq]["step"]) == 3 and float(opt.state[sq2]["step"]) == 5
     assert torch.equal(opt.state[tall]["momentum_buffer"], torch.full((6, 4), 2.0))

@@ -13,15 +13,14 @@ from .geometric import (
     GeometricOptimizer,
     Grassmann,
     L1Stiefel,
-    ManifoldMuon,
     Oblique,
     SLMuon,
-    SpectralBall,
     Symplectic,
     sinkhorn,
     symplectic_form,
 )
 from .linalg import TangentSpace, spectral_clip
+from .manifold import ManifoldMuon, SpectralBall
 from .msign import SCHEDULES, msign, msign_svd
 from .muon import Muon
 from .param_groups import build_param_groups, routing_table
