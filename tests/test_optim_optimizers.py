@@ -183,6 +183,23 @@ def test_inf_gradient_with_plain_parameters_names_position():
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+def test_finite_gradients_whose_norm_overflows_are_not_refused():
+    """The fused check reduces each gradient to its norm, which overflows for entries above ~1e19
+    in float32; the slow path then finds every entry finite and the step goes ahead."""
+    model = mlp()
+    opt = MuonAdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[0].bias.grad.fill_(1e30)
+    assert not torch.isfinite(torch.linalg.vector_norm(model[0].bias.grad))
+    before = model[0].bias.detach().clone()
+    opt.step()
+    assert not torch.equal(model[0].bias.detach(), before) and torch.isfinite(model[0].bias).all()
+    model[2].weight.grad[1, 1] = float("nan")  # and a real NaN behind the overflow is still named
+    with pytest.raises(NonFiniteGradientError, match="parameter #1 of group"):
+        opt.step()
+
+
 # -- (d) bad input ----------------------------------------------------------------------------
 BAD_INPUTS = [
     lambda p: Muon(p, lr=0.0),
