@@ -45,7 +45,8 @@ FALLBACKS = ("adamw", "sgd")
 # checkpoint's weights, and re-projecting those would perturb a resumed run in the last bits.
 ON_CONSTRAINT_TOL = 1e-3
 LR_ADJUSTMENTS = ("none", "original", "match_rms_adamw", "spectral")
-# How a constrained direction's dual is solved: to a tolerance every step, or one step per step.
+# How a constrained direction's dual is solved: to a tolerance every step ("inner"), or by one dual
+# step per training step from the multiplier kept in the state ("amortized").
 MODES = ("inner", "amortized")
 
 
@@ -108,7 +109,8 @@ def ema_momentum(state: dict, grad: torch.Tensor, beta: float, nesterov: bool) -
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base class: routes groups, runs the fallback, checks gradients, reports constraints.
 
-    Subclasses implement :meth:`_matrix_step` (and optionally :meth:`_constraint_distance`).
+    Subclasses implement :meth:`_matrix_step` (and optionally :meth:`_constraint_distance`, and
+    :meth:`_state_shapes` for state tensors not shaped like their parameter).
 
     Fallback arguments (for groups with ``matrix=False``; a group's own keys win):
         fallback: ``"adamw"`` or ``"sgd"``.
