@@ -77,7 +77,8 @@ class GeometricOptimizer(MatrixOptimizer):
             point every step.
         direction: ``"msign"`` or ``"riemannian"`` (see the module docstring).
         ns_steps, ns_schedule: msign of the direction.
-        unsupported: ``"fallback"`` (other shapes follow the fallback rule) or ``"error"``.
+        unsupported: ``"fallback"`` (other shapes follow the fallback rule) or ``"error"``;
+            ``None`` for a set that takes every shape (no ``unsupported`` hyperparameter).
         fallback, fallback_lr, fallback_betas, fallback_eps, fallback_momentum,
         fallback_nesterov, fallback_weight_decay, check_finite: as
         :class:`~lightning_spectral.optim.base.MatrixOptimizer`; the fallback rule also drives
