@@ -139,8 +139,9 @@ class SpectralModule(LightningModule):
     logged as ``lr/<group name>``.
 
     Before every optimizer step the loss and the gradients are checked for NaN/Inf (one fused
-    norm and one host sync per step, whatever the optimizer): a non-finite step never reaches
-    the weights. No checkpoint is written from non-finite weights.
+    norm and one host sync per step, whatever the optimizer; under fp16's ``GradScaler`` the
+    scaler's own check): a non-finite step never reaches the weights. No checkpoint is written
+    from non-finite weights.
 
     Resuming (``ckpt_path``) with another network, class count, ``exclude`` or optimizer class
     than the checkpoint's raises :class:`CheckpointMismatchError` with the differences; changed
@@ -303,12 +304,14 @@ class SpectralModule(LightningModule):
     def _finite_step(self, loss: torch.Tensor, optimizer: Any, batch_idx: int) -> bool:
         """Whether the loss and every gradient are finite (the same answer on every rank).
 
-        Under a ``GradScaler`` (fp16) only the loss is checked: the scaler skips steps with
-        non-finite scaled gradients itself, and lowers its scale.
+        Under a ``GradScaler`` (fp16) the scaler decides: an overflow is its normal signal to skip
+        the step and lower the scale, so no step of it is refused or counted here.
         """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return True
         values = [loss.detach().reshape(1)]
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        if grads:
             values.append(torch.stack(torch._foreach_norm(grads)))
         finite = bool(torch.cat(values).isfinite().all())
         loss_finite, culprit = True, None
@@ -359,6 +362,10 @@ class SpectralModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("spectral_module", {})
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        if self._trainer is None:  # load_from_checkpoint: built from the checkpoint's own hyperparameters
+            return
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         problems = self._incompatibilities(checkpoint, fitting)
         if problems:
@@ -368,8 +375,6 @@ class SpectralModule(LightningModule):
                 + "\nStart a new run (without --ckpt_path, or in another log directory), or use the configuration "
                 "the checkpoint was trained with (its config.yaml / hparams.yaml beside the logs)."
             )
-        meta = checkpoint.get("spectral_module", {})
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
         states = checkpoint.get("optimizer_states") or [{}]
         self._resumed = {"optimizer": meta.get("optimizer"), "groups": states[0].get("param_groups"),
                          "scheduler": self._scheduler_changes(checkpoint)} if fitting else {}
