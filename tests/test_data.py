@@ -185,4 +185,5 @@ def test_what_the_data_cannot_give_is_an_error_or_left_out() -> None:
     assert data_arguments(MLP, Plain(labelled=False, num_classes=3))["num_classes"] == 3
     # vocab_size/block_size are never inferred; an optional argument (default None) is left out.
     assert data_arguments(GPT, Plain(labelled=False)) == {}
-    assert data_arguments(GPT, Plain(labelled=False, vocab_size=256, block_size=16)) == {"vocab_size": 256, "block_size": 16}
+    text = Plain(labelled=False, vocab_size=256, block_size=16)
+    assert data_arguments(GPT, text) == {"vocab_size": 256, "block_size": 16}

@@ -166,10 +166,12 @@ def test_solvers(tmp_path: Path) -> None:
 def test_optimizer_table_best_first_with_notes(tmp_path: Path) -> None:
     results = grid(({"optimizer": ("SGD", "SGD")}, [0.5, 0.7]), ({"optimizer": ("Muon", "Muon")}, [0.9]))
     results[0][1]["status"] = "diverged"
-    text, figures = SECTIONS["optimizer_table"](study(), group_results(results), tmp_path, {"notes": {"SGD": "baseline"}})
+    opts = {"notes": {"SGD": "baseline"}}
+    text, figures = SECTIONS["optimizer_table"](study(), group_results(results), tmp_path, opts)
     assert figures == []
     rows = lines(text, "| **Muon**") + lines(text, "| SGD")
-    assert rows == ["| **Muon** | **0.1** | **90.00%** |  |", "| SGD | 0.4 ± 0.14 | 60.00 ± 14.14% | baseline; 1/2 runs diverged |"]
+    assert rows == ["| **Muon** | **0.1** | **90.00%** |  |",
+                    "| SGD | 0.4 ± 0.14 | 60.00 ± 14.14% | baseline; 1/2 runs diverged |"]
     assert text.index("Muon") < text.index("| SGD")
     assert (tmp_path / "table.md").read_text().strip() == text[text.index("| Optimizer"):].strip()
     table = json.loads((tmp_path / "table.json").read_text())

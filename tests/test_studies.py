@@ -195,7 +195,8 @@ def test_study_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     """0 when every run finished, 1 when one failed (here: a negative learning rate), 2 for a bad file."""
     monkeypatch.chdir(tmp_path)
     path = write_study(tmp_path, grids=[{"optimizer": [
-        {"name": "bad", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": -1.0}}}},
+        {"name": "bad", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD",
+                                                              "init_args": {"lr": -1.0}}}},
     ]}])
     assert study_main(["--config", str(path), "--out_dir", "out"]) == 1
     assert "failed: optimizer=bad__seed=0" in capsys.readouterr().err

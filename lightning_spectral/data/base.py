@@ -108,7 +108,8 @@ class DataDescription:
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise DataShapeError(
                 f"cannot read the input shape from a batch of {type(self.datamodule).__name__} (expected a tensor x "
-                f"or (x, y, ...) with a batch dimension, got {type(x).__name__}); declare input_shape on the data module")
+                f"or (x, y, ...) with a batch dimension, got {type(x).__name__}); "
+                "declare input_shape on the data module")
         return tuple(x.shape[1:])
 
     def _labels_count(self) -> int:

@@ -51,7 +51,8 @@ class MLP(nn.Module):
                 raise ValueError(f"input_shape must be a non-empty shape of positive sizes, got {input_shape}")
             flat = math.prod(input_shape)
             if in_features is not None and in_features != flat:
-                raise ValueError(f"in_features={in_features} disagrees with input_shape={tuple(input_shape)} ({flat} values)")
+                raise ValueError(
+                    f"in_features={in_features} disagrees with input_shape={tuple(input_shape)} ({flat} values)")
             in_features = flat
         elif in_features is None:
             in_features = in_channels * image_size * image_size
