@@ -33,14 +33,15 @@ PROBE = textwrap.dedent(
     '''
     """Written by tests/test_resume.py; imported by every rank through PYTHONPATH."""
     import os
+    import signal
 
     import torch
     from lightning.pytorch.callbacks import Callback
 
 
     class Probe(Callback):
-        def __init__(self, path: str, kill_at: int = -1) -> None:
-            self.path, self.kill_at = path, kill_at
+        def __init__(self, path: str, kill_at: int = -1, sigterm: bool = False) -> None:
+            self.path, self.kill_at, self.sigterm = path, kill_at, sigterm
 
         def _file(self, trainer, suffix):
             return f"{self.path}.rank{trainer.global_rank}.{suffix}"
@@ -49,7 +50,9 @@ PROBE = textwrap.dedent(
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             with open(self._file(trainer, "losses"), "a") as f:
                 f.write(f"{trainer.global_step} {float(loss).hex()}\\n")
-            if trainer.global_step == self.kill_at:
+            if trainer.global_step == self.kill_at and self.sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before its time limit
+            elif trainer.global_step == self.kill_at:
                 os._exit(3)  # a hard kill: no teardown, no checkpoint
 
         def on_train_end(self, trainer, pl_module):
@@ -63,10 +66,11 @@ PROBE = textwrap.dedent(
 )
 
 
-def _fit(cwd: Path, probe_dir: Path, tag: str, extra: list[str], kill_at: int = -1, ckpt: Path | None = None):
+def _fit(cwd: Path, probe_dir: Path, tag: str, extra: list[str], kill_at: int = -1, ckpt: Path | None = None,
+         sigterm: bool = False):
     cwd.mkdir(exist_ok=True)
     probe = json.dumps({"class_path": "resume_probe.Probe",
-                        "init_args": {"path": str(probe_dir / tag), "kill_at": kill_at}})
+                        "init_args": {"path": str(probe_dir / tag), "kill_at": kill_at, "sigterm": sigterm}})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe_dir), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
     args = [sys.executable, "-m", "lightning_spectral", "fit", "--config", str(QUICKSTART),
@@ -100,12 +104,13 @@ def _assert_equal(a, b, where: str, rtol: float = 0.0) -> None:
         assert a == b, (where, a, b)
 
 
-def _check_resume(tmp_path: Path, extra: list[str], ranks: int, callback_rtol: float = 0.0) -> None:
+def _check_resume(tmp_path: Path, extra: list[str], ranks: int, callback_rtol: float = 0.0,
+                  sigterm: bool = False) -> None:
     (tmp_path / "resume_probe.py").write_text(PROBE)
     full = _fit(tmp_path / "full", tmp_path, "full", extra)
     assert full.returncode == 0, full.stderr[-4000:]
-    killed = _fit(tmp_path / "killed", tmp_path, "killed", extra, kill_at=KILL_AT)
-    assert killed.returncode != 0, "the kill did not happen"
+    killed = _fit(tmp_path / "killed", tmp_path, "killed", extra, kill_at=KILL_AT, sigterm=sigterm)
+    assert killed.returncode == (143 if sigterm else 3), (killed.returncode, killed.stderr[-4000:])
     ckpt = tmp_path / "killed" / "logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.exists(), sorted(str(p) for p in (tmp_path / "killed").rglob("*.ckpt"))
     saved_step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
@@ -134,6 +139,13 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_killed_run_resumes_identically(tmp_path: Path, name: str) -> None:
     _check_resume(tmp_path, ["--config", str(OPTIMIZERS[name])], ranks=1)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_to_fit_exits_143_and_the_rerun_resumes_identically(tmp_path: Path) -> None:
+    """SIGTERM at step 10 (mid-epoch): the CLI exits with status 143 (was 0); the rerun from the
+    last end-of-epoch checkpoint equals the uninterrupted run."""
+    _check_resume(tmp_path, ["--config", str(OPTIMIZERS["muon_sgd_dual_ascent"])], ranks=1, sigterm=True)
 
 
 @pytest.mark.slow
