@@ -141,6 +141,7 @@ def test_killed_run_resumes_identically(tmp_path: Path, name: str) -> None:
     _check_resume(tmp_path, ["--config", str(OPTIMIZERS[name])], ranks=1)
 
 
+@pytest.mark.slow  # three CLI runs in subprocesses (≈ 25 s of CPU); the in-process SIGTERM test below is fast
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_to_fit_exits_143_and_the_rerun_resumes_identically(tmp_path: Path) -> None:
     """SIGTERM at step 10 (mid-epoch): the CLI exits with status 143 (was 0); the rerun from the
