@@ -37,7 +37,32 @@ _CONFIG_FLAGS = ("--config", "-c")
 
 
 class SpectralArgumentParser(LightningArgumentParser):
-    """A parser whose error for an unknown network lists the networks there are."""
+    """A parser whose error for an unknown network lists the networks there are, and whose
+    ``--print_config`` shows the model sized by what the data module declares."""
+
+    def _printing(self) -> bool:
+        """Whether this dump answers ``--print_config`` (jsonargparse keeps the request on the
+        parser that received it, this one or the main parser above a subcommand's)."""
+        parser: Any = self
+        while parser is not None:
+            if isinstance(getattr(parser, "print_config", None), dict):
+                return True
+            parser = getattr(parser, "parent_parser", None)
+        return False
+
+    def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
+        if isinstance(cfg, Namespace) and cfg.get("data") and cfg.get("model") and self._printing():
+            cfg = cfg.clone()
+            try:
+                datamodule = self.instantiate(Namespace(data=cfg.data)).data
+            except Exception:  # noqa: BLE001 - a data module that cannot be built here is printed unsized
+                datamodule = None
+            if datamodule is not None:
+                try:
+                    fill_from_data(cfg.model, DataDescription(datamodule, infer=False))
+                except DataShapeError as err:
+                    self.error(str(err))
+        return super().dump(cfg, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if 'key "net"' in message and "import path" in message:

@@ -71,8 +71,9 @@ def test_short_class_names_resolve(run_cli, capsys) -> None:
     )  # fmt: skip
     model = printed["model"]["init_args"]
     assert printed["model"]["class_path"] == "lightning_spectral.module.SpectralModule"
-    assert model["net"]["class_path"] == "lightning_spectral.models.ResNet18"
-    assert model["net"]["init_args"]["width_mult"] == 0.5
+    assert model["net"] == {"class_path": "lightning_spectral.models.ResNet18",  # sized by MNIST's attributes
+                            "init_args": {"num_classes": 10, "in_channels": 1, "image_size": 28, "width_mult": 0.5}}
+    assert model["num_classes"] == 10
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW" and model["optimizer"]["init_args"]["lr"] == 0.003
     assert model["scheduler"]["class_path"] == "lightning_spectral.module.CosineSchedule"
     assert printed["data"]["class_path"] == "lightning_spectral.data.MNISTDataModule"

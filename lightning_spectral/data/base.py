@@ -51,10 +51,15 @@ class DataShapeError(ValueError):
 
 
 class DataDescription:
-    """The :data:`DATA_ATTRIBUTES` values of one data module, read (or inferred) on first use."""
+    """The :data:`DATA_ATTRIBUTES` values of one data module, read (or inferred) on first use.
 
-    def __init__(self, datamodule: LightningDataModule) -> None:
+    With ``infer=False`` only what the data module declares (and what follows from it) is
+    given: nothing is set up or loaded.
+    """
+
+    def __init__(self, datamodule: LightningDataModule, infer: bool = True) -> None:
         self.datamodule = datamodule
+        self.infer = infer
         self._values: dict[str, Any] = {}
         self._set_up = False
 
@@ -78,6 +83,8 @@ class DataDescription:
             return value
         if name not in _INFERRED:
             raise KeyError(name)
+        if not self.infer and (name == "num_classes" or self.declared("input_shape") is None):
+            raise KeyError(name)  # only the data could tell
         if name == "num_classes":
             return self._labels_count()
         shape = self.declared("input_shape")
