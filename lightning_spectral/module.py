@@ -346,7 +346,8 @@ class SpectralModule(LightningModule):
         fix = ("find the cause (learning rate too large? bad data?) or set model.init_args.nonfinite=skip "
                "to skip such steps")
         if path and Path(path).exists():
-            return f"No checkpoint holds non-finite weights; the last good one is {path}: {fix}, then resume with --ckpt_path {path}."
+            return (f"No checkpoint holds non-finite weights; the last good one is {path}: {fix}, then resume "
+                    f"with --ckpt_path {path}.")
         return f"No checkpoint was written yet: {fix}, then start again."
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -477,8 +478,8 @@ class SpectralModule(LightningModule):
         if scheduler is not None and hasattr(scheduler, "_last_lr"):
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         changes = ", ".join(f"{name}.{key}: {old} -> {new}" for _, name, key, old, new in self._overrides)
-        rank_zero_warn(f"resuming from {self.trainer.ckpt_path} with hyperparameters that differ from the checkpoint's; "
-                       f"the requested values are applied to the restored optimizer: {changes}")
+        rank_zero_warn(f"resuming from {self.trainer.ckpt_path} with hyperparameters that differ from the "
+                       f"checkpoint's; the requested values are applied to the restored optimizer: {changes}")
         self._overrides = []
 
     def _last_batch_of_epoch(self, batch_idx: int) -> bool:

@@ -85,7 +85,8 @@ KILLER = textwrap.dedent(
     from lightning.pytorch.plugins.io import TorchCheckpointIO
     from lightning_spectral.checkpoint import AtomicCheckpointIO, validate_checkpoint
 
-    path, rounds, io = sys.argv[1], int(sys.argv[2]), {"atomic": AtomicCheckpointIO, "lightning": TorchCheckpointIO}[sys.argv[3]]()
+    path, rounds = sys.argv[1], int(sys.argv[2])
+    io = {"atomic": AtomicCheckpointIO, "lightning": TorchCheckpointIO}[sys.argv[3]]()
     rng = random.Random(0)
     for _ in range(rounds):
         ready_r, ready_w = os.pipe()
@@ -94,7 +95,8 @@ KILLER = textwrap.dedent(
             step = 0
             while True:
                 step += 1
-                io.save_checkpoint({"state_dict": {"w": torch.full((2_000_000,), float(step))}, "global_step": step}, path)
+                weights = {"w": torch.full((2_000_000,), float(step))}
+                io.save_checkpoint({"state_dict": weights, "global_step": step}, path)
                 if step == 1:
                     os.write(ready_w, b"1")
         os.read(ready_r, 1)

@@ -219,7 +219,8 @@ def test_resume_applies_changed_hyperparameters(tmp_path: Path, scheduled: bool)
     last = _first_run(tmp_path, _module(scheduler=schedule))
     rates = LearningRates()
     module = _module(lr=0.2, momentum=0.5, scheduler=schedule)
-    with pytest.warns(UserWarning, match=r"matrix\.lr: 0\.1 -> 0\.2, matrix\.momentum: 0\.9 -> 0\.5, .*vector\.lr: 0\.1 -> 0\.2"):
+    changes = r"matrix\.lr: 0\.1 -> 0\.2, matrix\.momentum: 0\.9 -> 0\.5, .*vector\.lr: 0\.1 -> 0\.2"
+    with pytest.warns(UserWarning, match=changes):
         _trainer(tmp_path, 2, callbacks=[rates]).fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
     factor = 0.5 * (1 + math.cos(math.pi * 3 / 10)) if scheduled else 1.0
     groups = module.optimizers().optimizer.param_groups
