@@ -38,7 +38,7 @@ def _model() -> nn.Module:
 
 def _run(distribute: bool, optimizer_type: str, kwargs: dict) -> tuple[list, list, list[int]]:
     model = _model()
-    opt = create_optimizer(model, optimizer_type=optimizer_type, **{"lr": 0.05, **kwargs})
+    opt = create_optimizer(model, optimizer_type=optimizer_type, head_as_matrix=True, **{"lr": 0.05, **kwargs})
     opt.distribute_work = distribute
     calls: list[int] = []
     inner = opt._matrix_step
@@ -105,5 +105,5 @@ def test_split_work_matches_repeated_work_bit_for_bit(results, name):
         assert same_weights, (name, rank)
         assert same_state, (name, rank)
         assert ranks_equal, name
-        # 4 matrices; each rank ran the matrix rule on its share only
+        # 4 matrices (the head too: head_as_matrix); each rank ran the matrix rule on its share only
         assert 0 < split_calls < full_calls == 4, (name, rank, split_calls, full_calls)
