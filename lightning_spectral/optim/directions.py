@@ -170,7 +170,7 @@ def stiefel_amortized(
     steps: int = 1,
     memory: int = 3,
     smoothing: Optional[float] = None,
-    gram_dtype: torch.dtype = torch.float64,
+    gram_dtype: Optional[torch.dtype] = None,
     certify: bool = False,
 ) -> tuple[torch.Tensor, DirectionInfo]:
     """Amortized Stiefel direction: ``steps`` fixed-point iterations of the dual per call (one
@@ -211,43 +211,56 @@ def stiefel_amortized(
             on a 3-layer MLP at lr 0.05, momentum 0.9: a residual of ~0.2 at ``steps=1``, the
             projected direction's objective within 4 % of the inner one's; 5 steps: ~1e-2).
         memory: Anderson memory (0: the plain fixed-point step).
-        smoothing: ``μ``; ``None``: 1e-4 with a float64 Gram matrix, 1e-3 with float32.
+        smoothing: ``μ``; ``None``: 1e-3 with ``gram_dtype=torch.float32``, 1e-4 otherwise.
         gram_dtype: precision of ``H``, ``N`` and the eigensolve. ``N`` holds squared singular
-            values, so float32 resolves those of ``M`` only down to about ``3e-4``: a smaller
+            values, so float32 resolves those of ``M`` only down to about ``3e-4 σ₁``: a smaller
             ``μ`` lets ``S⁻¹`` overshoot. Measured on ``n × 256`` points with power-law and
             exponential gradient spectra: float64 (``μ = 1e-4``) within 3e-5 of the dual bound,
-            float32 (``μ = 1e-3``) 0.3–0.7 % below it and a tangency residual stalling at ~3e-3;
-            float32 makes the direction about 1.3× faster on ResNet-18's shapes.
+            float32 (``μ = 1e-3``) 0.3–0.7 % below it, its tangency residual stalling at ~3e-3.
+            ``None`` (default) picks per call: float32 while ``N`` is well conditioned
+            (:data:`WELL_CONDITIONED`, as noisy gradients keep it), float64 otherwise, guessing
+            from the last call (``state["dual_well_conditioned"]``, a bool) and redoing a float32
+            eigensolve in float64 when it finds ``N`` ill conditioned (one host sync per call).
         certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + W X‖_*``.
 
     Returns:
         ``(Φ, info)`` with ``Φ`` shaped like ``G``.
     """
-    if gram_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"stiefel_amortized: gram_dtype must be torch.float32 or torch.float64, got {gram_dtype}")
-    mu = (1e-4 if gram_dtype == torch.float64 else 1e-3) if smoothing is None else smoothing
+    if gram_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"stiefel_amortized: gram_dtype must be None, torch.float32 or torch.float64, got {gram_dtype}")
+    mu = (1e-3 if gram_dtype == torch.float32 else 1e-4) if smoothing is None else smoothing
     if steps < 1 or memory < 0 or not mu > 0:
         raise ValueError(f"stiefel_amortized: need steps >= 1, memory >= 0 and smoothing > 0, got "
                          f"steps={steps}, memory={memory}, smoothing={smoothing}")
     flip, (Wt, Gt) = orient(W, G)
     n, k = Wt.shape
     dtype = Gt.dtype
+    auto = gram_dtype is None
+    gdt = gram_dtype or (torch.float32 if state.get("dual_well_conditioned", False) else torch.float64)
     # Everything below is linear in G except through the scale, so G is not divided: the k × k
     # pieces are scaled instead, with ‖G‖₂² estimated on GᵀG = AᵀA + H (k × k, no pass over G).
     A = Wt.mT @ Gt
     Gperp = torch.addmm(Gt, Wt, A, alpha=-1.0)
-    Gp = Gperp.to(gram_dtype)
-    H = Gp.mT @ Gp
-    GtG = torch.addmm(H.to(dtype), A.mT, A)
+    grams = {gdt: _gram(Gperp, gdt)}
+    GtG = torch.addmm(grams[gdt].to(dtype), A.mT, A)
     scale = power_iteration(GtG, GtG.abs().sum(0), max_iter=4)[0].sqrt().clamp_min(1e-30)  # deterministic start
-    A, H = A / scale, H / scale.to(gram_dtype) ** 2
+    A = A / scale
     K = skew(A)
     Y_state = state.get("dual")
     Y = torch.zeros_like(K) if n == k or Y_state is None or Y_state.shape != (k, k) else Y_state.to(dtype)
     for _ in range(1 if n == k else steps):
         B = K + Y
-        Bh = B.to(gram_dtype)
-        lam, Q = torch.linalg.eigh(sym(torch.addmm(H, Bh.mT, Bh)))
+        while True:
+            if gdt not in grams:
+                grams[gdt] = _gram(Gperp, gdt)
+            Bh = B.to(gdt)
+            lam, Q = torch.linalg.eigh(sym(torch.addmm(grams[gdt] / scale.to(gdt) ** 2, Bh.mT, Bh)))
+            if not auto:
+                break
+            well = float(lam[0]) >= WELL_CONDITIONED * float(lam[-1])  # one host sync
+            if well or gdt == torch.float64:
+                break
+            gdt = torch.float64
         lam = lam.clamp_min(0.0)
         s = (lam + mu * mu).sqrt()
         Y_used = Y
@@ -255,13 +268,15 @@ def stiefel_amortized(
             Qw, sw = Q.to(dtype), s.to(dtype)  # the update needs no more than working precision
             F = Qw @ ((Qw.mT @ K @ Qw) * ((sw[None, :] - sw[:, None]) / (sw[:, None] + sw[None, :]))) @ Qw.mT - Y
             Y = _anderson(state, Y, F, memory)
-    S_inv = (Q / s) @ Q.mT  # entries up to 1/μ: in gram_dtype, and so is B₁ (B q ≈ 0 on N's null space)
+    if auto:
+        state["dual_well_conditioned"] = well
+    S_inv = (Q / s) @ Q.mT  # entries up to 1/μ: in the Gram precision, and so is B₁ (B q ≈ 0 on N's null space)
     B1 = (Bh @ S_inv).to(dtype)
     residual = torch.linalg.matrix_norm(sym(B1)) / (lam / (lam + mu * mu)).sum().sqrt().clamp_min(1e-30).to(dtype)
     # Φ = M S⁻¹ projected onto T (M = W B + G⊥/scale). G⊥ is orthogonal to W only up to
     # round-off, which S⁻¹ (up to 1/μ) would amplify, so the projection acts on the bounded
     # G⊥S⁻¹: with C = Wᵀ(G⊥S⁻¹), Φ = G⊥S⁻¹ + W (skew(B₁) − sym(C)) has WᵀΦ = skew(B₁) + skew(C).
-    Phi_perp = Gperp @ (S_inv / scale.to(gram_dtype)).to(dtype)
+    Phi_perp = Gperp @ (S_inv / scale.to(S_inv.dtype)).to(dtype)
     Phi = Phi_perp.addmm_(Wt, skew(B1) - sym(Wt.mT @ Phi_perp))
     state["dual"] = Y
     if n == k:
@@ -271,6 +286,16 @@ def stiefel_amortized(
     if certify:
         Phi = _certify(Wt, Gt, Gt / scale, Phi, Y_used - sym(A), scale, info)
     return (Phi.mT if flip else Phi), info
+
+
+WELL_CONDITIONED = 1e-4
+"""``λ_min(N) ≥ 1e-4 λ_max(N)`` (singular values of ``M`` within a factor 100): the float32 Gram
+matrix's absolute error (~1e-7 λ_max) is then below 1e-3 of every eigenvalue."""
+
+
+def _gram(M: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    M = M.to(dtype)
+    return M.mT @ M
 
 
 def _anderson(state: dict, Y: torch.Tensor, F: torch.Tensor, memory: int) -> torch.Tensor:
