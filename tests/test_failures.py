@@ -265,6 +265,16 @@ def _overlapping_grids_differ(ctx) -> None:
         assert len(expand(load_study(ctx.study(grids=[_axis([a])[0], _axis([b])[0]])))) == 1
 
 
+def _lr_axis_before_optimizer_axis(ctx) -> None:
+    """The lr axis listed first still sets the lr inside the optimizer another axis replaces whole."""
+    adamw = {"model.init_args.optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}}
+    runs = expand(load_study(ctx.study(grids=[{"lr": {"key": "model.init_args.optimizer.init_args.lr",
+                                                      "values": [0.01, 0.3]},
+                                               "optimizer": [{"name": "AdamW", "set": adamw}]}])))
+    assert [r.config["model"]["init_args"]["optimizer"] for r in runs] == [
+        {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}} for lr in (0.01, 0.3)]
+
+
 def _string_optimizer(ctx) -> None:
     base = yaml.safe_load(QUICKSTART.read_text())
     base["model"]["init_args"]["optimizer"] = "torch.optim.SGD"
@@ -426,6 +436,7 @@ ROWS = [
     Row("study-arg-beside-class-path", lambda c: load_study(c.study(
         grids=[{"lr": {"key": "model.init_args.optimizer.lr", "values": [0.1]}}])), StudySpecError,
         ("beside class_path", "model.init_args.optimizer.init_args.lr")),
+    Row("study-lr-axis-before-optimizer-axis", _lr_axis_before_optimizer_axis),
     Row("study-key-into-string", _string_optimizer, StudySpecError, ("'torch.optim.SGD', not a mapping",)),
     Row("study-misspelt-branch", lambda c: load_study(c.study(set={"model.init_args.optimzer.init_args.lr": 1})),
         StudySpecError, ("did you mean 'optimizer'",)),

@@ -261,6 +261,8 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
 
 def expand(study: Study, *, warn: bool = False) -> list[Run]:
     """All runs of the study, in order: grid by grid, the cartesian product of its axes, then seeds.
+    A run's overrides apply shallow keys before deeper ones (``model.init_args.optimizer`` before
+    ``model.init_args.optimizer.init_args.lr``), whatever the order of the axes.
 
     The same labels in two grids are the same run, kept once (with ``warn``, a warning if the two
     grids configure it differently); two different labels that give the same run id raise."""
@@ -280,8 +282,12 @@ def expand(study: Study, *, warn: bool = False) -> list[Run]:
                 parts = [f"{a}={v['name']}" for a, v in zip(names, combo)] + [f"seed={seed}"]
                 run_id = RUN_ID_SAFE.sub("-", "__".join(parts))
                 config = copy.deepcopy(study.base)
-                for a, v in zip(names, combo):
-                    apply_sets(config, v["set"], f"grid {g}, axis {a!r}, variant {v['name']!r}")
+                # Shallow keys first, whatever the order of the axes: a variant that sets the whole
+                # optimizer must not erase the learning rate another axis sets inside it.
+                sets = [(k.count("."), i, k, value, f"grid {g}, axis {a!r}, variant {v['name']!r}")
+                        for i, (a, v) in enumerate(zip(names, combo)) for k, value in v["set"].items()]
+                for _, _, key, value, where in sorted(sets, key=lambda item: item[:2]):
+                    apply_sets(config, {key: value}, where)
                 config["seed_everything"] = seed
                 if run_id in seen:
                     labels, first = seen[run_id]
