@@ -164,6 +164,9 @@ class SpectralModule(LightningModule):
             schedule untouched), counts it in ``train/skipped_steps`` and stops after
             ``max_consecutive_skips`` skipped steps in a row.
         max_consecutive_skips: with ``nonfinite="skip"``, skipped steps in a row that stop the run.
+
+    Attributes:
+        skipped_steps: steps skipped by ``nonfinite="skip"`` so far (kept in checkpoints).
     """
 
     def __init__(
