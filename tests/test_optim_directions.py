@@ -231,6 +231,21 @@ def test_stiefel_amortized_picks_the_gram_precision_by_conditioning():
     assert state["dual_well_conditioned"] is False
 
 
+def test_stiefel_amortized_is_scale_free_and_zero_on_a_zero_gradient():
+    """The direction does not depend on ‖G‖ (1e-6 G and 1e3 G give the same Φ from the same
+    state), and a zero gradient gives Φ = 0, also on the float32 path."""
+    W, G = stiefel_case((64, 16), 5)
+    warm = {}
+    for _ in range(3):
+        stiefel_amortized(W, G, warm)
+    assert warm["dual_well_conditioned"] is True
+    tiny, _ = stiefel_amortized(W, 1e-6 * G, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in warm.items()})
+    big, _ = stiefel_amortized(W, 1e3 * G, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in warm.items()})
+    assert torch.isfinite(tiny).all() and torch.allclose(tiny, big, atol=1e-5)
+    zero, _ = stiefel_amortized(W, torch.zeros_like(G), warm)
+    assert float(zero.abs().max()) <= 1e-6
+
+
 def test_stiefel_amortized_rejects_bad_arguments():
     W, G = stiefel_case((8, 4), 0)
     for kwargs in ({"steps": 0}, {"memory": -1}, {"smoothing": 0.0}, {"gram_dtype": torch.float16}):

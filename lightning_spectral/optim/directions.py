@@ -254,7 +254,8 @@ def stiefel_amortized(
             if gdt not in grams:
                 grams[gdt] = _gram(Gperp, gdt)
             Bh = B.to(gdt)
-            lam, Q = torch.linalg.eigh(sym(torch.addmm(grams[gdt] / scale.to(gdt) ** 2, Bh.mT, Bh)))
+            sc = scale.to(gdt)
+            lam, Q = torch.linalg.eigh(sym(torch.addmm(grams[gdt] / sc / sc, Bh.mT, Bh)))  # no sc² underflow
             if not auto:
                 break
             well = float(lam[0]) >= WELL_CONDITIONED * float(lam[-1])  # one host sync
