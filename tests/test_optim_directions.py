@@ -243,7 +243,7 @@ def test_stiefel_amortized_is_scale_free_and_zero_on_a_zero_gradient():
     big, _ = stiefel_amortized(W, 1e3 * G, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in warm.items()})
     assert torch.isfinite(tiny).all() and torch.allclose(tiny, big, atol=1e-5)
     zero, _ = stiefel_amortized(W, torch.zeros_like(G), warm)
-    assert float(zero.abs().max()) <= 1e-6
+    assert float(zero.abs().max()) <= 1e-5  # skew(Y S⁻¹) of the symmetric Y S⁻¹: round-off only
 
 
 def test_stiefel_amortized_rejects_bad_arguments():
