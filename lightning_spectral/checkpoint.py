@@ -63,6 +63,8 @@ def _fsync_directory(directory: str) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there: assume it lives
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -181,10 +183,19 @@ def validate_checkpoint(path: _PATH) -> Optional[str]:
     return None
 
 
+def _aside_name(path: Path, tag: str) -> Path:
+    """``<path>.<tag>-<UTC time>``, with a counter if that exists already."""
+    stem = f"{path.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    target, n = path.with_name(stem), 1
+    while target.exists():
+        target, n = path.with_name(f"{stem}-{n}"), n + 1
+    return target
+
+
 def set_aside(path: _PATH, reason: str, log: Callable[[str], None] = print) -> Path:
     """Rename ``path`` to ``<path>.corrupt-<UTC time>`` (kept for inspection) and say why."""
     path = Path(path)
-    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    target = _aside_name(path, "corrupt")
     os.replace(path, target)
     log(f"  {reason}: moved aside to {target}")
     return target
@@ -212,7 +223,7 @@ def resume_checkpoint(checkpoint_dir: _PATH, digest: str, log: Callable[[str], N
     marker = directory / CONFIG_MARKER
     written_for = marker.read_text().strip() if marker.is_file() else None
     if written_for != digest:
-        stale = directory.with_name(f"{directory.name}.stale-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+        stale = _aside_name(directory, "stale")
         os.replace(directory, stale)
         log(f"  the checkpoints in {directory} were written for "
             f"{'another config' if written_for else 'an unknown config'}; the run restarts (old ones in {stale})")

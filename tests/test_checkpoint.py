@@ -223,6 +223,10 @@ def test_resume_checkpoint_sets_damaged_and_stale_files_aside(tmp_path: Path) ->
     stale = next(tmp_path.glob("checkpoints.stale-*"))
     assert (stale / "epoch=0-step=4.ckpt").exists() and (stale / CONFIG_MARKER).read_text().strip() == "abc"
     assert resume_checkpoint(directory, "changed", logs.append) is None
+    atomic_torch_save(_lightning_checkpoint(4), directory / "last.ckpt")  # changed again within the second
+    write_config_marker(directory, "changed")
+    assert resume_checkpoint(directory, "again", logs.append) is None
+    assert len(list(tmp_path.glob("checkpoints.stale-*"))) == 2  # both kept, none overwritten
 
 
 def test_run_lock_is_exclusive(tmp_path: Path) -> None:
