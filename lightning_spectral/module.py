@@ -11,14 +11,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_spectral.checkpoint import use_atomic_checkpoint_io
-from lightning_spectral.optim.param_groups import build_param_groups
+from lightning_spectral.optim.param_groups import build_param_groups, routing_table
 from lightning_spectral.signals import SigtermNotice
 
 
@@ -132,11 +132,13 @@ class SpectralModule(LightningModule):
 
     The parameters are grouped by
     :func:`~lightning_spectral.optim.param_groups.build_param_groups`: a ``"matrix"`` group
-    (≥2-D weights, for a spectral rule) and a ``"vector"`` group (biases, norms and the
-    ``exclude`` patterns, for the fallback rule). ``optimizer`` is called with that list, so
+    (≥2-D weights, for a spectral rule), and for the fallback rule an ``"embedding"`` group
+    (embedding tables), a ``"head"`` group (the output layer) and a ``"vector"`` group (biases,
+    norms and the ``exclude`` patterns). ``optimizer`` is called with that list, so
     ``torch.optim.SGD``/``AdamW`` and the optimizers of :mod:`lightning_spectral.optim` all fit.
-    The scheduler is stepped after every optimizer step and the learning rate of each group is
-    logged as ``lr/<group name>``.
+    At fit start the routing table (which rule takes each parameter, with its shape) is printed
+    and written to ``<log_dir>/routing.md``. The scheduler is stepped after every optimizer step
+    and the learning rate of each group is logged as ``lr/<group name>``.
 
     Before every optimizer step the loss and the gradients are checked for NaN/Inf (one fused
     norm and one host sync per step, whatever the optimizer; under fp16's ``GradScaler`` the
@@ -158,6 +160,11 @@ class SpectralModule(LightningModule):
             decays over ``trainer.estimated_stepping_batches``, read when training starts.
         exclude: glob patterns of parameter names (``"fc2.*"``) whose matrices go to the fallback rule.
         vector_weight_decay: weight decay of the fallback group; ``None`` keeps the optimizer's.
+        head: module-name globs of the output head (``["fc"]``); ``None``: the net's last
+            ``nn.Linear`` (and any Linear tied to an embedding); ``[]``: no head.
+        head_as_matrix: give the head the matrix rule (a constrained optimizer then constrains
+            the classifier too, which keeps its logits small: see the README's measurements).
+        embeddings_as_matrices: give embedding tables the matrix rule.
         nonfinite: what a NaN/Inf loss or gradient does: ``"raise"`` stops with
             :class:`NonFiniteStepError` (naming the step, the first non-finite gradient and the
             checkpoint to resume from); ``"skip"`` drops the step (weights, optimizer state and
@@ -177,6 +184,9 @@ class SpectralModule(LightningModule):
         scheduler: LRSchedulerCallable | None = CosineSchedule,
         exclude: list[str] | None = None,
         vector_weight_decay: float | None = 0.0,
+        head: list[str] | None = None,
+        head_as_matrix: bool = False,
+        embeddings_as_matrices: bool = False,
         nonfinite: str = "raise",
         max_consecutive_skips: int = 10,
     ) -> None:
@@ -206,6 +216,7 @@ class SpectralModule(LightningModule):
         self.scheduler = scheduler
         self.exclude = exclude or []
         self.vector_weight_decay = vector_weight_decay
+        self.routing = dict(head=head, head_as_matrix=head_as_matrix, embeddings_as_matrices=embeddings_as_matrices)
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.criterion = nn.CrossEntropyLoss()
@@ -229,7 +240,8 @@ class SpectralModule(LightningModule):
         return [SigtermNotice()]
 
     def configure_optimizers(self) -> Optimizer | dict:
-        groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay)
+        groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay,
+                                    **self.routing)
         optimizer = self.optimizer(groups)
         self._compare_with_checkpoint(optimizer)
         if self.scheduler is None:
@@ -264,6 +276,16 @@ class SpectralModule(LightningModule):
         # Lightning would end a fit without batches silently; ``estimated_stepping_batches`` loads the data.
         if self.trainer.estimated_stepping_batches <= 0 or self.trainer.num_training_batches == 0:
             raise ValueError(self._no_training_batches())
+        self._report_routing()
+
+    def _report_routing(self) -> None:
+        """Print the routing table and keep it with the run (``<log_dir>/routing.md``, rank 0)."""
+        table = routing_table(self.optimizers(), self.net)
+        rank_zero_info(f"Parameter routing (which rule updates which parameter):\n{table}")
+        directory = self.trainer.log_dir or self.trainer.default_root_dir
+        if self.trainer.is_global_zero and directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "routing.md").write_text(table + "\n", encoding="utf-8")
 
     def on_train_start(self) -> None:
         self._apply_overrides()
@@ -410,6 +432,9 @@ class SpectralModule(LightningModule):
                 problems.append(f"net: checkpoint {old_net}, requested {new_net}")
         if "exclude" in saved and (saved["exclude"] or []) != (requested.get("exclude") or []):
             problems.append(f"exclude: checkpoint {saved['exclude']}, requested {requested.get('exclude')}")
+        for key in ("head", "head_as_matrix", "embeddings_as_matrices"):  # they move parameters between groups
+            if key in saved and saved[key] != requested.get(key):
+                problems.append(f"{key}: checkpoint {saved[key]}, requested {requested.get(key)}")
         for key in ("optimizer", "scheduler") if fitting else ():
             if key not in saved or key not in requested:
                 continue
@@ -446,10 +471,15 @@ class SpectralModule(LightningModule):
         saved_groups = resumed.get("groups")
         if saved_groups is None:
             return
+        # Checkpoints of the constrained optimizers from before their unsupported matrices had
+        # a group of their own hold one group fewer; the optimizer converts them on load.
+        saved_groups = getattr(optimizer, "upgrade_param_groups", lambda groups: groups)(saved_groups)
         if len(saved_groups) != len(optimizer.param_groups):
             raise CheckpointMismatchError(
                 f"the checkpoint {self.trainer.ckpt_path} has {len(saved_groups)} parameter groups, the requested "
-                f"optimizer {len(optimizer.param_groups)}. Start a new run, or resume with the checkpoint's config."
+                f"optimizer {len(optimizer.param_groups)}. Start a new run, or resume with the checkpoint's config "
+                "(checkpoints written before the output head had a group of its own need "
+                "model.init_args.head_as_matrix: true)."
             )
         for i, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
             old = _group_hyperparameters(saved)

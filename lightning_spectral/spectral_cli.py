@@ -78,6 +78,22 @@ class SpectralCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the config's model arguments by a ``ckpt_path``'s, which would
+        silently drop what the user asked for. A :class:`SpectralModule` keeps the config as given
+        and compares it with the checkpoint itself (differences that cannot be applied raise,
+        changed hyperparameters are applied and listed); other modules keep Lightning's behaviour."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        class_path = model.get("class_path") if isinstance(model, Namespace) else None
+        try:
+            cls = _import(class_path) if class_path else None
+        except (ImportError, AttributeError, ValueError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, SpectralModule):
+            return
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         spec = config.get("data")

@@ -147,6 +147,7 @@ def test_checkpoint_is_weights_only_and_resumes_optimizer_state(tmp_path: Path) 
     trainer.fit(make_module(), DigitsDataModule(batch_size=32))
     state = torch.load(checkpoint.last_model_path, weights_only=True)
     assert state["hyper_parameters"] == {"num_classes": 10, "exclude": None, "vector_weight_decay": 0.0,
+                                         "head": None, "head_as_matrix": False, "embeddings_as_matrices": False,
                                          "nonfinite": "raise", "max_consecutive_skips": 10}
     assert state["spectral_module"] == {"net": "lightning_spectral.models.small_cnn.SmallCNN",
                                         "optimizer": "torch.optim.sgd.SGD", "skipped_steps": 0}
@@ -197,3 +198,37 @@ def test_plateau_scheduler_is_refused() -> None:
 def test_bad_arguments_raise(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_routing_table_is_printed_and_saved_and_the_head_takes_the_fallback_rule(tmp_path: Path, capsys) -> None:
+    from lightning_spectral.optim import ManifoldMuon
+
+    module = make_module(optimizer=lambda params: ManifoldMuon(params, lr=0.05))
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, logger=CSVLogger(tmp_path))
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    optimizer = module.optimizers().optimizer
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    head = dict(module.net.named_parameters())["fc2.weight"]
+    assert any(p is head for p in by_name["head"]["params"]) and not by_name["head"]["matrix"]
+    # The head stays off the Stiefel manifold: its rows are not orthonormal after training.
+    rows = head.detach() @ head.detach().T
+    assert (rows - torch.eye(rows.shape[0])).abs().max() > 1e-2
+    saved = (Path(trainer.log_dir) / "routing.md").read_text()
+    assert "fc2.weight" in saved and "| head " in saved and "features.0.weight" in saved
+    assert saved.count("\n") >= len(list(module.net.parameters())) + 2  # header, rule, one row per tensor
+
+
+def test_head_as_matrix_constrains_the_head_and_a_resume_with_other_routing_is_refused(tmp_path: Path) -> None:
+    from lightning_spectral.module import CheckpointMismatchError
+    from lightning_spectral.optim import ManifoldMuon
+
+    build = lambda **kw: make_module(optimizer=lambda params: ManifoldMuon(params, lr=0.05), **kw)  # noqa: E731
+    module = build(head_as_matrix=True)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=2, logger=False,
+                           callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    W = module.net.fc2.weight.detach()
+    assert torch.allclose(W @ W.T, torch.eye(W.shape[0]), atol=1e-4)  # 10 × 32: orthonormal rows
+    resumed = make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, logger=False)
+    with pytest.raises(CheckpointMismatchError, match="head_as_matrix"):
+        resumed.fit(build(), DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "last.ckpt"))
