@@ -279,10 +279,11 @@ class SpectralModule(LightningModule):
         self._report_routing()
 
     def _report_routing(self) -> None:
-        """Print the routing table and keep it with the run (``<log_dir>/routing.md``, rank 0)."""
+        """Print the routing table and keep it with the run's logs (``<log_dir>/routing.md``, rank
+        0; a trainer without a logger has no run directory, and only prints it)."""
         table = routing_table(self.optimizers(), self.net)
         rank_zero_info(f"Parameter routing (which rule updates which parameter):\n{table}")
-        directory = self.trainer.log_dir or self.trainer.default_root_dir
+        directory = self.trainer.log_dir if self.trainer.loggers else None
         if self.trainer.is_global_zero and directory is not None:
             Path(directory).mkdir(parents=True, exist_ok=True)
             (Path(directory) / "routing.md").write_text(table + "\n", encoding="utf-8")

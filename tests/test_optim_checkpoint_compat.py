@@ -5,11 +5,12 @@ earlier code) holds a tiny MLP and the optimizer's ``state_dict()`` after three 
 weights that code produced at the fourth step. Loaded with ``weights_only=True`` into today's
 classes, the fourth step must give the same weights: same state keys, same mathematics.
 
-ManifoldMuon's direction is :func:`~lightning_spectral.optim.directions.stiefel_direction`,
-whose algorithm is improved on its own (issue 13: the amortized dual); its matrices are
-compared with that function's direction from the loaded state (multiplier ``dual``, the
-safeguarded dual step), so the test still proves that the state is read as it was written. With
-the direction of the earlier code the two agree exactly (checked when the files were written).
+ManifoldMuon's amortized direction changed algorithm on its own (a fixed-point dual step,
+:func:`~lightning_spectral.optim.directions.stiefel_amortized`, replaced the gradient step on
+the dual, which did not converge); its matrices are compared with that function's direction from
+the loaded state (the multiplier ``dual``), so the test still proves that the state is read as
+it was written. With the direction of the earlier code the two agreed exactly (checked when the
+files were written).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_spectral.optim import ManifoldMuon
-from lightning_spectral.optim.directions import stiefel_direction
+from lightning_spectral.optim.directions import stiefel_amortized, stiefel_direction
 from lightning_spectral.optim.msign import polar_retraction
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -52,10 +53,11 @@ def manifold_muon_reference(opt: ManifoldMuon, model: nn.Module, x, y) -> dict[s
     out = {}
     for name, p in zip(group["param_names"], group["params"]):
         state = copy.deepcopy(opt.state[p])
-        Phi, _, _ = stiefel_direction(p.detach(), p.grad, state["dual"], mode=group["mode"],
-                                      alpha=ManifoldMuon._dual_step(group, state), max_iters=group["inner_max_iters"],
-                                      tol=group["inner_tol"], msign_steps=group["ns_steps"],
-                                      schedule=group["ns_schedule"])
+        if group["mode"] == "amortized":
+            Phi, _ = stiefel_amortized(p.detach(), p.grad, state)
+        else:
+            Phi, _, _ = stiefel_direction(p.detach(), p.grad, state["dual"], mode="inner",
+                                          max_iters=group["inner_max_iters"], tol=group["inner_tol"])
         out[name] = polar_retraction(p.detach() - group["lr"] * Phi, group["retraction_tol"])
     return out
 

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from .base import check_mode
 from .linalg import (TangentSpace, estimate_spectral_norm, minimize_lbfgs, orient, power_iteration, rescale_into_ball,
                      skew, sym)
 from .msign import msign, msign_svd, nuclear_norm
@@ -50,11 +51,6 @@ class DirectionInfo:
         if self.objective is None or self.dual_value is None:
             raise ValueError("duality_gap needs a certified solve (certify=True)")
         return (self.dual_value - self.objective) / max(abs(self.dual_value), 1e-30)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in ("inner", "amortized"):
-        raise ValueError(f"mode must be 'inner' or 'amortized', got {mode!r}")
 
 
 def stiefel_direction(
@@ -100,7 +96,7 @@ def stiefel_direction(
     Returns:
         ``(Φ, Y, info)`` with ``Φ`` shaped like ``G`` and ``Y`` the correction to keep.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if mode == "amortized":
         if not orthonormal:
             raise ValueError("stiefel_direction: the amortized mode needs W on the Stiefel manifold "
@@ -408,7 +404,7 @@ def spectral_ball_direction(
     Returns:
         ``(Φ, λ, info)``.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if constraint not in ("sphere", "ball", "none"):
         raise ValueError(f"constraint must be 'sphere', 'ball' or 'none', got {constraint!r}")
     scale = estimate_spectral_norm(G).clamp_min(1e-30)
