@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_spectral.diagnostics._utils import isolated
+from lightning_spectral.optim.linalg import power_iteration
 
 #: Layer types whose weights are reported by default.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
@@ -50,39 +51,6 @@ def stable_rank(matrix: Tensor, sigma_max: float | None = None) -> float:
     r"""Stable rank :math:`\|W\|_F^2/\|W\|_2^2 \in [1, \mathrm{rank}\,W]` (0 for a zero matrix)."""
     sigma = float(torch.linalg.matrix_norm(matrix, ord=2)) if sigma_max is None else sigma_max
     return float(matrix.pow(2).sum()) / sigma**2 if sigma > 0 else 0.0
-
-
-def power_iteration(
-    matrix: Tensor,
-    u: Tensor | None = None,
-    max_iter: int = 20,
-    tol: float = 1e-4,
-    generator: torch.Generator | None = None,
-) -> tuple[float, Tensor]:
-    r"""Top singular value of ``matrix`` by power iteration, warm-started from ``u``.
-
-    Each round: :math:`v\leftarrow W^\top u/\|W^\top u\|,\ u\leftarrow Wv/\|Wv\|`, estimate
-    :math:`\sigma=\|Wv\|` (a lower bound that increases to :math:`\sigma_{\max}`). Stops when
-    it changes by less than ``tol`` relative, or after ``max_iter`` rounds.
-    Returns ``(sigma, u)``; pass ``u`` back in to warm-start the next call.
-    """
-    if u is None:
-        u = torch.randn(matrix.shape[0], generator=generator, dtype=matrix.dtype).to(matrix.device)
-    u = u.to(matrix) / u.norm().clamp_min(1e-30)
-    sigma = 0.0
-    for _ in range(max_iter):
-        v = matrix.T @ u
-        v = v / v.norm().clamp_min(1e-30)
-        wv = matrix @ v
-        new_sigma = float(wv.norm())
-        if new_sigma == 0.0:
-            return 0.0, u
-        u = wv / new_sigma
-        converged = abs(new_sigma - sigma) <= tol * new_sigma
-        sigma = new_sigma
-        if converged:
-            break
-    return sigma, u
 
 
 class SpectralNormTracker:
@@ -119,7 +87,8 @@ class SpectralNormTracker:
             generator = None
             if u is None or u.shape[0] != matrix.shape[0]:
                 u, generator = None, torch.Generator().manual_seed(self.seed + index)
-            norms[name], self.vectors[name] = power_iteration(matrix, u, self.max_iter, self.tol, generator)
+            sigma, self.vectors[name], _ = power_iteration(matrix, u, self.max_iter, self.tol, generator)
+            norms[name] = float(sigma)
         return norms
 
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
