@@ -77,3 +77,32 @@ def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
     assert resolve_config("{trainer: {max_epochs: 1}}") == "{trainer: {max_epochs: 1}}"  # inline YAML
     with pytest.raises(FileNotFoundError, match="quickstart.*lightning-spectral configs|lightning-spectral configs"):
         resolve_config("quikstart")
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """The package built as a wheel and installed (no dependencies) into a fresh target folder."""
+    work = tmp_path_factory.mktemp("wheel")
+    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"),
+                  str(ROOT)], cwd=work)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (work / "dist").glob("lightning_spectral-*.whl")
+    target = work / "site"
+    install = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)], cwd=work)
+    assert install.returncode == 0, install.stderr[-2000:]
+    return target
+
+
+def test_wheel_runs_the_quick_start_from_an_empty_directory(installed_wheel, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(installed_wheel))
+    where = _run([sys.executable, "-c", "import lightning_spectral as m; print(m.__file__)"], cwd=tmp_path, env=env)
+    assert where.stdout.strip().startswith(str(installed_wheel)), where.stdout  # the wheel, not the source tree
+    assert (installed_wheel / "lightning_spectral" / "py.typed").is_file()
+    listing = _run([sys.executable, "-m", "lightning_spectral", "configs"], cwd=tmp_path, env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "quickstart" in listing.stdout and "studies/digits/baseline" in listing.stdout
+    fit = _run([sys.executable, "-m", "lightning_spectral", "fit", "--config", "quickstart",
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+                "--trainer.enable_progress_bar", "false"], cwd=tmp_path, env=env)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert list(tmp_path.glob("logs/quickstart/version_*/checkpoints/last.ckpt"))
