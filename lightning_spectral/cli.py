@@ -12,6 +12,15 @@ from __future__ import annotations
 
 import sys
 
+try:
+    import lightning  # noqa: F401
+except ImportError as err:  # an optimizer-only install: `pip install lightning_spectral`
+    raise SystemExit(
+        f"error: the training CLI needs the [train] extra ({err}); install it with "
+        "pip install 'lightning_spectral[train]'. The optimizers and diagnostics "
+        "(lightning_spectral.optim, lightning_spectral.diagnostics) work without it."
+    ) from None
+
 from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 

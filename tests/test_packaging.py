@@ -62,6 +62,26 @@ print('ok')
     assert result.stdout.strip().endswith("ok")
 
 
+def test_the_cli_without_the_training_extra_names_the_install_command(tmp_path):
+    script = f"""
+import sys, importlib.machinery
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {TRAINING_ONLY!r}:
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ImportError('No module named ' + repr(spec.name))
+    def exec_module(self, module):
+        pass
+sys.meta_path.insert(0, Block())
+sys.argv = ['lightning-spectral', 'fit', '--config', 'quickstart']
+from lightning_spectral.cli import cli_main
+"""
+    result = _run([sys.executable, "-c", script], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "pip install 'lightning_spectral[train]'" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
     names = list_configs()
     assert "quickstart" in names and "optim/muon" in names and "studies/digits/baseline" in names
