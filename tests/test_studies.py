@@ -18,7 +18,7 @@ from lightning_spectral.experiments import lr_stability_scan
 from lightning_spectral.experiments.cli import study_main
 from lightning_spectral.experiments.report import collect, group_results, mean_std
 from lightning_spectral.experiments.runner import pending_runs, run_study
-from lightning_spectral.experiments.spec import expand, load_study, set_dotted
+from lightning_spectral.experiments.spec import StudySpecError, expand, load_study, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -56,8 +56,9 @@ def test_grid_expansion(tmp_path: Path) -> None:
          "lr": {"key": "model.init_args.optimizer.init_args.lr", "values": [0.01, 0.3]}},
         {"axes": {"optimizer": [{"name": "AdamW", "set": {"model.init_args.optimizer.class_path": "torch.optim.AdamW"}}]},
          "seeds": [5]},
-        {"optimizer": [{"name": "SGD", "set": {}}], "lr": {"key": "model.init_args.optimizer.init_args.lr",
-                                                          "values": [0.01]}},  # duplicates of the first grid's ids
+        {"optimizer": [{"name": "SGD", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD",
+                                                                              "init_args": {"lr": 0.1}}}}],
+         "lr": {"key": "model.init_args.optimizer.init_args.lr", "values": [0.01]}},  # the first grid's runs again
     ])
     runs = expand(load_study(path))
     assert [r.run_id for r in runs] == [
@@ -71,6 +72,19 @@ def test_grid_expansion(tmp_path: Path) -> None:
     assert sgd["data"]["class_path"] == "lightning_spectral.data.DigitsDataModule"  # from the base
     assert runs[2].axes == {"optimizer": "SGD", "lr": "0.3"} and runs[2].values["lr"] == 0.3
     assert runs[0].group == runs[1].group == "optimizer=SGD, lr=0.01"
+
+
+def test_the_same_labels_with_another_config_are_refused(tmp_path: Path) -> None:
+    sgd = {"model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}}
+    path = write_study(tmp_path, grids=[{"optimizer": [{"name": "SGD", "set": sgd}]},
+                                        {"optimizer": [{"name": "SGD", "set": {}}]}])  # the base's SGD: momentum 0.9
+    with pytest.raises(StudySpecError, match="optimizer=SGD__seed=0 is also in an earlier grid, with another config"):
+        load_study(path)
+
+
+def test_unknown_diagnostics_key_is_refused_with_the_closest_one(tmp_path: Path) -> None:
+    with pytest.raises(StudySpecError, match="diagnostics: unknown key 'sharpnes'; did you mean 'sharpness'"):
+        load_study(write_study(tmp_path, diagnostics={"sharpnes": False}))
 
 
 def test_set_dotted_merges_dicts_and_replaces_class_specs() -> None:

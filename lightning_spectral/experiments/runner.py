@@ -34,19 +34,8 @@ import yaml
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
 from lightning_spectral.checkpoint import resume_checkpoint, run_lock, write_config_marker
 from lightning_spectral.experiments.files import write_json
-from lightning_spectral.experiments.spec import Run, Study, config_hash, expand
+from lightning_spectral.experiments.spec import DIAGNOSTIC_DEFAULTS, Run, Study, config_hash, expand
 from lightning_spectral.spectral_cli import build_cli
-
-DIAGNOSTIC_DEFAULTS: dict[str, Any] = {
-    "every_n_epochs": 1,  # measure once per epoch, at its end
-    "spectral": True,  # SpectralNormMonitor (exact svd), max over layers and per layer
-    "sharpness": True,  # SharpnessMonitor: top Hessian eigenvalue on the epoch's last batch
-    "noise_scale": True,  # GradientNoiseScaleMonitor (split mode) on the epoch's last batch
-    "noise_scale_ema": 0.5,
-    "constraint": True,  # ConstraintMonitor (TensorBoard) for optimizers with constraint_report()
-    "final_train_eval": False,  # loss and accuracy on the whole training set (eval mode) after fit
-    "keep_checkpoints": False,
-}
 
 
 def study_dir(study: Study, out_dir: str | Path) -> Path:

@@ -11,8 +11,8 @@ A study file (see ``configs/studies/README.md``)::
       - optimizer:                 # an axis: a list of named variants ...
           - {name: SGD, set: {model.init_args.optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05}}}}
         lr: {key: model.init_args.optimizer.init_args.lr, values: [0.01, 0.1]}   # ... or key + values
-    diagnostics: {...}             # per-epoch callbacks (see runner.DIAGNOSTIC_DEFAULTS)
-    report: {...}                  # figures and tables (see report.py)
+    diagnostics: {...}             # per-epoch callbacks (see DIAGNOSTIC_DEFAULTS)
+    report: {...}                  # figures and tables (see experiments/report/)
 
 A grid may also be ``{axes: {...}, seeds: [...]}`` to give it its own seeds.
 
@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,17 @@ from typing import Any
 import yaml
 
 RUN_ID_SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+# The per-run diagnostics a study's `diagnostics:` may set (the runner adds their callbacks).
+DIAGNOSTIC_DEFAULTS: dict[str, Any] = {
+    "every_n_epochs": 1,  # measure once per epoch, at its end
+    "spectral": True,  # SpectralNormMonitor (exact svd), max over layers and per layer
+    "sharpness": True,  # SharpnessMonitor: top Hessian eigenvalue on the epoch's last batch
+    "noise_scale": True,  # GradientNoiseScaleMonitor (split mode) on the epoch's last batch
+    "noise_scale_ema": 0.5,
+    "constraint": True,  # ConstraintMonitor (TensorBoard) for optimizers with constraint_report()
+    "final_train_eval": False,  # loss and accuracy on the whole training set (eval mode) after fit
+    "keep_checkpoints": False,
+}
 STUDY_KEYS = ("name", "description", "kind", "base", "set", "seeds", "grids", "diagnostics", "report", "scan")
 GRID_KEYS = ("axes", "seeds")  # a grid with its own seeds: {axes: {...}, seeds: [...]}
 AXIS_KEYS = ("key", "values")  # an axis given as one dotted key (or a list of keys) and its values
@@ -250,22 +260,24 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     for key in ("diagnostics", "report", "scan", "set"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise StudySpecError(f"{path}: {key} must be a mapping, got {raw[key]!r}")
+    check_keys(raw.get("diagnostics") or {}, DIAGNOSTIC_DEFAULTS, f"{path}: diagnostics")
     study = Study(
         name=str(raw.get("name", path.stem)), kind=kind, path=path, base=base,
         seeds=_seeds(raw.get("seeds", [0]), str(path)), grids=grids, diagnostics=raw.get("diagnostics") or {},
         report=raw.get("report") or {}, scan=raw.get("scan") or {}, description=raw.get("description", ""), raw=raw,
     )
-    expand(study, warn=True)
+    expand(study)  # label collisions are errors before any run starts
     return study
 
 
-def expand(study: Study, *, warn: bool = False) -> list[Run]:
+def expand(study: Study) -> list[Run]:
     """All runs of the study, in order: grid by grid, the cartesian product of its axes, then seeds.
     A run's overrides apply shallow keys before deeper ones (``model.init_args.optimizer`` before
     ``model.init_args.optimizer.init_args.lr``), whatever the order of the axes.
 
-    The same labels in two grids are the same run, kept once (with ``warn``, a warning if the two
-    grids configure it differently); two different labels that give the same run id raise."""
+    The same labels in two grids with the same config are the same run, kept once; the same labels
+    with another config, or two different labels that give the same run id, raise (one of them
+    would silently not run)."""
     runs: list[Run] = []
     seen: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {}
     for g, grid in enumerate(study.grids):
@@ -294,10 +306,9 @@ def expand(study: Study, *, warn: bool = False) -> list[Run]:
                     if labels != tuple(parts):
                         raise StudySpecError(f"grid {g}: the runs {' '.join(labels)!r} and {' '.join(parts)!r} get "
                                              f"the same run id {run_id!r}; make their labels distinct")
-                    if warn and first != config:
-                        warnings.warn(f"grid {g}: run {run_id} is also in an earlier grid with another config; "
-                                      "the earlier one is run (give the variants distinct names to run both)",
-                                      stacklevel=3)
+                    if first != config:
+                        raise StudySpecError(f"grid {g}: run {run_id} is also in an earlier grid, with another "
+                                             "config; only one could run: give the variants distinct names")
                     continue
                 seen[run_id] = (tuple(parts), config)
                 runs.append(Run(run_id, {a: v["name"] for a, v in zip(names, combo)},
