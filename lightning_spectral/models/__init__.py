@@ -1,7 +1,9 @@
-"""The networks of the source documents, as plain ``nn.Module``s.
+"""The networks, as plain ``nn.Module``s: ``MLP``, ``SmallCNN`` and ``ResNet18`` for images (or any
+input, for the MLP) and ``GPT`` for language modelling.
 
-Each takes ``num_classes``, ``in_channels``, ``image_size`` and ``width_mult``; the CLI fills
-the first three from the data module.
+Their size arguments that a data module knows (``num_classes``, ``input_shape``, ``in_channels``,
+``image_size``, ``in_features``, ``vocab_size``, ``block_size``) are filled from it by the CLI
+(:func:`lightning_spectral.data.data_arguments`), so no config states them.
 """
 
 from __future__ import annotations
