@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from lightning_spectral.optim import msign_svd, spectral_clip
 from lightning_spectral.optim.linalg import (
     TangentSpace,
     as_matrix,
@@ -19,6 +22,7 @@ from lightning_spectral.optim.linalg import (
     spectral_norm,
     sym,
     top_singular_pair,
+    top_singular_triple,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -26,6 +30,20 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def ill_conditioned(n: int, m: int, seed: int = 0, lo: float = 1e-2):
+    """``G = U diag(σ) Vᵀ`` with σ log-spaced from 1 to ``lo`` (float64, factors returned too)."""
+    g = gen(seed)
+    k = min(n, m)
+    U, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    s = torch.logspace(0.0, math.log10(lo), k, dtype=torch.float64)
+    return (U * s) @ V.T, U, s, V
+
+
+def svdvals(M: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(M.double())
 
 
 def with_spectrum(n: int, m: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:
@@ -152,3 +170,83 @@ def test_minimize_lbfgs_solves_a_quadratic():
     x, evaluations = minimize_lbfgs(value_and_grad, torch.zeros(6, dtype=torch.float64), 100, 1e-10)
     assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-8)
     assert evaluations <= 100
+
+
+# -- spectral_clip ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
+@pytest.mark.parametrize("eta", [0.05, 0.3, 2.0])
+def test_spectral_clip_equals_svd_clipping(shape, eta):
+    G, U, s, V = ill_conditioned(*shape, seed=8, lo=1e-2)
+    expected = (U * s.clamp(max=eta)) @ V.T
+    exact = spectral_clip(G.float(), eta, method="svd").double()
+    assert torch.linalg.matrix_norm(exact - expected) <= 1e-5 * torch.linalg.matrix_norm(expected)
+    approx = spectral_clip(G.float(), eta, method="msign").double()
+    assert torch.linalg.matrix_norm(approx - expected) <= 1e-2 * torch.linalg.matrix_norm(expected)
+    assert svdvals(approx).max() <= eta * (1 + 1e-2)
+
+
+def test_spectral_clip_rejects_unknown_method():
+    with pytest.raises(ValueError):
+        spectral_clip(torch.ones(3, 3), 1.0, method="qr")
+
+
+# -- TangentSpace -----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(32, 16), (24, 24), (64, 8)])
+@pytest.mark.parametrize("orthonormal", [True, False])
+def test_tangent_projection_is_orthogonal_projection(shape, orthonormal):
+    g = gen(9)
+    W = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if orthonormal:
+        W = msign_svd(W)
+    space = TangentSpace(W, orthonormal=orthonormal)
+    A, B = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2))
+    PA, PB = space.project(A), space.project(B)
+    scale = torch.linalg.matrix_norm(A)
+    # in T: WᵀP + PᵀW = 0 (recomputed here, not through space.constraint)
+    assert torch.linalg.matrix_norm(W.T @ PA + PA.T @ W) <= 1e-10 * scale
+    assert torch.linalg.matrix_norm(space.constraint(PA)) <= 1e-10 * scale
+    # idempotent
+    assert torch.allclose(space.project(PA), PA, atol=1e-10)
+    # orthogonal: the residual A − P(A) is orthogonal to every tangent vector
+    assert abs(float(((A - PA) * PB).sum())) <= 1e-10 * float(scale * torch.linalg.matrix_norm(B))
+    # and the residual is of the form W S with S symmetric (the normal space)
+    S = torch.linalg.lstsq(W, A - PA).solution
+    assert torch.allclose(S, S.T, atol=1e-8) and torch.allclose(W @ S, A - PA, atol=1e-8)
+
+
+def _with_singular_values(n, m, sigma, seed=0):
+    g = gen(seed)
+    k = min(n, m)
+    U, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    return ((U * sigma) @ V.T).float()
+
+
+SPECTRA = {
+    "gaussian": lambda k: None,
+    "gap 1e-3": lambda k: torch.cat([torch.tensor([1.0, 0.999]), torch.linspace(0.9, 0.1, k - 2)]).double(),
+    "cluster": lambda k: 1.0 - 1e-5 * torch.arange(k, dtype=torch.float64) ** 2 / k,  # a flat top, as after msign steps
+}
+
+
+@pytest.mark.parametrize("shape", [(200, 50), (50, 200), (64, 64)])
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+@pytest.mark.parametrize("warm", [False, True])
+def test_top_singular_triple_matches_svd(shape, spectrum, warm):
+    """Lanczos' σ₁ is within its tolerance of the SVD's (a lower bound up to round-off), and
+    ``(u, v)`` is a consistent unit pair with ``W v = σ u``, on hard spectra too (a 1e-3 gap,
+    a cluster at the top), cold or warm-started from a nearby matrix's pair."""
+    n, m = shape
+    sigma = SPECTRA[spectrum](min(n, m))
+    W = torch.randn(n, m, generator=gen(3)) if sigma is None else _with_singular_values(n, m, sigma)
+    exact_s = torch.linalg.svdvals(W.double())[0]
+    start = None
+    if warm:
+        _, u0, v0, _ = top_singular_triple(W + 1e-2 * torch.randn(n, m, generator=gen(4)))
+        start = (u0, v0)
+    s, u, v, iterations = top_singular_triple(W, start, tol=1e-6)
+    assert abs(float(s) / float(exact_s) - 1) <= 1e-6
+    assert float(s) <= float(exact_s) * (1 + 1e-6)
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert float((W @ v - s * u).norm()) <= 1e-5 * float(s)
+    assert 1 <= iterations <= min(n, m)

@@ -1,4 +1,4 @@
-"""msign and the exact linear-algebra pieces (spectral clip, tangent projection) against the SVD.
+"""``optim/msign.py``: msign (standard and Gram forms) and the polar retraction against the SVD.
 
 Every expected value is computed here from ``torch.linalg.svd`` in float64 or from a closed form
 (the scalar Newton–Schulz polynomial applied to the exact singular values), never from the code
@@ -7,7 +7,6 @@ under test. Measured on the seeded inputs below (float32 unless said otherwise):
 - ``jordan``/5 steps: output σ in [0.680, 1.204] (input σ log-spaced 1..1e-2).
 - ``polar_express``/8 steps: max |σ − 1| ≈ 3e-6 in float32, ≈ 5e-3 in bfloat16;
   ``‖msign(G) − U Vᵀ‖_F / ‖U Vᵀ‖_F`` ≈ 1.3e-6 (float32), ≈ 2.7e-2 (bfloat16).
-- ``spectral_clip(method="msign")`` vs the SVD clip: ≈ 1e-6 relative on these inputs.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import math
 import pytest
 import torch
 
-from lightning_spectral.optim import SCHEDULES, TangentSpace, msign, msign_svd, spectral_clip
-from lightning_spectral.optim.linalg import top_singular_triple
+from lightning_spectral.optim import SCHEDULES, TangentSpace, msign, msign_svd
 from lightning_spectral.optim.msign import FIXED_POINT_QUINTIC, INPUT_SAFETY, _fixed_point_steps, polar_retraction
 
 SHAPES = [(64, 64), (128, 32), (32, 128), (100, 77)]
@@ -157,53 +155,6 @@ def test_msign_rejects_non_matrix(schedule):
         msign(torch.ones(4), schedule=schedule)
 
 
-# -- spectral_clip ----------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
-@pytest.mark.parametrize("eta", [0.05, 0.3, 2.0])
-def test_spectral_clip_equals_svd_clipping(shape, eta):
-    G, U, s, V = ill_conditioned(*shape, seed=8, lo=1e-2)
-    expected = (U * s.clamp(max=eta)) @ V.T
-    exact = spectral_clip(G.float(), eta, method="svd").double()
-    assert torch.linalg.matrix_norm(exact - expected) <= 1e-5 * torch.linalg.matrix_norm(expected)
-    approx = spectral_clip(G.float(), eta, method="msign").double()
-    assert torch.linalg.matrix_norm(approx - expected) <= 1e-2 * torch.linalg.matrix_norm(expected)
-    assert svdvals(approx).max() <= eta * (1 + 1e-2)
-
-
-def test_spectral_clip_rejects_unknown_method():
-    with pytest.raises(ValueError):
-        spectral_clip(torch.ones(3, 3), 1.0, method="qr")
-
-
-# -- TangentSpace -----------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(32, 16), (24, 24), (64, 8)])
-@pytest.mark.parametrize("orthonormal", [True, False])
-def test_tangent_projection_is_orthogonal_projection(shape, orthonormal):
-    g = gen(9)
-    W = torch.randn(*shape, generator=g, dtype=torch.float64)
-    if orthonormal:
-        W = msign_svd(W)
-    space = TangentSpace(W, orthonormal=orthonormal)
-    A, B = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2))
-    PA, PB = space.project(A), space.project(B)
-    scale = torch.linalg.matrix_norm(A)
-    # in T: WᵀP + PᵀW = 0 (recomputed here, not through space.constraint)
-    assert torch.linalg.matrix_norm(W.T @ PA + PA.T @ W) <= 1e-10 * scale
-    assert torch.linalg.matrix_norm(space.constraint(PA)) <= 1e-10 * scale
-    # idempotent
-    assert torch.allclose(space.project(PA), PA, atol=1e-10)
-    # orthogonal: the residual A − P(A) is orthogonal to every tangent vector
-    assert abs(float(((A - PA) * PB).sum())) <= 1e-10 * float(scale * torch.linalg.matrix_norm(B))
-    # and the residual is of the form W S with S symmetric (the normal space)
-    S = torch.linalg.lstsq(W, A - PA).solution
-    assert torch.allclose(S, S.T, atol=1e-8) and torch.allclose(W @ S, A - PA, atol=1e-8)
-
-
-def test_tangent_space_rejects_wide():
-    with pytest.raises(ValueError):
-        TangentSpace(torch.randn(4, 8, generator=gen(0)))
-
-
 def _tangent_step(shape, lr, seed=0):
     """``W − lr·D`` with ``W`` orthonormal and ``D`` a unit-norm tangent direction at ``W``."""
     g = torch.Generator().manual_seed(seed)
@@ -253,44 +204,6 @@ def test_polar_retraction_far_from_orthonormal_falls_back_to_msign():
     R = polar_retraction(Y)
     assert torch.equal(R, msign(Y, 8, "polar_express"))
     assert float((R.double() - msign_svd(Y.double())).abs().max()) < 1e-3
-
-
-def _with_singular_values(n, m, sigma, seed=0):
-    g = gen(seed)
-    k = min(n, m)
-    U, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    return ((U * sigma) @ V.T).float()
-
-
-SPECTRA = {
-    "gaussian": lambda k: None,
-    "gap 1e-3": lambda k: torch.cat([torch.tensor([1.0, 0.999]), torch.linspace(0.9, 0.1, k - 2)]).double(),
-    "cluster": lambda k: 1.0 - 1e-5 * torch.arange(k, dtype=torch.float64) ** 2 / k,  # a flat top, as after msign steps
-}
-
-
-@pytest.mark.parametrize("shape", [(200, 50), (50, 200), (64, 64)])
-@pytest.mark.parametrize("spectrum", list(SPECTRA))
-@pytest.mark.parametrize("warm", [False, True])
-def test_top_singular_triple_matches_svd(shape, spectrum, warm):
-    """Lanczos' σ₁ is within its tolerance of the SVD's (a lower bound up to round-off), and
-    ``(u, v)`` is a consistent unit pair with ``W v = σ u``, on hard spectra too (a 1e-3 gap,
-    a cluster at the top), cold or warm-started from a nearby matrix's pair."""
-    n, m = shape
-    sigma = SPECTRA[spectrum](min(n, m))
-    W = torch.randn(n, m, generator=gen(3)) if sigma is None else _with_singular_values(n, m, sigma)
-    exact_s = torch.linalg.svdvals(W.double())[0]
-    start = None
-    if warm:
-        _, u0, v0, _ = top_singular_triple(W + 1e-2 * torch.randn(n, m, generator=gen(4)))
-        start = (u0, v0)
-    s, u, v, iterations = top_singular_triple(W, start, tol=1e-6)
-    assert abs(float(s) / float(exact_s) - 1) <= 1e-6
-    assert float(s) <= float(exact_s) * (1 + 1e-6)
-    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
-    assert float((W @ v - s * u).norm()) <= 1e-5 * float(s)
-    assert 1 <= iterations <= min(n, m)
 
 
 # -- msign on the Gram matrix -----------------------------------------------------------------
