@@ -85,11 +85,18 @@ def test_cifar10_without_augmentation_trains_on_the_plain_images(fake_cifar10) -
     torch.testing.assert_close(dm.train_set[0][0], expected)
 
 
-def test_cifar10_corrupted_file_is_reported(fake_cifar10) -> None:
+def test_cifar10_corrupted_file_is_reported_as_corrupt_not_missing(fake_cifar10) -> None:
     batch = fake_cifar10.root / CIFAR10.base_folder / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-1] + b"\0")
-    with pytest.raises(DatasetUnavailableError, match="corrupted"):
+    with pytest.raises(DatasetUnavailableError, match=r"1 file\(s\) .* are there but corrupt .*data_batch_3\. Delete"):
         prepared(CIFAR10DataModule(data_dir=str(fake_cifar10.root), download=False))
+
+
+def test_a_corrupt_cifar10_archive_is_named(tmp_path: Path, unreachable_downloads: None) -> None:
+    (tmp_path / CIFAR10.filename).write_bytes(b"not a tar archive")
+    for download in (False, True):
+        with pytest.raises(DatasetUnavailableError, match=r"corrupt \(MD5 checksum mismatch\): .*cifar-10-python\.tar\.gz"):
+            CIFAR10DataModule(data_dir=str(tmp_path), download=download).prepare_data()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Iterator
 import torchvision.transforms as T
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, MNIST, VisionDataset
+from torchvision.datasets.utils import check_integrity
 
 from lightning_spectral.data.base import ImageDataModule
 
@@ -68,6 +69,11 @@ class TorchvisionDataModule(ImageDataModule):
     def placement_hint(self, root: Path) -> str:
         """Where the files go under ``root`` and where to get them."""
 
+    def checked_files(self, root: Path) -> list[tuple[Path, str]]:
+        """``(path, md5)`` of the files torchvision checks, so that a damaged file is told from a
+        missing one."""
+        return []
+
     def train_transform(self) -> T.Compose:
         """Transform of the training images; no augmentation unless a subclass adds it."""
         return self.eval_transform()
@@ -92,6 +98,13 @@ class TorchvisionDataModule(ImageDataModule):
             with _socket_timeout(self.download_timeout):
                 return self.dataset_cls(str(root), train=train, download=download, transform=transform)
         except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
+            damaged = [str(path) for path, md5 in self.checked_files(root) if path.is_file() and not check_integrity(
+                str(path), md5)]
+            if damaged:
+                raise DatasetUnavailableError(
+                    f"{self.display_name}: {len(damaged)} file(s) in '{root}' are there but corrupt (MD5 checksum "
+                    f"mismatch): {', '.join(damaged)}. Delete them and download again. {self.placement_hint(root)}"
+                ) from None
             how = "could not be downloaded" if download else "download=False"
             reason = f"{type(err).__name__}: {err}".strip().replace("\n", " ")
             raise DatasetUnavailableError(
@@ -123,6 +136,12 @@ class CIFAR10DataModule(TorchvisionDataModule):
             return self.eval_transform()
         return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), self.eval_transform()])
 
+    def checked_files(self, root: Path) -> list[tuple[Path, str]]:
+        folder = root / CIFAR10.base_folder
+        batches = [(folder / name, md5) for name, md5 in (*CIFAR10.train_list, *CIFAR10.test_list)]
+        return [(root / CIFAR10.filename, CIFAR10.tgz_md5), *batches, (folder / CIFAR10.meta["filename"],
+                                                                     CIFAR10.meta["md5"])]
+
     def placement_hint(self, root: Path) -> str:
         return (
             f"Download {CIFAR10.url} on a connected machine and either copy the archive into "
@@ -141,6 +160,9 @@ class MNISTDataModule(TorchvisionDataModule):
     image_size = 28
     mean = (0.1307,)
     std = (0.3081,)
+
+    def checked_files(self, root: Path) -> list[tuple[Path, str]]:
+        return [(root / "MNIST" / "raw" / name, md5) for name, md5 in MNIST.resources]
 
     def placement_hint(self, root: Path) -> str:
         files = ", ".join(name for name, _ in MNIST.resources)
