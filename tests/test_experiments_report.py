@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lightning_spectral.experiments.report import SECTIONS, collect, group_results
-from lightning_spectral.experiments.report.figures import pyplot, save_figure
+from lightning_spectral.experiments.report.figures import pyplot, save_figure, wants_log
 from lightning_spectral.experiments.report.lr_envelope import section_lr_envelope
 from lightning_spectral.experiments.report.stats import fmt, md_table
 from lightning_spectral.experiments.report.summary import summary_section
@@ -53,13 +53,39 @@ def lines(markdown: str, prefix: str) -> list[str]:
     return [line for line in markdown.splitlines() if line.startswith(prefix)]
 
 
-def test_save_figure_writes_the_png_and_closes_the_figure(tmp_path: Path) -> None:
+def test_save_figure_writes_png_at_150_dpi_and_svg_and_drops_empty_panels(tmp_path: Path) -> None:
+    from PIL import Image
+
     plt = pyplot()
-    fig, ax = plt.subplots()
-    ax.plot([1, 2], [3, 4])
-    assert save_figure(fig, tmp_path / "a.png") == "a.png"
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2))
+    axes[0].plot([1, 2], [3, 4])  # axes[1] draws nothing
+    assert save_figure(fig, tmp_path / "a.png", dpi=64) == "a.png"  # a lower dpi is raised to the minimum
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(tmp_path / "a.png") as image:
+        assert min(image.info["dpi"]) >= 150 - 0.5
+        assert image.size[0] >= 4 * 150 - 1  # 4 inches wide at 150 dpi
+    assert (tmp_path / "a.svg").read_text().lstrip().startswith("<?xml") and "<svg" in (tmp_path / "a.svg").read_text()
+    assert len(fig.axes) == 1  # the empty panel was removed
     assert fig.number not in plt.get_fignums()
+
+
+def test_wants_log_only_for_positive_values_spanning_orders_of_magnitude() -> None:
+    assert wants_log([60.0, 7400.0]) and wants_log([1e-6, 1e-3, math.nan])
+    assert not wants_log([60.0, 90.0]) and not wants_log([-1.0, 100.0]) and not wants_log([0.0, 50.0])
+    assert not wants_log([])
+
+
+def test_solver_step_times_spanning_orders_of_magnitude_get_a_log_axis(tmp_path: Path, monkeypatch) -> None:
+    saved = {}
+    monkeypatch.setattr("lightning_spectral.experiments.report.solvers.save_figure",
+                        lambda fig, path: saved.setdefault("fig", fig) and path.name)
+    results = grid(({"solver": ("fast", "fast")}, [0.5]), ({"solver": ("slow", "slow")}, [0.5]))
+    results[0][1]["mean_step_time_ms"], results[1][1]["mean_step_time_ms"] = 60.0, 7400.0
+    SECTIONS["solvers"](study(), group_results(results), tmp_path, {})
+    axes = saved["fig"].axes
+    assert axes[0].get_yscale() == "log"
+    assert [ax.has_data() for ax in axes] == [True, False, False]  # no solver metrics: removed when saved
+    pyplot().close(saved["fig"])
 
 
 def test_fmt_and_md_table() -> None:
@@ -193,3 +219,112 @@ def test_collect_writes_the_report_of_the_requested_sections(tmp_path: Path) -> 
     assert (report / "runs.csv").read_text().count("\n") == 3 and (report / "summary.csv").exists()
     docs = (tmp_path / "docs" / "syn.md").read_text()
     assert "](figures/syn_budget.png)" in docs and (tmp_path / "docs" / "figures" / "syn_metrics.png").exists()
+
+
+# -- a real tiny study: provenance, routing, HParams, --check --------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_study(tmp_path: Path, lr: float = 0.05) -> Path:
+    """Two runs (SGD, MuonSGD), 2 epochs of 2 batches on digits."""
+    import yaml
+
+    optimizers = [{"name": name, "set": {"model.init_args.optimizer": {"class_path": path, "init_args": args}}}
+                  for name, path, args in (("SGD", "torch.optim.SGD", {"lr": lr}),
+                                           ("MuonSGD", "lightning_spectral.optim.MuonSGD",
+                                            {"lr": lr, "spectral_budget": 0.1}))]
+    spec = {"name": "tiny", "base": str(ROOT / "configs" / "quickstart.yaml"),
+            "set": {"trainer.max_epochs": 2, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 1,
+                    "trainer.accelerator": "cpu", "data.init_args.batch_size": 16},
+            "seeds": [0], "grids": [{"optimizer": optimizers}],
+            "diagnostics": {"sharpness": False, "noise_scale": False}, "report": {"sections": ["metric_grid"]}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+class FakeGit:
+    """``git`` answers of a clean checkout at commit ``c0ffee`` whose later changes are ``changed``."""
+
+    def __init__(self) -> None:
+        self.changed: list[str] = []
+
+    def __call__(self, *args: str, cwd: Any = None) -> str | None:
+        answers = {"rev-parse": "c0ffee", "status": "", "cat-file": "", "ls-files": "",
+                   "diff": "\n".join(self.changed)}
+        return answers[args[0]]
+
+
+def test_tiny_study_records_provenance_routing_hparams_and_check_tells_stale_pages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from lightning_spectral.experiments import provenance as prov
+    from lightning_spectral.experiments.check import stale_reasons
+    from lightning_spectral.experiments.cli import study_main
+    from lightning_spectral.experiments.runner import run_study
+    from lightning_spectral.experiments.spec import load_study
+
+    fake = FakeGit()
+    monkeypatch.setattr(prov, "git", fake)
+    path = tiny_study(tmp_path)
+    s = load_study(path)
+    assert run_study(s, tmp_path / "out", log=lambda _: None)["failed"] == []
+    collect(s, tmp_path / "out", docs_dir=tmp_path / "docs")
+
+    # result.json: provenance, the resolved-config hash, the routing of the fit's optimizer
+    muon = json.loads((run_dir(s, expand(s)[1], tmp_path / "out") / "result.json").read_text())
+    assert muon["provenance"]["commit"] == "c0ffee" and muon["provenance"]["dirty"] is False
+    assert {"torch", "lightning", "lightning_spectral", "python", "command"} <= set(muon["provenance"])
+    assert len(muon["resolved_config_hash"]) == 16
+    routed = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in muon["routing"].splitlines()[2:]}
+    assert routed["fc1.weight"] == "MuonSGD" and routed["fc2.weight"] == "fallback sgd"
+
+    # the page: a routing table per series and a provenance line with every run's hash
+    page = (tmp_path / "docs" / "tiny.md").read_text()
+    assert "## Parameter routing" in page and "**MuonSGD**" in page and "## Provenance" in page
+    record = prov.read_page_provenance(page)
+    assert record["commit"] == "c0ffee" and record["run_commits"] == ["c0ffee"]
+    assert record["runs"] == {r.run_id: json.loads((run_dir(s, r, tmp_path / "out") / "result.json").read_text())
+                              ["resolved_config_hash"] for r in expand(s)}
+    results = json.loads((tmp_path / "out" / "tiny" / "report" / "results.json").read_text())
+    assert results["provenance"] == record
+
+    # TensorBoard's HParams view: hyperparameters and final metrics of each run
+    events = EventAccumulator(str(run_dir(s, expand(s)[1], tmp_path / "out") / "tensorboard" / "version_0"))
+    events.Reload()
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optimizer"].string_value == "MuonSGD"
+    assert start.hparams["optimizer/spectral_budget"].number_value == pytest.approx(0.1)
+    assert events.Scalars("hparams/final_val_acc")[-1].value == pytest.approx(muon["final_val_acc"])
+
+    # --check: current; then a changed config, a changed package file, a page without provenance
+    docs = tmp_path / "docs" / "tiny.md"
+    assert stale_reasons(s, docs) == []
+    assert study_main(["--config", str(path), "--docs", str(tmp_path / "docs"), "--check"]) == 0
+    assert "current:" in capsys.readouterr().out
+    changed = load_study(tiny_study(tmp_path, lr=0.1))
+    assert any("2 run(s) config changed" in r for r in stale_reasons(changed, docs))
+    fake.changed = ["lightning_spectral/optim/solvers.py"]
+    assert any("1 file(s) changed since c0ffee: lightning_spectral/optim/solvers.py" in r
+               for r in stale_reasons(s, docs))
+    docs.write_text(page.split("## Provenance")[0])
+    assert stale_reasons(s, docs) == [f"{docs}: no provenance: stale (written before pages recorded their commit "
+                                      "and config hashes)"]
+    assert study_main(["--config", str(path), "--docs", str(tmp_path / "docs"), "--check"]) == 1
+    assert "no provenance: stale" in capsys.readouterr().out
+
+
+def test_check_calls_the_committed_pages_without_provenance_stale(capsys) -> None:
+    from lightning_spectral.experiments.cli import study_main
+
+    status = study_main(["--config", str(ROOT / "configs" / "studies" / "digits"), "--docs",
+                         str(ROOT / "docs" / "results"), "--check"])
+    out = capsys.readouterr().out
+    pages = {p.stem for p in (ROOT / "docs" / "results").glob("*.md")} - {"README"}
+    unmarked = [p for p in pages if "<!-- provenance: " not in (ROOT / "docs" / "results" / f"{p}.md").read_text()]
+    for name in unmarked:
+        assert f"stale: {ROOT / 'docs' / 'results' / name}.md\n  no provenance: stale" in out
+    assert status == (1 if unmarked or "stale:" in out else 0)

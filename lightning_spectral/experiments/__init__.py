@@ -4,7 +4,8 @@
 :mod:`lightning_spectral.experiments.cli`). Layers: :mod:`~.spec` (study files and their grids)
 → :mod:`~.runner` (each run a fit built by :func:`lightning_spectral.spectral_cli.build_cli`,
 recorded by :class:`lightning_spectral.callbacks.EpochRecorder`) → :mod:`~.report` (tables and
-figures). :func:`lr_stability_scan` lives in :mod:`lightning_spectral.diagnostics` and is
+figures). :mod:`~.provenance` records where each result came from; :mod:`~.check` tells which
+report pages are stale. :func:`lr_stability_scan` lives in :mod:`lightning_spectral.diagnostics` and is
 re-exported here.
 """
 

@@ -6,6 +6,9 @@ Runs the study's pending runs one after the other in this process, then collects
                         each is ``... study --config X [same options] --run <id>``, for a scheduler
                         (SLURM array: ``sed -n "${SLURM_ARRAY_TASK_ID}p" runs.txt | bash``)
     --run ID            run only this run (repeatable); finished runs are skipped unless --force
+    --check             tell which pages under --docs (default docs/results) no longer match the code
+                        or config that would produce them (exit 1 when one is stale, listing why);
+                        --config may then be a folder of study files
     --collect           only aggregate the finished runs (after the array jobs)
     --no_collect        run without aggregating
     --out_dir DIR       where runs go (default logs/studies); the study's runs are under DIR/<name>/
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -42,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", default=[], metavar="ID", help="run only this run id (repeatable)")
     p.add_argument("--print_runs", action="store_true", help="print one command per pending run and exit")
     p.add_argument("--all", action="store_true", help="with --print_runs: also the finished runs")
+    p.add_argument("--check", action="store_true",
+                   help="list the pages under --docs (default docs/results) that are stale; exit 1 if any")
     p.add_argument("--collect", action="store_true", help="only aggregate finished runs")
     p.add_argument("--no_collect", action="store_true", help="do not aggregate after running")
     p.add_argument("--force", action="store_true", help="re-run finished runs")
@@ -86,11 +92,40 @@ def _pass_through(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def check_main(args: argparse.Namespace) -> int:
+    """``--check``: each study file's page under ``--docs``; 0 when every page found is current."""
+    from lightning_spectral.experiments.check import stale_reasons
+
+    config = Path(args.config)
+    files = sorted(config.rglob("*.yaml")) if config.is_dir() else [config]
+    docs = Path(args.docs or "docs/results")
+    stale = 0
+    for path in files:
+        try:
+            study = load_study(path, overrides(args))
+        except (yaml.YAMLError, StudySpecError, FileNotFoundError) as err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+            return 2
+        page = docs / f"{study.name}.md"
+        reasons = stale_reasons(study, page)
+        if reasons is None:
+            print(f"{path}: no page {page}")
+        elif reasons:
+            stale += 1
+            print("stale: " + "\n  ".join([str(page), *(r.split(": ", 1)[1] for r in reasons)]))
+        else:
+            print(f"current: {page}")
+    print(f"{stale} stale page(s)" if stale else "every page found is current")
+    return 1 if stale else 0
+
+
 def study_main(argv: Sequence[str] | None = None) -> int:
     """Run the ``study`` command; returns the exit status: 0, 1 when a run failed, 2 for a bad
     study file (its path and the problem on stderr)."""
     argv = list(sys.argv[2:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if args.check:
+        return check_main(args)
     try:
         study = load_study(args.config, overrides(args))
     except yaml.YAMLError as err:

@@ -8,8 +8,10 @@ Layout under ``<out_dir>/<study>/``::
                                   and config_hash: the config the checkpoints were written for
     runs/<run_id>/.lock           held while a process trains the run
     runs/<run_id>/history.json    per-epoch metrics (also .csv)
-    runs/<run_id>/result.json     written last: the run is finished when this exists (and matches run.yaml)
-    report/                       collect's tables (Markdown, JSON, CSV) and figures (PNG)
+    runs/<run_id>/result.json     written last: the run is finished when this exists (and matches run.yaml);
+                                  it records its provenance (commit, dirty tree, versions, command), the
+                                  hash of the resolved config and the parameter routing table
+    report/                       collect's tables (Markdown, JSON, CSV) and figures (PNG and SVG)
 
 A run is finished when ``result.json`` exists and records the hash of the current config; a
 changed config makes it pending again. An interrupted run restarts; if it left a checkpoint of
@@ -34,6 +36,7 @@ import yaml
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
 from lightning_spectral.checkpoint import resume_checkpoint, run_lock, write_config_marker
 from lightning_spectral.experiments.files import write_json
+from lightning_spectral.experiments.provenance import provenance
 from lightning_spectral.experiments.spec import DIAGNOSTIC_DEFAULTS, Run, Study, config_hash, expand
 from lightning_spectral.spectral_cli import build_cli
 
@@ -103,6 +106,14 @@ def run_hash(study: Study, run: Run, out_dir: str | Path) -> str:
     return config_hash(full_config(study, run, out_dir))
 
 
+def resolved_config_hash(study: Study, run: Run) -> str:
+    """The hash of what decides a run's numbers: its resolved config and the study's diagnostics
+    (or scan), without the directories the runner adds, so it is the same under any ``out_dir``."""
+    if study.kind == "lr_scan":
+        return config_hash({"config": run.config, "scan": study.scan})
+    return config_hash({"config": run.config, "diagnostics": diagnostics(study)})
+
+
 def pending_runs(study: Study, out_dir: str | Path) -> list[Run]:
     return [r for r in expand(study) if not is_finished(run_dir(study, r, out_dir), run_hash(study, r, out_dir))]
 
@@ -118,6 +129,47 @@ def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     return {**finals, "epochs": last.get("epoch"), "best_val_acc": max(finite) if finite else math.nan,
             "mean_step_time_ms": sum(times) / len(times) if times else math.nan,
             "total_time_s": sum(h.get("time", 0.0) for h in history)}
+
+
+HPARAM_METRICS = ("final_val_acc", "best_val_acc", "final_val_loss", "final_train_loss", "final_max_spectral_norm",
+                  "final_train_eval_acc", "mean_step_time_ms")
+
+
+def hyperparameters(run: Run) -> dict[str, Any]:
+    """What TensorBoard's HParams view compares a run by: its axis labels, seed, optimizer class
+    and arguments, batch size and epochs (scalars only; other values as text)."""
+    optimizer = run.config.get("model", {}).get("init_args", {}).get("optimizer") or {}
+    optimizer = {"class_path": optimizer} if isinstance(optimizer, str) else optimizer
+    params: dict[str, Any] = {f"axis/{k}": v for k, v in run.axes.items()}
+    params["seed"] = run.seed
+    params["optimizer"] = str(optimizer.get("class_path", "?")).rsplit(".", 1)[-1]
+    for key, value in (optimizer.get("init_args") or {}).items():
+        params[f"optimizer/{key}"] = value if isinstance(value, (int, float, str, bool)) else yaml.safe_dump(
+            value, default_flow_style=True).strip()
+    params["batch_size"] = run.config.get("data", {}).get("init_args", {}).get("batch_size")
+    params["max_epochs"] = run.config.get("trainer", {}).get("max_epochs")
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _log_hparams(logger: Any, run: Run, result: dict[str, Any]) -> None:
+    """The run's hyperparameters with its final metrics (``hparams/<metric>``) for the HParams view."""
+    metrics = {f"hparams/{k}": float(result[k]) for k in HPARAM_METRICS
+               if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
+    if logger is None or not metrics:
+        return
+    logger.log_hyperparams(hyperparameters(run), metrics)
+    logger.finalize("success")  # flush the events file written after the fit closed it
+
+
+def _routing(trainer: Any, model: Any, directory: Path) -> str | None:
+    """The table of which rule updated which parameter, from the fit's optimizer (else the
+    ``routing.md`` the module wrote at fit start)."""
+    from lightning_spectral.optim import routing_table
+
+    if trainer.optimizers:
+        return routing_table(trainer.optimizers[0], getattr(model, "net", model))
+    found = sorted(directory.glob("tensorboard/*/routing.md"))
+    return found[-1].read_text().strip() if found else None
 
 
 def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -151,12 +203,15 @@ def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[st
             status = "diverged"
         result = {
             "study": study.name, "run_id": run.run_id, "axes": run.axes, "values": run.values, "seed": run.seed,
-            "status": status, "error": error, "config_hash": digest, "wall_time_s": time.perf_counter() - start,
-            "resumed_from": str(resume) if resume else None,
+            "status": status, "error": error, "config_hash": digest,
+            "resolved_config_hash": resolved_config_hash(study, run), "provenance": provenance(),
+            "wall_time_s": time.perf_counter() - start, "resumed_from": str(resume) if resume else None,
+            "routing": _routing(cli.trainer, cli.model, directory),
             **_summary(recorder.history),
             **{f"final_{k}" if not k.startswith("final") else k: v for k, v in recorder.final.items()},
             "history": recorder.history,
         }
+        _log_hparams(cli.trainer.logger, run, result)
         if not diagnostics(study)["keep_checkpoints"]:
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
         write_json(previous, result)
@@ -168,8 +223,9 @@ def execute_lr_scan(study: Study, run: Run, out_dir: str | Path) -> dict[str, An
     import torch
     import torch.nn.functional as F
 
-    from lightning_spectral.experiments.build import build_data, build_net, build_optimizer
     from lightning_spectral.diagnostics.lr_scan import lr_stability_scan
+    from lightning_spectral.experiments.build import build_data, build_net, build_optimizer
+    from lightning_spectral.optim import routing_table
 
     directory = run_dir(study, run, out_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -185,8 +241,11 @@ def execute_lr_scan(study: Study, run: Run, out_dir: str | Path) -> dict[str, An
         lambda model, x, y: F.cross_entropy(model(x), y),
         data.train_dataloader(), lr_range=lr_range, device=device, seed=run.seed, **scan,
     )
+    net = build_net(run.config, data)
     result = {"study": study.name, "run_id": run.run_id, "axes": run.axes, "values": run.values, "seed": run.seed,
               "status": "finished", "config_hash": run_hash(study, run, out_dir),
+              "resolved_config_hash": resolved_config_hash(study, run), "provenance": provenance(),
+              "routing": routing_table(build_optimizer(run.config, net, lr_range[0]), net),
               "wall_time_s": time.perf_counter() - start, **out}
     write_json(directory / "result.json", result)
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import curve, plot_band, pyplot, save_figure
+from lightning_spectral.experiments.report.figures import curve, legend, plot_band, pyplot, save_figure, wants_log
 from lightning_spectral.experiments.report.stats import fmt, label, md_table
 
 
@@ -19,11 +19,13 @@ def section_budget(study, groups, report_dir: Path, opts) -> tuple[str, list[str
         for ax, key in zip(axes[:2], ("val_acc", "max_spectral_norm")):
             xs, ms, ss = curve(g, key)
             plot_band(ax, xs, ms, ss, color=c, label=f"η={g['axes'][axis]}", linewidth=1.6)
+    if wants_log([y for line in axes[1].get_lines() for y in line.get_ydata()]):
+        axes[1].set_yscale("log")  # from tight budgets to none, the norms span orders of magnitude
     axes[0].set_title("Validation accuracy vs spectral budget")
     axes[1].set_title("Max spectral norm trajectory")
     for ax in axes[:2]:
         ax.set_xlabel("Epoch")
-        ax.legend(fontsize=7)
+        legend(ax)
         ax.grid(True, alpha=0.3)
     finite = [g for g in gs if math.isfinite(float(g["values"][axis]))]
     b = [float(g["values"][axis]) for g in finite]
@@ -34,7 +36,7 @@ def section_budget(study, groups, report_dir: Path, opts) -> tuple[str, list[str
         ref = next((g for g in gs if label(g) == opts.get(key)), None)
         if ref is not None:
             axes[2].axhline(ref["stats"]["final_val_acc"]["mean"], color="gray", ls="--", label=label(ref))
-            axes[2].legend(fontsize=7)
+            legend(axes[2])
     axes[2].set_xscale("log")
     axes[2].set_xlabel("Spectral budget η")
     axes[2].set_title("Final validation accuracy vs budget")

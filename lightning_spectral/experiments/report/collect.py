@@ -1,4 +1,5 @@
-"""``collect``: aggregate a study's finished runs into tables (Markdown, JSON, CSV) and figures (PNG)."""
+"""``collect``: aggregate a study's finished runs into tables (Markdown, JSON, CSV), figures (PNG
+and SVG), the parameter routing and the provenance of the page."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from lightning_spectral.experiments.files import write_csv, write_json
+from lightning_spectral.experiments.provenance import REPO_ROOT, page_line, provenance
 from lightning_spectral.experiments.report.budget import section_budget
 from lightning_spectral.experiments.report.layer_norms import section_layer_norms
 from lightning_spectral.experiments.report.lr_envelope import section_lr_envelope
@@ -13,7 +15,8 @@ from lightning_spectral.experiments.report.lr_sweep import section_lr_sweep
 from lightning_spectral.experiments.report.metric_grid import section_metric_grid
 from lightning_spectral.experiments.report.optimizer_table import section_optimizer_table
 from lightning_spectral.experiments.report.solvers import section_solvers
-from lightning_spectral.experiments.report.stats import group_results, load_results
+from lightning_spectral.experiments.report.routing import routing_section
+from lightning_spectral.experiments.report.stats import group_results, label, load_results
 from lightning_spectral.experiments.report.summary import summary_section
 from lightning_spectral.experiments.report.width import section_width
 from lightning_spectral.experiments.spec import Study, expand, get_dotted
@@ -42,12 +45,48 @@ def _setup_line(study: Study) -> str:
             f"seeds {study.seeds}")
 
 
+def study_file(study: Study) -> str | None:
+    """The study file's path, relative to the repository when it lies inside it."""
+    if study.path is None:
+        return None
+    path = Path(study.path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def page_provenance(study: Study, results) -> dict:
+    """This collect's :func:`provenance`, the study file, the commits the runs were made at and
+    each run's resolved-config hash (what ``study --check`` compares)."""
+    record = provenance()
+    runs = [r.get("provenance") or {} for _, r in results]
+    record.update({
+        "study": study.name, "study_file": study_file(study),
+        "run_commits": sorted({p.get("commit") or "unknown" for p in runs}),
+        "runs_dirty": any(p.get("dirty") is not False for p in runs),
+        "runs": {run.run_id: r.get("resolved_config_hash") for run, r in results},
+    })
+    return record
+
+
+def provenance_section(record: dict) -> str:
+    tree = {True: "**with uncommitted changes**", False: "clean tree", None: "tree state unknown"}[record["dirty"]]
+    runs = ", ".join(f"`{c[:12]}`" for c in record["run_commits"]) or "–"
+    return (f"## Provenance\n\nCollected at commit `{record['commit'] or 'unknown'}` ({tree}) on "
+            f"{record['time_utc']}; lightning_spectral {record['lightning_spectral']}, torch {record['torch']}, "
+            f"lightning {record['lightning']}, Python {record['python']}.\n"
+            f"Command: `{record['command']}`.\n"
+            f"Runs made at commit(s) {runs}" + (" (some from a tree with uncommitted changes)" if record["runs_dirty"]
+                                                   else "") + ". "
+            "Each run's resolved-config hash is in `results.json` (`resolved_config_hash`); "
+            f"`python -m lightning_spectral study --config {record['study_file'] or '<study file>'} --check` "
+            "tells whether this page still matches the code and config that would produce it.")
+
+
 def collect(study: Study, out_dir: str | Path, report_dir: str | Path | None = None,
             command: str | None = None, docs_dir: str | Path | None = None) -> Path:
     """Aggregate the finished runs into ``report_dir`` (default ``<out_dir>/<study>/report``):
     ``summary.md``, ``results.json`` (every run incl. history, and per-series statistics and
     per-epoch mean/std curves), ``runs.csv``, ``summary.csv`` and the figures. With ``docs_dir``
-    also writes ``<docs_dir>/<study>.md`` and its PNGs under ``<docs_dir>/figures/``."""
+    also writes ``<docs_dir>/<study>.md`` and its figures (PNG and SVG) under ``<docs_dir>/figures/``."""
     out_dir = Path(out_dir)
     report_dir = Path(report_dir) if report_dir else out_dir / study.name / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -76,14 +115,18 @@ def collect(study: Study, out_dir: str | Path, report_dir: str | Path | None = N
         parts.append(summary_section(groups, study.report.get("summary", {})))
     if study.report.get("notes"):
         parts.append("## Notes\n\n" + study.report["notes"].strip())
+    parts.append(routing_section(groups, label))
+    record = page_provenance(study, results)
+    parts += [provenance_section(record), page_line(record)]
     markdown = "\n\n".join(p for p in parts if p) + "\n"
     (report_dir / "summary.md").write_text(markdown)
     flat = []
     for run, r in results:
-        flat.append({k: v for k, v in r.items() if k not in ("history", "axes", "values") and not isinstance(v, (dict, list))}
+        flat.append({k: v for k, v in r.items()
+                     if k not in ("history", "axes", "values", "routing") and not isinstance(v, (dict, list))}
                     | {f"axis_{k}": v for k, v in run.axes.items()})
     write_json(report_dir / "results.json", {
-        "study": study.name, "description": study.description, "runs": [r for _, r in results],
+        "study": study.name, "description": study.description, "provenance": record, "runs": [r for _, r in results],
         "groups": [{k: v for k, v in g.items() if k != "results"} for g in groups.values()],
     })
     write_csv(report_dir / "runs.csv", flat)
@@ -94,7 +137,9 @@ def collect(study: Study, out_dir: str | Path, report_dir: str | Path | None = N
         docs = Path(docs_dir)
         (docs / "figures").mkdir(parents=True, exist_ok=True)
         for fig in figures:
-            shutil.copyfile(report_dir / fig, docs / "figures" / fig)
+            for name in (fig, Path(fig).with_suffix(".svg").name):
+                if (report_dir / name).exists():
+                    shutil.copyfile(report_dir / name, docs / "figures" / name)
             markdown = markdown.replace(f"]({fig})", f"](figures/{fig})")
         (docs / f"{study.name}.md").write_text(markdown)
     return report_dir

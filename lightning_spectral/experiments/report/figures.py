@@ -1,5 +1,6 @@
 """The figure helpers shared by the report sections: pyplot without a display, mean ± std
-curves over seeds, and saving a figure as a PNG."""
+curves over seeds, a log axis where values span orders of magnitude, and saving a figure as a
+PNG (150 dpi) and an SVG."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-DPI = 72
+DPI = 150
+LEGEND_SIZE = 9  # points; smaller legends are unreadable in a page at 150 dpi
+SPAN_FOR_LOG = 20.0  # a positive axis whose values span more than this factor gets a log scale
 
 
 def pyplot():
@@ -39,9 +42,29 @@ def plot_band(ax, xs, ms, ss, **kwargs) -> None:
         ax.fill_between(xs, lo, [m + s for m, s in zip(ms, ss)], color=line.get_color(), alpha=0.2)
 
 
+def wants_log(values) -> bool:
+    """True when the finite values are all positive and span more than :data:`SPAN_FOR_LOG`
+    (e.g. 7400 ms beside 60 ms: on a linear axis the small ones vanish)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > SPAN_FOR_LOG
+
+
+def legend(ax, **kwargs) -> None:
+    """A readable legend (:data:`LEGEND_SIZE` points), only where something is labelled."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=kwargs.pop("fontsize", LEGEND_SIZE), **kwargs)
+
+
 def save_figure(fig, path: Path, dpi: int = DPI) -> str:
-    """Lay out, write ``path`` as a PNG and close the figure; returns the file name."""
+    """Lay out, write ``path`` as a PNG (``dpi``, at least :data:`DPI`) and beside it the same
+    figure as an SVG, close the figure; returns the PNG's file name. Panels that drew nothing
+    (a metric no run recorded) are removed rather than shown empty."""
+    empty = [ax for ax in fig.axes if not ax.has_data()]
+    if len(empty) < len(fig.axes):
+        for ax in empty:
+            fig.delaxes(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=max(dpi, DPI))
+    fig.savefig(path.with_suffix(".svg"))
     pyplot().close(fig)
     return path.name

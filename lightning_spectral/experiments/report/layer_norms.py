@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import pyplot, save_figure
+from lightning_spectral.experiments.report.figures import legend, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import fmt, label, mean_std, md_table
 
 
@@ -30,10 +30,10 @@ def section_layer_norms(study, groups, report_dir: Path, opts) -> tuple[str, lis
         rows.append([label(g), fmt(s.get("final_val_acc"), 100), fmt(s.get("final_train_eval_acc"), 100),
                      fmt(s.get("final_train_loss"), digits=3), fmt(s.get("mean_step_time_ms"), digits=1),
                      *[fmt(st, digits=3) for st in stats]])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, fontsize=8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, fontsize=9)
     ax.set_ylabel("σ_max (final)")
     ax.set_title("Final spectral norm per layer")
-    ax.legend(fontsize=7)
+    legend(ax)
     ax.grid(True, alpha=0.3, axis="y")
     name = save_figure(fig, report_dir / f"{study.name}_layer_norms.png")
     header = ["Series", "Test acc %", "Train acc % (eval)", "Train loss", "ms/step", *[f"σ {l}" for l in layers]]

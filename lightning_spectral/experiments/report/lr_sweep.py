@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import pyplot, save_figure
+from lightning_spectral.experiments.report.figures import legend, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import fmt, md_table
 
 
@@ -32,7 +32,7 @@ def section_lr_sweep(study, groups, report_dir: Path, opts) -> tuple[str, list[s
         if best["stats"].get("final_val_acc", {}).get("n"):
             ax.annotate(f"{best['stats']['final_val_acc']['mean'] * 100:.1f}%",
                         (float(best["values"][lr_axis]), best["stats"]["final_val_acc"]["mean"] * 100),
-                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=9)
         for g in gs:
             s = g["stats"]
             lr_value[g["axes"][lr_axis]] = float(g["values"][lr_axis])
@@ -42,7 +42,7 @@ def section_lr_sweep(study, groups, report_dir: Path, opts) -> tuple[str, list[s
     ax.set_xlabel("Learning rate")
     ax.set_ylabel("Accuracy %")
     ax.set_title("Learning-rate sweep: test (solid) and train (dashed) accuracy")
-    ax.legend(fontsize=7)
+    legend(ax)
     ax.grid(True, alpha=0.3)
     name = save_figure(fig, report_dir / f"{study.name}_lr_sweep.png")
     rows = [[lr, *[table[lr].get(m, "–") for m in methods]] for lr in sorted(table, key=lr_value.__getitem__)]

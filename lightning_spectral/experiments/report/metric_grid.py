@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import curve, plot_band, pyplot, save_figure
+from lightning_spectral.experiments.report.figures import curve, legend, plot_band, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import label
 
 GRID_METRICS = (
@@ -31,9 +31,9 @@ def metric_grid(groups, path: Path, title: str, select=None) -> None:
                 curve(g, key)[0] for g in chosen):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    legend(next((ax for ax in axes.flatten() if ax.has_data()), axes[0, 0]))
     fig.suptitle(title, fontsize=11)
-    save_figure(fig, path, dpi=64)
+    save_figure(fig, path)
 
 
 def section_metric_grid(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:

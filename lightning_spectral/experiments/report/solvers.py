@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import pyplot, save_figure
+from lightning_spectral.experiments.report.figures import pyplot, save_figure, wants_log
 from lightning_spectral.experiments.report.stats import fmt, fmt_g, label, md_table
 
 
@@ -18,11 +18,14 @@ def section_solvers(study, groups, report_dir: Path, opts) -> tuple[str, list[st
                               ("Time per optimizer step (ms)", "Inner iterations per step (max over layers)",
                                "Tangency residual of the step")):
         stats = [g["stats"].get(key) or {"mean": math.nan, "std": math.nan, "n": 0} for g in gs]
+        if not any(s["n"] for s in stats):
+            continue  # no run recorded it: the panel is dropped
         ax.bar(names, [s["mean"] if s["n"] else 0 for s in stats],
                yerr=[s["std"] if s["n"] > 1 else 0 for s in stats], capsize=2, color="tab:blue")
         ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", rotation=30, labelsize=8)
-        if key == "final_solver_inner_residual" and any(s["n"] and s["mean"] > 0 for s in stats):
+        ax.tick_params(axis="x", rotation=30, labelsize=9)
+        means = [s["mean"] for s in stats if s["n"]]
+        if wants_log(means) or (key == "final_solver_inner_residual" and any(m > 0 for m in means)):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3, axis="y")
     name = save_figure(fig, report_dir / f"{study.name}_solver_cost.png")

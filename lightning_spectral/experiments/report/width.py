@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import pyplot, save_figure
+from lightning_spectral.experiments.report.figures import legend, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import mean_std, md_table
 
 
@@ -45,7 +45,7 @@ def section_width(study, groups, report_dir: Path, opts) -> tuple[str, list[str]
         best_rows.append([o, *best])
     axes[0, 0].set_xlabel("Width multiplier")
     axes[0, 0].set_title("Final val accuracy vs width (reference lr)")
-    axes[0, 0].legend(fontsize=8)
+    legend(axes[0, 0])
     axes[0, 1].bar(list(spreads), [v * 100 for v in spreads.values()], color=["tab:blue", "tab:orange", "tab:green"][: len(spreads)])
     axes[0, 1].set_ylabel("Std of accuracy across widths (pp)")
     axes[0, 1].set_title("Transfer stability at the reference lr (lower = better)")
@@ -61,7 +61,7 @@ def section_width(study, groups, report_dir: Path, opts) -> tuple[str, list[str]
         ax.set_xscale("log")
         ax.set_xlabel("Learning rate")
         ax.set_title(f"{o}: accuracy vs lr per width")
-        ax.legend(fontsize=7)
+        legend(ax)
     for ax in axes.flatten():
         ax.grid(True, alpha=0.3)
     name = save_figure(fig, report_dir / f"{study.name}_width.png")
