@@ -1,6 +1,7 @@
 """The LightningModule of next-token prediction (a GPT on byte-level text), trained like the
-image classifier: manual optimization, one ``optimizer.step()`` per batch, the same parameter
-groups and the same optimizer and scheduler arguments as :class:`~lightning_spectral.module.SpectralModule`."""
+image classifier: :class:`~lightning_spectral.module.ManualOptimizationModule`'s training step
+(one ``optimizer.step()`` per batch, the same parameter groups, optimizer and scheduler arguments,
+non-finite policy and resume checks) on the next-token loss."""
 
 from __future__ import annotations
 
@@ -9,33 +10,28 @@ import time
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from lightning_spectral.checkpoint import use_atomic_checkpoint_io
 from lightning_spectral.data.text import decode, encode
-from lightning_spectral.module import CosineSchedule, SpectralModule
-from lightning_spectral.optim.param_groups import build_param_groups
-from lightning_spectral.signals import SigtermNotice
+from lightning_spectral.module import CosineSchedule, ManualOptimizationModule
 
 
-class LanguageModule(LightningModule):
+class LanguageModule(ManualOptimizationModule):
     """Next-token prediction with one ``optimizer.step()`` per batch (manual optimization).
 
     Batches are ``(x, y)`` token ids ``(B, T)`` with ``y`` the next tokens of ``x``; the loss is
-    the mean cross-entropy over all ``B·T`` positions. Parameter groups, optimizer and scheduler
-    as :class:`~lightning_spectral.module.SpectralModule` (its learning-rate logging is used as
-    it is): :func:`~lightning_spectral.optim.param_groups.build_param_groups` gives the token and
+    the mean cross-entropy over all ``B·T`` positions. Parameter groups, optimizer, scheduler,
+    routing table, non-finite policy and resume checks as
+    :class:`~lightning_spectral.module.ManualOptimizationModule`:
+    :func:`~lightning_spectral.optim.param_groups.build_param_groups` gives the token and
     position embeddings and the output head (tied or not) the fallback rule unless
     ``embeddings_as_matrices``/``head_as_matrix`` opt them in.
 
-    Logged: ``train/loss``; ``train/tokens_per_s`` (tokens of all processes over the wall time
-    of the training loop since the previous logged step, data loading and callbacks included)
-    and ``lr/<group>``, on the steps the loggers write; ``val/loss`` and ``val/bpb`` (bits per
+    Logged: ``train/loss`` (steps taken); ``train/tokens_per_s`` (tokens of all processes over
+    the wall time of the training loop since the previous logged step, data loading and
+    callbacks included) and ``lr/<group>``, on the steps the loggers write;
+    ``train/skipped_steps`` with ``nonfinite="skip"``; ``val/loss`` and ``val/bpb`` (bits per
     byte = loss / ln 2, tokens being bytes; an exact mean over all validation tokens), likewise
     ``test/...``.
 
@@ -59,6 +55,10 @@ class LanguageModule(LightningModule):
         max_new_tokens: bytes sampled at the end of ``fit`` and by ``predict``.
         temperature, top_k: sampling (``temperature=0``: the most likely byte each time).
         sample_seed: seed of the sampling generator (the global RNG is left alone).
+        nonfinite: what a NaN/Inf loss or gradient does: ``"raise"`` stops with
+            :class:`~lightning_spectral.module.NonFiniteStepError`; ``"skip"`` drops the step,
+            counts it in ``train/skipped_steps`` and stops after ``max_consecutive_skips`` in a row.
+        max_consecutive_skips: with ``nonfinite="skip"``, skipped steps in a row that stop the run.
     """
 
     def __init__(
@@ -75,10 +75,9 @@ class LanguageModule(LightningModule):
         temperature: float = 0.8,
         top_k: int | None = None,
         sample_seed: int = 0,
+        nonfinite: str = "raise",
+        max_consecutive_skips: int = 10,
     ) -> None:
-        super().__init__()
-        if vector_weight_decay is not None and vector_weight_decay < 0:
-            raise ValueError(f"vector_weight_decay must be >= 0 or None, got {vector_weight_decay}")
         if not prompt:
             raise ValueError("prompt must be a non-empty string (the model needs a first token)")
         if max_new_tokens < 0:
@@ -87,18 +86,10 @@ class LanguageModule(LightningModule):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if not callable(getattr(net, "generate", None)):
             raise TypeError(f"net must have a generate(idx, max_new_tokens, ...) method; {type(net).__name__} has none")
-        # As SpectralModule: under LightningCLI the hyperparameters are the parsed config;
-        # built in Python, the objects are left out (checkpoints load with weights_only=True).
-        objects = [] if _given_hyperparameters.get() is not None else ["net", "optimizer", "scheduler"]
-        self.save_hyperparameters(ignore=objects)
-        self.automatic_optimization = False
-        self.net = net
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.exclude = exclude or []
-        self.embeddings_as_matrices = embeddings_as_matrices
-        self.head_as_matrix = head_as_matrix
-        self.vector_weight_decay = vector_weight_decay
+        # The hyperparameters saved are these arguments (no ``head``: build_param_groups finds
+        # the output head, the last nn.Linear, by itself).
+        super().__init__(net, optimizer, scheduler, exclude, vector_weight_decay, None, head_as_matrix,
+                         embeddings_as_matrices, nonfinite, max_consecutive_skips)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -106,40 +97,6 @@ class LanguageModule(LightningModule):
         self.sample_seed = sample_seed
         self._clock: float | None = None
         self._tokens = 0
-
-    _log_learning_rates = SpectralModule._log_learning_rates
-
-    def setup(self, stage: str) -> None:
-        # As SpectralModule: atomic checkpoint writes, installed before any checkpoint is read or written.
-        use_atomic_checkpoint_io(self.trainer)
-
-    def configure_callbacks(self) -> list:
-        """:class:`~lightning_spectral.signals.SigtermNotice`: on SIGTERM, the checkpoint to resume from."""
-        return [SigtermNotice()]
-
-    def configure_optimizers(self) -> Optimizer | dict:
-        # The parameter groups and schedule of SpectralModule.configure_optimizers.
-        groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay,
-                                    embeddings_as_matrices=self.embeddings_as_matrices,
-                                    head_as_matrix=self.head_as_matrix)
-        optimizer = self.optimizer(groups)
-        if self.scheduler is None:
-            return optimizer
-        scheduler = self.scheduler(optimizer)
-        if isinstance(scheduler, ReduceLROnPlateau):
-            raise TypeError("ReduceLROnPlateau needs a metric; LanguageModule steps its scheduler every batch")
-        if isinstance(scheduler, CosineSchedule) and scheduler.total_steps is None:
-            total = self.trainer.estimated_stepping_batches
-            if math.isinf(total):
-                raise ValueError("the cosine schedule needs trainer.max_epochs or trainer.max_steps (or total_steps)")
-            if total <= 0:
-                raise ValueError("no optimizer step would run: the training data gives no batch (windows_per_epoch "
-                                 "below batch_size?) or trainer.limit_train_batches is 0")
-            scheduler.set_total_steps(int(total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.net(idx)
 
     def loss_for_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy of ``batch`` (nats per token); no side effects."""
@@ -150,21 +107,13 @@ class LanguageModule(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._clock, self._tokens = None, 0  # the validation between epochs is not training time
 
+    def _training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, None]:
+        return self.loss_for_batch(batch), None
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        optimizer = self.optimizers()
-        self._log_learning_rates(optimizer, len(y))
-        self._log_throughput(len(y))
-        loss = self.loss_for_batch(batch)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        self._tokens += y.numel()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss.detach()
+        self._log_throughput(len(batch[1]))
+        self._tokens += batch[1].numel()  # a skipped step's tokens were processed all the same
+        return super().training_step(batch, batch_idx)
 
     def _log_throughput(self, batch_size: int) -> None:
         """``train/tokens_per_s`` over the steps since the last logged one (the same steps as

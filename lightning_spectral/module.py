@@ -1,7 +1,9 @@
-"""The LightningModule: an image classifier trained with manual optimization."""
+"""The LightningModules' common training step (manual optimization, non-finite policy, resume
+checks, routing report) and the image classifier built on it."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -127,8 +129,13 @@ def _group_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k not in _GROUP_BOOKKEEPING and not torch.is_tensor(v)}
 
 
-class SpectralModule(LightningModule):
-    """Image classification with one ``optimizer.step()`` per batch (manual optimization).
+class ManualOptimizationModule(LightningModule):
+    """A network trained with one ``optimizer.step()`` per batch (manual optimization).
+
+    The common part of :class:`SpectralModule` (image classification) and
+    :class:`~lightning_spectral.lm_module.LanguageModule` (next-token prediction); a task
+    supplies the loss of a batch (:meth:`_training_loss`), its evaluation steps and, if it
+    wants, logging after each optimizer step and at the end of an epoch.
 
     The parameters are grouped by
     :func:`~lightning_spectral.optim.param_groups.build_param_groups`: a ``"matrix"`` group
@@ -138,32 +145,32 @@ class SpectralModule(LightningModule):
     ``torch.optim.SGD``/``AdamW`` and the optimizers of :mod:`lightning_spectral.optim` all fit.
     At fit start the routing table (which rule takes each parameter, with its shape) is printed
     and written to ``<log_dir>/routing.md``. The scheduler is stepped after every optimizer step
-    and the learning rate of each group is logged as ``lr/<group name>``.
+    and the learning rate of each group is logged as ``lr/<group name>``; the loss of every
+    step taken as ``train/loss``.
 
     Before every optimizer step the loss and the gradients are checked for NaN/Inf (one fused
     norm and one host sync per step, whatever the optimizer; under fp16's ``GradScaler`` the
     scaler's own check): a non-finite step never reaches the weights. No checkpoint is written
     from non-finite weights.
 
-    Resuming (``ckpt_path``) with another network, class count, ``exclude`` or optimizer class
-    than the checkpoint's raises :class:`CheckpointMismatchError` with the differences; changed
-    optimizer hyperparameters (learning rate, weight decay, budget, ...) are applied to the
-    restored optimizer and listed in a warning.
+    Resuming (``ckpt_path``) with another network, ``exclude``, head/embedding routing or
+    optimizer class than the checkpoint's raises :class:`CheckpointMismatchError` with the
+    differences; changed optimizer hyperparameters (learning rate, weight decay, budget, ...)
+    are applied to the restored optimizer and listed in a warning. Checkpoints carry the
+    network and optimizer classes and the skipped-step count under the key
+    ``"spectral_module"``, whatever the subclass.
 
     Args:
-        net: the network, mapping images to ``num_classes`` logits.
-        num_classes: classes of the task; ``None``: the net's ``num_classes`` attribute, else the
-            ``out_features`` of its last ``nn.Linear`` (the CLI fills it from the data module).
+        net: the network; ``forward`` is ``net(x)``.
         optimizer: builds the optimizer from the parameter groups.
         scheduler: builds the learning-rate scheduler from the optimizer; ``None`` keeps the
-            learning rate constant. The default, :class:`CosineSchedule` without ``total_steps``,
-            decays over ``trainer.estimated_stepping_batches``, read when training starts.
-        exclude: glob patterns of parameter names (``"fc2.*"``) whose matrices go to the fallback rule.
-        vector_weight_decay: weight decay of the fallback group; ``None`` keeps the optimizer's.
-        head: module-name globs of the output head (``["fc"]``); ``None``: the net's last
-            ``nn.Linear`` (and any Linear tied to an embedding); ``[]``: no head.
-        head_as_matrix: give the head the matrix rule (a constrained optimizer then constrains
-            the classifier too, which keeps its logits small: see the README's measurements).
+            learning rate constant. :class:`CosineSchedule` without ``total_steps`` decays over
+            ``trainer.estimated_stepping_batches``, read when training starts.
+        exclude: glob patterns of parameter names whose matrices go to the fallback rule.
+        vector_weight_decay: weight decay of the ``vector`` group; ``None`` keeps the optimizer's.
+        head: module-name globs of the output head; ``None``: the net's last ``nn.Linear`` (and
+            any Linear tied to an embedding); ``[]``: no head.
+        head_as_matrix: give the head the matrix rule.
         embeddings_as_matrices: give embedding tables the matrix rule.
         nonfinite: what a NaN/Inf loss or gradient does: ``"raise"`` stops with
             :class:`NonFiniteStepError` (naming the step, the first non-finite gradient and the
@@ -172,6 +179,8 @@ class SpectralModule(LightningModule):
             ``max_consecutive_skips`` skipped steps in a row.
         max_consecutive_skips: with ``nonfinite="skip"``, skipped steps in a row that stop the run.
 
+    The hyperparameters saved are the arguments of the subclass's ``__init__``.
+
     Attributes:
         skipped_steps: steps skipped by ``nonfinite="skip"`` so far (kept in checkpoints).
     """
@@ -179,25 +188,17 @@ class SpectralModule(LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        num_classes: int | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: LRSchedulerCallable | None = CosineSchedule,
-        exclude: list[str] | None = None,
-        vector_weight_decay: float | None = 0.0,
-        head: list[str] | None = None,
-        head_as_matrix: bool = False,
-        embeddings_as_matrices: bool = False,
-        nonfinite: str = "raise",
-        max_consecutive_skips: int = 10,
+        optimizer: OptimizerCallable,
+        scheduler: LRSchedulerCallable | None,
+        exclude: list[str] | None,
+        vector_weight_decay: float | None,
+        head: list[str] | None,
+        head_as_matrix: bool,
+        embeddings_as_matrices: bool,
+        nonfinite: str,
+        max_consecutive_skips: int,
     ) -> None:
         super().__init__()
-        if num_classes is None:
-            num_classes = getattr(net, "num_classes", None) or next(
-                (m.out_features for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)), None)
-            if num_classes is None:
-                raise ValueError("num_classes: pass it, or a net with a num_classes attribute or a final nn.Linear")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if vector_weight_decay is not None and vector_weight_decay < 0:
             raise ValueError(f"vector_weight_decay must be >= 0 or None, got {vector_weight_decay}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -205,11 +206,12 @@ class SpectralModule(LightningModule):
         if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int) \
                 or max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be a positive int, got {max_consecutive_skips!r}")
-        # Under LightningCLI the hyperparameters are the parsed config (plain values that
-        # rebuild everything in load_from_checkpoint); built in Python, the objects are left
-        # out so that checkpoints load with torch.load(weights_only=True).
+        # The arguments of the subclass's __init__ (the frame that called this one). Under
+        # LightningCLI they are the parsed config (plain values that rebuild everything in
+        # load_from_checkpoint); built in Python, the objects are left out so that checkpoints
+        # load with torch.load(weights_only=True).
         objects = [] if _given_hyperparameters.get() is not None else ["net", "optimizer", "scheduler"]
-        self.save_hyperparameters(ignore=objects)
+        self.save_hyperparameters(ignore=objects, frame=inspect.currentframe().f_back)
         self.automatic_optimization = False
         self.net = net
         self.optimizer = optimizer
@@ -219,10 +221,6 @@ class SpectralModule(LightningModule):
         self.routing = dict(head=head, head_as_matrix=head_as_matrix, embeddings_as_matrices=embeddings_as_matrices)
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
-        self.criterion = nn.CrossEntropyLoss()
-        # The training accuracy skips torchmetrics' input checks (≈ 0.2 ms per step on a CPU).
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(2))
         self.skipped_steps = 0
         self._consecutive_skips = 0
         self._resumed: dict[str, Any] = {}  # what on_load_checkpoint read, for configure_optimizers
@@ -248,7 +246,7 @@ class SpectralModule(LightningModule):
             return optimizer
         scheduler = self.scheduler(optimizer)
         if isinstance(scheduler, ReduceLROnPlateau):
-            raise TypeError("ReduceLROnPlateau needs a metric; SpectralModule steps its scheduler every batch")
+            raise TypeError(f"ReduceLROnPlateau needs a metric; {type(self).__name__} steps its scheduler every batch")
         if isinstance(scheduler, CosineSchedule) and scheduler.total_steps is None:
             total = self.trainer.estimated_stepping_batches
             if math.isinf(total):
@@ -291,12 +289,28 @@ class SpectralModule(LightningModule):
     def on_train_start(self) -> None:
         self._apply_overrides()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def _training_loss(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        """The mean loss of ``batch`` to differentiate, and what :meth:`_on_step_taken` needs
+        of the forward pass (``None`` when nothing)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _training_loss(batch)")
+
+    def _on_step_taken(self, batch: Any, outputs: Any) -> None:
+        """Task-specific logging after an optimizer step (not after a skipped one)."""
+
+    def _on_last_training_batch(self) -> None:
+        """Task-specific epoch logging at the last training batch of an epoch, before the
+        epoch-end callbacks run (they run ``on_train_epoch_end`` before the module does)."""
+
+    @staticmethod
+    def _batch_size(batch: Any) -> int:
+        """Samples of an ``(inputs, targets)`` batch, for Lightning's epoch means."""
+        return len(batch[1])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
-        self._log_learning_rates(optimizer, len(y))
-        logits = self(x)
-        loss = self.criterion(logits, y)
+        batch_size = self._batch_size(batch)
+        self._log_learning_rates(optimizer, batch_size)
+        loss, outputs = self._training_loss(batch)
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self._finite_step(loss, optimizer, batch_idx):
@@ -304,8 +318,8 @@ class SpectralModule(LightningModule):
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
-            self.train_acc.update(logits.detach(), y)
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+            self._on_step_taken(batch, outputs)
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         if self._last_batch_of_epoch(batch_idx):
             # The epoch-end callbacks (diagnostics, checkpoints) run after this step and must
             # not see non-finite weights: one check per epoch.
@@ -315,18 +329,11 @@ class SpectralModule(LightningModule):
                     f"the optimizer step at step {self.trainer.global_step} made the weight {bad!r} non-finite "
                     f"(finite loss and gradients); {self._resume_hint()}"
                 )
-            # The epoch's accuracy, logged once at its last batch rather than as a Metric object
-            # every step: each ``self.log`` costs about 1 ms of Lightning bookkeeping on a CPU
-            # (a tenth of a small model's step). Not in ``on_train_epoch_end``: callbacks run
-            # that hook before the module's and would not see it.
-            if self.train_acc.update_called:
-                self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True)
-            self.train_acc.reset()
+            self._on_last_training_batch()
             if self.skipped_steps:
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True,
                          reduce_fx="max")
         return loss.detach()
-
     def _finite_step(self, loss: torch.Tensor, optimizer: Any, batch_idx: int) -> bool:
         """Whether the loss and every gradient are finite (the same answer on every rank).
 
@@ -348,7 +355,7 @@ class SpectralModule(LightningModule):
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             self._consecutive_skips = 0
             return True
-        what = "gradient" if loss_finite else f"loss ({float(loss):g})"
+        what = "gradient" if loss_finite else f"loss ({float(loss.detach()):g})"
         where = (f"non-finite {what} at step {self.trainer.global_step} (epoch {self.current_epoch}, batch "
                  f"{batch_idx}); first non-finite gradient: {culprit or 'none on this rank'}")
         if self.nonfinite == "raise":
@@ -537,6 +544,87 @@ class SpectralModule(LightningModule):
             on_epoch=False,
             batch_size=batch_size,
         )
+
+
+class SpectralModule(ManualOptimizationModule):
+    """Image classification with one ``optimizer.step()`` per batch (manual optimization).
+
+    The loss is the cross-entropy of the ``num_classes`` logits; logged: ``train/loss`` and
+    ``train/acc`` (the epoch's accuracy over the steps taken), ``val/loss``, ``val/acc``, likewise
+    ``test/...``; ``predict`` gives the argmax class. Parameter groups, routing table, scheduler,
+    ``lr/<group>`` logging, the non-finite policy and the resume checks are those of
+    :class:`ManualOptimizationModule`; resuming with another class count is refused as well.
+
+    Args:
+        net: the network, mapping images to ``num_classes`` logits.
+        num_classes: classes of the task; ``None``: the net's ``num_classes`` attribute, else the
+            ``out_features`` of its last ``nn.Linear`` (the CLI fills it from the data module).
+        optimizer: builds the optimizer from the parameter groups.
+        scheduler: builds the learning-rate scheduler from the optimizer; ``None`` keeps the
+            learning rate constant. The default, :class:`CosineSchedule` without ``total_steps``,
+            decays over ``trainer.estimated_stepping_batches``, read when training starts.
+        exclude: glob patterns of parameter names (``"fc2.*"``) whose matrices go to the fallback rule.
+        vector_weight_decay: weight decay of the fallback group; ``None`` keeps the optimizer's.
+        head: module-name globs of the output head (``["fc"]``); ``None``: the net's last
+            ``nn.Linear`` (and any Linear tied to an embedding); ``[]``: no head.
+        head_as_matrix: give the head the matrix rule (a constrained optimizer then constrains
+            the classifier too, which keeps its logits small: see the README's measurements).
+        embeddings_as_matrices: give embedding tables the matrix rule.
+        nonfinite: what a NaN/Inf loss or gradient does: ``"raise"`` stops with
+            :class:`NonFiniteStepError` (naming the step, the first non-finite gradient and the
+            checkpoint to resume from); ``"skip"`` drops the step (weights, optimizer state and
+            schedule untouched), counts it in ``train/skipped_steps`` and stops after
+            ``max_consecutive_skips`` skipped steps in a row.
+        max_consecutive_skips: with ``nonfinite="skip"``, skipped steps in a row that stop the run.
+
+    Attributes:
+        skipped_steps: steps skipped by ``nonfinite="skip"`` so far (kept in checkpoints).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = CosineSchedule,
+        exclude: list[str] | None = None,
+        vector_weight_decay: float | None = 0.0,
+        head: list[str] | None = None,
+        head_as_matrix: bool = False,
+        embeddings_as_matrices: bool = False,
+        nonfinite: str = "raise",
+        max_consecutive_skips: int = 10,
+    ) -> None:
+        if num_classes is None:
+            num_classes = getattr(net, "num_classes", None) or next(
+                (m.out_features for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)), None)
+            if num_classes is None:
+                raise ValueError("num_classes: pass it, or a net with a num_classes attribute or a final nn.Linear")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        # The hyperparameters saved are these arguments, num_classes as inferred above.
+        super().__init__(net, optimizer, scheduler, exclude, vector_weight_decay, head, head_as_matrix,
+                         embeddings_as_matrices, nonfinite, max_consecutive_skips)
+        self.criterion = nn.CrossEntropyLoss()
+        # The training accuracy skips torchmetrics' input checks (≈ 0.2 ms per step on a CPU).
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(2))
+
+    def _training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        return self.criterion(logits, y), logits
+
+    def _on_step_taken(self, batch: tuple[torch.Tensor, torch.Tensor], outputs: torch.Tensor) -> None:
+        self.train_acc.update(outputs.detach(), batch[1])
+
+    def _on_last_training_batch(self) -> None:
+        # The epoch's accuracy, logged once at its last batch rather than as a Metric object
+        # every step: each ``self.log`` costs about 1 ms of Lightning bookkeeping on a CPU
+        # (a tenth of a small model's step).
+        if self.train_acc.update_called:
+            self.log("train/acc", self.train_acc.compute(), on_step=False, on_epoch=True)
+        self.train_acc.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)

@@ -1,5 +1,6 @@
 """The language-model LightningModule: routing, logging, sampling, BlockStiefel on the heads,
-the diagnostics on the LM loss (sharpness against the exact Hessian) and exact resume."""
+the diagnostics on the LM loss (sharpness against the exact Hessian), exact resume, the
+non-finite policy, the resume checks and the routing report."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from lightning_spectral.checkpoint import AtomicCheckpointIO
 from lightning_spectral.data.text import PythonSourceDataModule
 from lightning_spectral.lm_module import LanguageModule
 from lightning_spectral.models import GPT
-from lightning_spectral.module import CosineSchedule
+from lightning_spectral.module import CheckpointMismatchError, CosineSchedule, NonFiniteStepError
 from lightning_spectral.optim import BlockStiefel, Muon
 from lightning_spectral.optim.param_groups import build_param_groups
 
@@ -225,6 +226,101 @@ def test_resume_equals_the_uninterrupted_run(corpus, tmp_path):
     for key in opt_a:
         for k, v in opt_a[key].items():
             assert torch.equal(v, opt_b[key][k]) if isinstance(v, torch.Tensor) else v == opt_b[key][k], (key, k)
+
+
+def _poison_loss(module: LanguageModule, batches: set[int]) -> None:
+    """Make the training loss NaN at the given training batches (counted from 1 over the fit)."""
+    calls, original = [0], module._training_loss
+
+    def poisoned(batch):
+        calls[0] += 1
+        loss, outputs = original(batch)
+        return (loss * float("nan") if calls[0] in batches else loss), outputs
+
+    module._training_loss = poisoned
+
+
+def _checkpoints(root: Path) -> dict[str, dict]:
+    return {p.name: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(root.rglob("*.ckpt"))}
+
+
+def _assert_finite(checkpoints: dict[str, dict]) -> None:
+    assert checkpoints
+    for name, state in checkpoints.items():
+        for key, value in state["state_dict"].items():
+            assert not value.is_floating_point() or torch.isfinite(value).all(), (name, key)
+
+
+def _fit_lm(corpus: Path, root: Path, nan_at: set[int] = frozenset(), ckpt: Path | None = None, **kwargs):
+    """Two epochs of six batches, the checkpoint of every epoch kept in ``root``."""
+    pl.seed_everything(0)
+    module = LanguageModule(kwargs.pop("net", None) or GPT(**TINY), **{"optimizer": partial(torch.optim.AdamW, lr=3e-3),
+                                            "max_new_tokens": 0, **kwargs})
+    _poison_loss(module, set(nan_at))
+    trainer = pl.Trainer(**QUIET, max_epochs=2, logger=CSVLogger(root), limit_val_batches=1,
+                         callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=-1)])
+    trainer.fit(module, _data(corpus), ckpt_path=ckpt)
+    return trainer, module
+
+
+def test_nan_loss_stops_the_run_before_the_step_and_keeps_the_good_checkpoints(corpus, tmp_path):
+    """nonfinite="raise" (the default): a NaN loss at the 2nd batch of the 2nd epoch (step 7)
+    stops the run naming the step and the checkpoint to resume from; none holds NaN."""
+    with pytest.raises(NonFiniteStepError) as info:
+        _fit_lm(corpus, tmp_path, nan_at={8})
+    message = str(info.value)
+    assert "non-finite loss (nan) at step 7 (epoch 1, batch 1)" in message
+    assert "last.ckpt" in message and "--ckpt_path" in message
+    checkpoints = _checkpoints(tmp_path / "ckpt")
+    assert set(checkpoints) == {"last.ckpt", "epoch=0-step=6.ckpt"}
+    assert checkpoints["last.ckpt"]["global_step"] == 6
+    _assert_finite(checkpoints)
+
+
+def test_nan_loss_with_skip_policy_skips_and_counts(corpus, tmp_path):
+    """nonfinite="skip": two NaN batches are two steps not taken (optimizer and schedule), counted
+    in train/skipped_steps and in the checkpoint; the weights stay finite."""
+    trainer, module = _fit_lm(corpus, tmp_path, nan_at={3, 8}, nonfinite="skip")
+    assert trainer.global_step == 12 - 2 and module.skipped_steps == 2
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 10
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 2.0
+    checkpoints = _checkpoints(tmp_path / "ckpt")
+    assert checkpoints["last.ckpt"]["spectral_module"]["skipped_steps"] == 2
+    _assert_finite(checkpoints)
+    with pytest.raises(NonFiniteStepError, match=r"2 steps in a row skipped \(max_consecutive_skips=2\)"):
+        _fit_lm(corpus, tmp_path / "again", nan_at={4, 5}, nonfinite="skip", max_consecutive_skips=2)
+
+
+def test_resume_is_refused_with_another_optimizer_or_width_and_overrides_the_learning_rate(corpus, tmp_path):
+    """The checkpoint records the network and optimizer classes: resuming it into SGD is refused,
+    naming both, and so is a wider GPT, naming the weights; a changed learning rate is applied to
+    the restored AdamW state and announced."""
+    _fit_lm(corpus, tmp_path / "first")
+    first = tmp_path / "first" / "ckpt" / "epoch=0-step=6.ckpt"
+    assert torch.load(first, weights_only=True)["spectral_module"]["net"] == "lightning_spectral.models.gpt.GPT"
+    with pytest.raises(CheckpointMismatchError, match=r"trained with torch\.optim\.adamw\.AdamW.*"
+                                                      r"requested optimizer is torch\.optim\.sgd\.SGD"):
+        _fit_lm(corpus, tmp_path / "sgd", ckpt=first, optimizer=partial(torch.optim.SGD, lr=0.1))
+    with pytest.raises(CheckpointMismatchError, match=r"net\.blocks\.0\.attn\.k_proj\.weight: checkpoint \(16, 16\), "
+                                                      r"requested \(32, 32\)"):
+        _fit_lm(corpus, tmp_path / "wide", ckpt=first, net=GPT(**{**TINY, "n_embd": 32}))
+    with pytest.warns(UserWarning, match=r"matrix\.lr: 0\.003 -> 0\.001"):
+        trainer, _ = _fit_lm(corpus, tmp_path / "lr", ckpt=first, optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    assert trainer.global_step == 12
+    assert [g["initial_lr"] for g in trainer.optimizers[0].param_groups] == [1e-3] * 3
+
+
+def test_routing_table_is_written_to_the_log_dir(corpus, tmp_path):
+    """At fit start: ``<log_dir>/routing.md``, the groups build_param_groups made."""
+    pl.seed_everything(0)
+    trainer = pl.Trainer(**QUIET, max_steps=1, logger=CSVLogger(tmp_path), limit_val_batches=0,
+                         enable_checkpointing=False)
+    trainer.fit(LanguageModule(GPT(**TINY), max_new_tokens=0, embeddings_as_matrices=True), _data(corpus))
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip()
+            for line in (Path(trainer.log_dir) / "routing.md").read_text().splitlines()[2:]}
+    assert rows["blocks.0.attn.q_proj.weight"] == rows["pos_emb.weight"] == "matrix"
+    assert rows["tok_emb.weight"] != "matrix"  # tied to the output head, which is not opted in
+    assert rows["ln_f.weight"] == "vector"
 
 
 ROOT = Path(__file__).resolve().parents[1]
