@@ -1,10 +1,16 @@
-"""The GPT decoder: shapes, causality, weight tying, rotary positions, sampling, bad arguments."""
+"""The GPT decoder: shapes, causality, weight tying, rotary positions, sampling, bad arguments,
+second derivatives through attention."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
+from lightning_spectral.diagnostics import estimate_sharpness
 from lightning_spectral.models import GPT, MODEL_REGISTRY, get_model
 from lightning_spectral.models.gpt import RotaryEmbedding
 
@@ -126,3 +132,28 @@ def test_bad_inputs_name_the_problem():
         net(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="top_k"):
         net.generate(torch.zeros(1, 2, dtype=torch.long), 3, top_k=0)
+
+
+def test_second_derivatives_through_attention_in_eval_and_train_mode():
+    """The Hessian of the loss exists in eval mode from plain PyTorch (attention takes the math
+    backend there) and in train mode under diagnostics.isolated (which selects it): with no
+    dropout both are the same function, and Lanczos in train mode finds the exact top eigenvalue."""
+    torch.manual_seed(0)
+    vocab = 8
+    net = GPT(vocab_size=vocab, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    x, y = torch.randint(0, vocab, (3, 4)), torch.randint(0, vocab, (3, 4))
+    names, shapes = zip(*((n, p.shape) for n, p in net.named_parameters()))
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def loss(theta):
+        sizes = [math.prod(s) for s in shapes]
+        params = {n: t.reshape(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
+        return F.cross_entropy(functional_call(net, params, (x,)).reshape(-1, vocab), y.reshape(-1))
+
+    net.eval()
+    exact = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
+    net.train()
+    got = estimate_sharpness(net, lambda m, a, b: F.cross_entropy(m(a).reshape(-1, vocab), b.reshape(-1)), x, y,
+                             method="lanczos", max_iter=60, tol=1e-10, eval_mode=False)
+    assert net.training
+    assert abs(got - exact) <= 1e-4 * abs(exact), (got, exact)

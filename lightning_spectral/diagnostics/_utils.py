@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 #: ``loss_fn(model, x, y) -> scalar mean loss``: the loss convention of every diagnostic.
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -18,9 +19,11 @@ def isolated(module: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Run extra forwards on ``module`` without changing training.
 
     Forks the RNG (CPU and the module's CUDA devices), enables grad, disables autocast
-    (diagnostics run in fp32) and either puts the module in eval mode (default: BatchNorm
-    running statistics and dropout untouched; the measured loss is the eval-mode loss) or
-    keeps train mode and restores every buffer afterwards. Train/eval flags are restored.
+    (diagnostics run in fp32), runs ``scaled_dot_product_attention`` on its math backend (the
+    fused flash and memory-efficient kernels have no second derivative, which Hessian-vector
+    products take) and either puts the module in eval mode (default: BatchNorm running
+    statistics and dropout untouched; the measured loss is the eval-mode loss) or keeps train
+    mode and restores every buffer afterwards. Train/eval flags are restored.
     """
     modes = [(m, m.training) for m in module.modules()]
     snapshot = None if eval_mode else [(b, b.detach().clone()) for b in module.buffers()]
@@ -29,7 +32,7 @@ def isolated(module: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(
             device_type=device_type, enabled=False
-        ):
+        ), sdpa_kernel(SDPBackend.MATH):
             if eval_mode:
                 module.eval()
             yield

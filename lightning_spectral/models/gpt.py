@@ -74,9 +74,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        # The fused kernels (flash, memory-efficient) have no second derivative; in eval mode with
-        # gradients on (the diagnostics' Hessian-vector products, which differentiate twice)
-        # attention runs on the math backend, plain differentiable tensor operations.
+        # The fused kernels (flash, memory-efficient, and the CPU's flash kernel) have no second
+        # derivative. The package's diagnostics select the math backend themselves
+        # (diagnostics.isolated, in either mode); in eval mode with gradients on, attention runs
+        # on it here too, so that the Hessian of the eval-mode loss can be taken from plain
+        # PyTorch (torch.autograd.functional.hessian, torch.func) without that context.
         with sdpa_kernel(SDPBackend.MATH) if torch.is_grad_enabled() and not self.training else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
