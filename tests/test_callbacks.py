@@ -370,6 +370,26 @@ def test_constraint_monitor(tmp_path):
     assert sum("constraint_report" in str(w.message) for w in record) == 1
 
 
+@pytest.mark.parametrize("tangent", [False, True])
+def test_constraint_monitor_says_when_the_solver_never_iterated(tmp_path, tangent):
+    """Without tangency MuonSGD + dual ascent is the closed-form clip: 0 iterations, closed_form 1;
+    with it the solver iterates: closed_form 0."""
+    from lightning_spectral.optim import DualAscentSolver, MuonSGD
+
+    class BudgetedNet(Net):
+        def configure_optimizers(self):
+            return MuonSGD(self.parameters(), lr=self.lr, spectral_budget=0.01,
+                           inner_solver=DualAscentSolver(tangent=tangent, tol=1e-6, max_iters=50))
+
+    logger = RecordingLogger()
+    fit(BudgetedNet(), tmp_path, [ConstraintMonitor(every_n_steps=1)], logger, max_steps=3)
+    logged = {k: v for _, m in logger.scalars for k, v in m.items() if k.startswith("constraint/")}
+    per_layer = {k: v for k, v in logged.items() if k.endswith("/closed_form") and "/max/" not in k}
+    assert per_layer and set(per_layer.values()) == {0.0 if tangent else 1.0}
+    assert (logged["constraint/max/inner_iterations"] > 0) == tangent
+    assert logged["constraint/max/closed_form"] == (0.0 if tangent else 1.0)
+
+
 # ----------------------------------------------------------------------------- arguments and state
 
 

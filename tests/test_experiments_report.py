@@ -182,11 +182,14 @@ def test_layer_norms_select_and_extra(tmp_path: Path) -> None:
 
 
 def test_solvers(tmp_path: Path) -> None:
-    groups = group_results(grid(({"solver": ("exact", "exact")}, [0.5, 0.7]),
-                                final_solver_inner_iterations=4.0, final_solver_inner_residual=1e-3))
-    text, figures = SECTIONS["solvers"](study(), groups, tmp_path, {})
+    results = grid(({"solver": ("exact", "exact")}, [0.5, 0.7]),
+                   final_solver_inner_iterations=4.0, final_solver_inner_residual=1e-3, final_solver_closed_form=0.0)
+    results += grid(({"solver": ("clip", "clip")}, [0.6]), final_solver_inner_iterations=0.0,
+                    final_solver_inner_residual=0.0, final_solver_closed_form=1.0)
+    text, figures = SECTIONS["solvers"](study(), group_results(results), tmp_path, {})
     assert figures == ["syn_solver_cost.png"]
-    assert "| exact | 60.00 ± 14.14 | 2.0 ± 0.0 | 4 ± 0 | 0.001 ± 0 |" in text
+    assert "| exact | 60.00 ± 14.14 | 2.0 ± 0.0 | 4 ± 0 | 0.001 ± 0 | no |" in text
+    assert "| clip | 60.00 | 2.0 | 0 | 0 | yes |" in text
 
 
 def test_optimizer_table_best_first_with_notes(tmp_path: Path) -> None:

@@ -102,6 +102,23 @@ def test_spectral_clip_solver_is_uniform_rescale(shape, eta_factor):
     assert rel(A, expected) <= 1e-6
 
 
+def test_closed_form_flag_tells_a_formula_from_an_iteration():
+    """The exact clip without tangency (dual/splitting solvers) and SpectralClip's rescale are
+    formulas: 0 iterations, ``closed_form``; with tangency the dual solvers iterate."""
+    W, D, eta = make_case((24, 16), seed=3)
+    for name in ("dual_ascent", "quasi_newton", "admm", "spectral_clip"):
+        solver = get_inner_solver(name)
+        solver(W, D, eta)
+        assert (solver.last_info.iterations, solver.last_info.closed_form) == (0, True), name
+    for name in ("dual_ascent", "quasi_newton", "admm"):
+        solver = get_inner_solver(name, tangent=True)
+        solver(W, D, eta)
+        assert solver.last_info.iterations > 0 and solver.last_info.closed_form is False, name
+    solver = get_inner_solver("frank_wolfe")  # iterates even without tangency (its ball projection)
+    solver(W, D, eta)
+    assert solver.last_info.iterations > 0 and not solver.last_info.closed_form
+
+
 @pytest.mark.parametrize("shape", SHAPES + [(48, 32)])
 def test_frank_wolfe_converges_linearly_and_stays_feasible(shape):
     """Pairwise Frank–Wolfe: every iterate is in the ball, and the error to the SVD clip falls

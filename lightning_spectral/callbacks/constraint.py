@@ -17,10 +17,12 @@ class ConstraintMonitor(DiagnosticCallback):
     Duck-typed: an optimizer (the raw one, as in ``trainer.optimizers``) qualifies if it has a
     method ``constraint_report() -> dict[str, dict[str, float]]`` mapping parameter name to
     metrics such as ``{"constraint": distance_to_manifold, "inner_iterations": n,
-    "inner_residual": r}``, describing its latest step. Without one it warns once and does nothing.
+    "inner_residual": r}``, describing its latest step (the budgeted optimizers add
+    ``closed_form``: 1 when the step was a formula and the solver never iterated, so a run named
+    after an iterative solver shows whether it did). Without one it warns once and does nothing.
 
     Keys: ``constraint/<param>/<metric>`` and ``constraint/max/<metric>`` (the maximum over
-    parameters); with several reporting optimizers the parameter names get an ``opt<i>-`` prefix.
+    parameters: ``constraint/max/closed_form`` is 1 when any layer's step was closed form); with several reporting optimizers the parameter names get an ``opt<i>-`` prefix.
     Read at the start of the next batch, so the report of the update that produced the
     parameters after ``s`` steps is logged at step ``s``.
 

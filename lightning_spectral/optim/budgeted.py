@@ -54,6 +54,17 @@ class BudgetedOptimizer(MatrixOptimizer):
         record_inner(state, info.iterations, info.tangent_residual)
         return step
 
+    def constraint_report(self) -> dict[str, dict[str, float]]:
+        """Per matrix parameter, ``inner_iterations`` and ``inner_residual`` (tangency) of its last
+        solve, and ``closed_form``: 1 when that step was a formula with no iteration (the exact
+        singular-value clip without tangency, or SpectralClipSolver's rescale), 0 when the solver
+        iterated."""
+        report = super().constraint_report()
+        for entry in report.values():
+            if "inner_iterations" in entry:
+                entry["closed_form"] = float(entry["inner_iterations"] == 0)
+        return report
+
 
 class MuonSGD(BudgetedOptimizer):
     """Momentum SGD whose matrix steps are fitted to a spectral budget.

@@ -28,7 +28,9 @@ All end with the same feasibility restoration (project onto the tangent space, r
 ball), so every returned step is feasible to round-off. Warm starts (multipliers, ADMM's
 ``Z, U, ρ``) live in the ``state`` dict the caller passes (the optimizer's ``self.state[p]``,
 keys prefixed ``solver_``), so they are checkpointed with the optimizer. After each call
-``solver.last_info`` holds iterations and residuals.
+``solver.last_info`` holds iterations and residuals, and ``closed_form``: whether the step came
+from a formula with no iteration (the exact clip without tangency, or the rescale of
+:class:`SpectralClipSolver`), so a log can tell "dual ascent" that never iterated from one that did.
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ class SolveInfo:
     """``iterations``: inner iterations (clip or msign evaluations); ``tangent_residual``:
     scale-free ``‖sym(WᵀA)‖_F/(‖W‖₂‖A‖_F)`` of the returned step (0 without tangency);
     ``norm_excess``: ``max(0, ‖A‖₂/η − 1)`` of the returned step (0 up to round-off: every
-    solver ends with the rescale into the ball, whose norm it computes once)."""
+    solver ends with the rescale into the ball, whose norm it computes once); ``closed_form``:
+    the step is a formula, no iteration ran (``iterations == 0``)."""
 
     iterations: int
     tangent_residual: float
     norm_excess: float
+    closed_form: bool = False
 
 
 class InnerSolver:
@@ -125,6 +129,7 @@ class InnerSolver:
             iterations=iterations,
             tangent_residual=float(space.residual(A)) if space is not None else 0.0,
             norm_excess=excess,
+            closed_form=iterations == 0,
         )
         return (A.mT if flip else A).reshape(delta.shape).to(delta.dtype)
 

@@ -1,4 +1,5 @@
-"""``solvers``: time per optimizer step, inner iterations and tangency residual per solver."""
+"""``solvers``: time per optimizer step, inner iterations and tangency residual per solver, and
+whether its steps were closed form (a formula: no iteration ran)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ from pathlib import Path
 
 from lightning_spectral.experiments.report.figures import pyplot, save_figure, wants_log
 from lightning_spectral.experiments.report.stats import fmt, fmt_g, label, md_table
+
+
+def _closed_form(stat) -> str:
+    """``yes`` when every step of the last epoch was a formula, ``no`` when none was."""
+    if not stat or not stat["n"]:
+        return "–"
+    share = stat["mean"]
+    return "yes" if share == 1 else "no" if share == 0 else f"{share:.0%} of steps"
 
 
 def section_solvers(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
@@ -30,8 +39,9 @@ def section_solvers(study, groups, report_dir: Path, opts) -> tuple[str, list[st
         ax.grid(True, alpha=0.3, axis="y")
     name = save_figure(fig, report_dir / f"{study.name}_solver_cost.png")
     rows = [[label(g), fmt(g["stats"].get("final_val_acc"), 100), fmt(g["stats"].get("mean_step_time_ms"), digits=1),
-             fmt_g(g["stats"].get("final_solver_inner_iterations")), fmt_g(g["stats"].get("final_solver_inner_residual"))]
+             fmt_g(g["stats"].get("final_solver_inner_iterations")), fmt_g(g["stats"].get("final_solver_inner_residual")),
+             _closed_form(g["stats"].get("final_solver_closed_form"))]
             for g in gs]
     table = md_table(["Solver", "Val acc %", "ms/step", "Inner iterations (last epoch mean)",
-                      "Tangency residual (last epoch mean)"], rows)
+                      "Tangency residual (last epoch mean)", "Closed form"], rows)
     return f"## Solver cost and accuracy\n\n![solver cost]({name})\n\n{table}", [name]

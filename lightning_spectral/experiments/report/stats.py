@@ -19,7 +19,8 @@ from lightning_spectral.experiments.spec import Run, Study, expand
 STAT_KEYS = (
     "final_val_acc", "best_val_acc", "final_val_loss", "final_train_loss", "final_train_acc", "final_train_eval_acc",
     "final_max_spectral_norm", "final_sharpness", "final_grad_noise_scale", "mean_step_time_ms",
-    "final_solver_inner_iterations", "final_solver_inner_residual", "final_solver_constraint", "max_stable_lr",
+    "final_solver_inner_iterations", "final_solver_inner_residual", "final_solver_constraint",
+    "final_solver_closed_form", "max_stable_lr",
     "total_time_s",
 )
 
