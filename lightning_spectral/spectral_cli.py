@@ -30,7 +30,7 @@ import lightning_spectral.optim  # noqa: F401
 from lightning_spectral.config_files import resolve_config_args
 from lightning_spectral.data import DataDescription, DataShapeError, data_arguments
 from lightning_spectral.models import MODEL_REGISTRY
-from lightning_spectral.module import SpectralModule
+from lightning_spectral.module import ManualOptimizationModule, SpectralModule
 
 DEFAULT_MODEL = f"{SpectralModule.__module__}.{SpectralModule.__qualname__}"
 _CONFIG_FLAGS = ("--config", "-c")
@@ -80,9 +80,11 @@ class SpectralCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the config's model arguments by a ``ckpt_path``'s, which would
-        silently drop what the user asked for. A :class:`SpectralModule` keeps the config as given
-        and compares it with the checkpoint itself (differences that cannot be applied raise,
-        changed hyperparameters are applied and listed); other modules keep Lightning's behaviour."""
+        silently drop what the user asked for. The package's modules
+        (:class:`~lightning_spectral.module.ManualOptimizationModule`: ``SpectralModule``,
+        ``LanguageModule``) keep the config as given and compare it with the checkpoint themselves
+        (differences that cannot be applied raise, changed hyperparameters are applied and
+        listed); other modules keep Lightning's behaviour."""
         subcommand = self.config.get("subcommand")
         model = self.config[subcommand].get("model") if subcommand else None
         class_path = model.get("class_path") if isinstance(model, Namespace) else None
@@ -90,7 +92,7 @@ class SpectralCLI(LightningCLI):
             cls = _import(class_path) if class_path else None
         except (ImportError, AttributeError, ValueError):
             cls = None
-        if isinstance(cls, type) and issubclass(cls, SpectralModule):
+        if isinstance(cls, type) and issubclass(cls, ManualOptimizationModule):
             return
         super()._parse_ckpt_path()
 

@@ -347,6 +347,10 @@ def test_quickstart_config_through_the_cli(run_cli, tmp_path, capsys):
     predicted = run_cli("predict", "--config", str(ROOT / "configs" / "gpt_quickstart.yaml"), *extra, *SHRINK,
                         f"--ckpt_path={ckpt}", '--data.init_args.prompts=["class ", "import "]')
     assert predicted is not None and capsys.readouterr().out.count("\n") >= 2
+    # The CLI keeps the requested config on resume, so the module sees (and refuses) another network.
+    with pytest.raises(CheckpointMismatchError, match=r"net: checkpoint .*'n_embd': 32.*requested .*'n_embd': 16"):
+        run_cli("fit", "--config", str(ROOT / "configs" / "gpt_quickstart.yaml"), *extra, *SHRINK,
+                "--model.init_args.net.init_args.n_embd=16", f"--ckpt_path={ckpt}")
 
 
 @pytest.mark.slow
