@@ -222,6 +222,52 @@ def test_study_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert f"error: {tmp_path / 'broken.yaml'} is not valid YAML" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three study processes (≈ 30 s)
+def test_sigterm_to_a_study_then_rerun_equals_the_uninterrupted_study(tmp_path: Path) -> None:
+    """SIGTERM (a scheduler's warning) once the run's first epoch is checkpointed: the study exits
+    143; running the same command again resumes the run and ends with the uninterrupted study's
+    numbers, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_study(tmp_path, grids=[{"optimizer": [{"name": "SGD", "set": {}}]}],
+                       set={"trainer.max_epochs": 5, "trainer.limit_val_batches": 2, "trainer.accelerator": "cpu",
+                            "data.init_args.batch_size": 16})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def study(out: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "lightning_spectral", "study", "--config", str(path),
+                                 "--out_dir", out], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    reference = study("full")
+    assert reference.wait(timeout=400) == 0, reference.stderr.read()[-3000:]
+    interrupted = study("stopped")
+    run = tmp_path / "stopped" / "tiny" / "runs" / "optimizer=SGD__seed=0"
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists() and interrupted.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGTERM)
+    assert interrupted.wait(timeout=300) == 143, interrupted.stderr.read()[-3000:]
+    assert not (run / "result.json").exists()  # stopped before the end
+    rerun = study("stopped")
+    assert rerun.wait(timeout=400) == 0, rerun.stderr.read()[-3000:]
+    done = json.loads((run / "result.json").read_text())
+    full = json.loads((tmp_path / "full" / "tiny" / "runs" / "optimizer=SGD__seed=0" / "result.json").read_text())
+    assert done.get("resumed_from")
+    timing = ("time", "step_time_ms", "mean_step_time_ms", "total_time_s", "final_time", "final_step_time_ms")
+    assert done["epochs"] == full["epochs"] == 5
+    compared = [k for k in full if (k.startswith("final_") or k == "best_val_acc") and k not in timing]
+    assert {"final_val_acc", "final_val_loss"} <= set(compared)
+    assert {k: done[k] for k in compared} == {k: full[k] for k in compared}
+    for before, after in zip(full["history"], done["history"]):  # every epoch, also those before the stop
+        assert {k: v for k, v in before.items() if k not in timing} == {k: v for k, v in after.items() if k not in timing}
+
+
 # -- lr_stability_scan ------------------------------------------------------------------------
 class Scalar(nn.Module):
     def __init__(self) -> None:
