@@ -1,4 +1,4 @@
-"""The figure helpers shared by the report sections: pyplot without a display, mean ± std
+"""The figure functions shared by the report sections: pyplot without a display, mean ± std
 curves over seeds, a log axis where values span orders of magnitude, and saving a figure as a
 PNG (150 dpi) and an SVG."""
 

@@ -1,4 +1,4 @@
-"""Statistics over seeds and the Markdown helpers every report section uses.
+"""Statistics over seeds and the Markdown tables every report section uses.
 
 Statistics over seeds are the mean and the sample standard deviation (ddof = 1; "n = 1" rows
 show the value alone). A series ("group") is one combination of the grid's variants.
