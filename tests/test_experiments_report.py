@@ -253,6 +253,8 @@ class FakeGit:
         self.changed: list[str] = []
 
     def __call__(self, *args: str, cwd: Any = None) -> str | None:
+        if args == ("rev-parse", "--show-toplevel"):
+            return str(ROOT)
         answers = {"rev-parse": "c0ffee", "status": "", "cat-file": "", "ls-files": "",
                    "diff": "\n".join(self.changed)}
         return answers[args[0]]

@@ -34,6 +34,13 @@ def git(*args: str, cwd: str | Path = REPO_ROOT) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def in_checkout() -> bool:
+    """Whether the package runs from its own git checkout (not an installed copy that merely sits
+    inside some other repository, such as a virtual environment in a project folder)."""
+    top = git("rev-parse", "--show-toplevel")
+    return top is not None and Path(top).resolve() == REPO_ROOT
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -45,7 +52,7 @@ def provenance(command: str | Sequence[str] | None = None) -> dict[str, Any]:
     """``commit`` (``None`` outside a git checkout), ``dirty`` (files differ from the commit or
     are not yet in git, ignored ones aside; ``None`` when unknown), the versions of the package, torch, lightning and Python,
     the ``command`` (default: this process's ``sys.argv``) and the UTC time."""
-    commit = git("rev-parse", "HEAD")
+    commit = git("rev-parse", "HEAD") if in_checkout() else None
     status = git("status", "--porcelain") if commit else None  # untracked files count: a new module changes runs
     if command is None:
         argv = list(sys.argv)
@@ -75,15 +82,15 @@ def read_page_provenance(text: str) -> dict[str, Any] | None:
     return json.loads(match.group(1)) if match else None
 
 
-def changed_since(commit: str, paths: Sequence[str | Path], cwd: str | Path = REPO_ROOT) -> list[str] | None:
+def changed_since(commit: str, paths: Sequence[str | Path]) -> list[str] | None:
     """The files under ``paths`` that differ between ``commit`` and the working tree (committed
-    or not, and new files git does not ignore), relative to the repository root; ``None`` when git cannot tell (no git, not a
-    checkout, or an unknown commit)."""
-    if git("cat-file", "-e", f"{commit}^{{commit}}", cwd=cwd) is None:
+    or not, and new files git does not ignore), relative to the repository root; ``None`` when
+    git cannot tell (no git, not the package's checkout, or an unknown commit)."""
+    if not in_checkout() or git("cat-file", "-e", f"{commit}^{{commit}}") is None:
         return None
     paths = [str(p) for p in paths]
-    changed = git("diff", "--name-only", commit, "--", *paths, cwd=cwd)
-    new = git("ls-files", "--others", "--exclude-standard", "--", *paths, cwd=cwd)
+    changed = git("diff", "--name-only", commit, "--", *paths)
+    new = git("ls-files", "--others", "--exclude-standard", "--", *paths)
     if changed is None or new is None:
         return None
     return sorted({line for line in (changed + "\n" + new).splitlines() if line})
