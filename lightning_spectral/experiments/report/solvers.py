@@ -33,6 +33,11 @@ def section_solvers(study, groups, report_dir: Path, opts) -> tuple[str, list[st
                yerr=[s["std"] if s["n"] > 1 else 0 for s in stats], capsize=2, color="tab:blue")
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", rotation=30, labelsize=9)
+        if key == "final_solver_inner_iterations":  # a zero-height bar: say why
+            for i, g in enumerate(gs):
+                if (g["stats"].get("final_solver_closed_form") or {}).get("mean") == 1:
+                    ax.annotate("closed form", (i, 0), xytext=(0, 4), textcoords="offset points", ha="center",
+                                fontsize=9)
         means = [s["mean"] for s in stats if s["n"]]
         if wants_log(means) or (key == "final_solver_inner_residual" and any(m > 0 for m in means)):
             ax.set_yscale("log")
