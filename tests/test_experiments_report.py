@@ -101,6 +101,20 @@ def test_metric_grid(tmp_path: Path) -> None:
     assert "![metrics](syn_metrics.png)" in text
 
 
+def test_metric_grid_draws_only_recorded_metrics_log_where_they_span_orders(tmp_path: Path, monkeypatch) -> None:
+    saved = {}
+    monkeypatch.setattr("lightning_spectral.experiments.report.metric_grid.save_figure",
+                        lambda fig, path: saved.setdefault("fig", fig))
+    results = grid(({"optimizer": ("SGD", "SGD")}, [0.5, 0.7]))
+    for _, r in results:  # two metrics only; the training loss falls 1000-fold
+        r["history"] = [{"epoch": e, "val_acc": 0.5, "train_loss": 10.0 ** -e} for e in (0, 1, 2, 3)]
+    SECTIONS["metric_grid"](study(), group_results(results), tmp_path, {})
+    fig = saved["fig"]
+    assert [ax.get_title() for ax in fig.axes] == ["Validation accuracy", "Training loss"]
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "log"]
+    pyplot().close(fig)
+
+
 def test_summary_counts_seeds_and_divergence() -> None:
     results = grid(({"optimizer": ("SGD", "SGD")}, [0.5, 0.7]), ({"optimizer": ("Muon", "Muon")}, [0.9]))
     results[1][1]["status"] = "diverged"
