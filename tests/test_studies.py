@@ -314,3 +314,19 @@ def test_lr_scan_on_a_network_is_reproducible() -> None:
     a = lr_stability_scan(lambda: nn.Linear(4, 3), lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), ce, data, **kwargs)
     b = lr_stability_scan(lambda: nn.Linear(4, 3), lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr), ce, data, **kwargs)
     assert a == b and a["converged"][0] and not a["converged"][-1]
+
+
+def test_lr_scan_builds_the_optimizer_with_the_runs_routing() -> None:
+    from lightning_spectral.experiments.build import build_optimizer
+    from lightning_spectral.models import SmallCNN
+
+    net = SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=0.25)
+    spec = {"class_path": "lightning_spectral.optim.ManifoldMuon", "init_args": {}}
+
+    def head_group(init: dict) -> dict:
+        optimizer = build_optimizer({"model": {"init_args": {"optimizer": spec, **init}}}, net, lr=0.05)
+        return next(g for g in optimizer.param_groups if any(p is net.fc2.weight for p in g["params"]))
+
+    assert head_group({})["matrix"] is False and head_group({})["lr"] == 1e-3  # the fallback rule
+    assert head_group({"head_as_matrix": True})["matrix"] is True
+    assert head_group({"head": [], "exclude": []})["matrix"] is True  # no head: the last Linear is a matrix

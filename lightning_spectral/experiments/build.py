@@ -57,6 +57,7 @@ def build_optimizer(config: dict[str, Any], model: nn.Module, lr: float) -> torc
     init = config["model"]["init_args"]
     spec = init.get("optimizer", {"class_path": "torch.optim.AdamW"})
     spec = {"class_path": spec} if isinstance(spec, str) else spec
+    routing = {key: init[key] for key in ("head", "head_as_matrix", "embeddings_as_matrices") if key in init}
     groups = build_param_groups(model, exclude=init.get("exclude") or [],
-                                vector_weight_decay=init.get("vector_weight_decay", 0.0))
+                                vector_weight_decay=init.get("vector_weight_decay", 0.0), **routing)
     return instantiate(spec, groups, lr=lr)
