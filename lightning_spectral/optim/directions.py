@@ -1,4 +1,5 @@
-"""Steepest-descent directions under the spectral norm on a manifold, one matrix at a time.
+"""Steepest-descent directions under the spectral norm on a manifold (the amortized ones also for a
+stack of same-shaped matrices, each treated as if alone).
 
 Both solve ``max ⟨G, Φ⟩  s.t.  ‖Φ‖₂ ≤ 1,  Φ ∈ T`` (``T`` the tangent space) through the convex
 dual, whose gradient is the constraint residual (Bernstein 2025, "Modular manifolds", Thinking
@@ -29,8 +30,8 @@ from typing import Optional
 import torch
 
 from .base import check_mode
-from .linalg import (TangentSpace, estimate_spectral_norm, minimize_lbfgs, orient, power_iteration, rescale_into_ball,
-                     skew, sym)
+from .linalg import (TangentSpace, addmm, estimate_spectral_norm, matvec, minimize_lbfgs, orient, power_iteration,
+                     rescale_into_ball, skew, sym)
 from .msign import msign, msign_svd, nuclear_norm
 
 
@@ -228,22 +229,27 @@ def stiefel_amortized(
     if steps < 1 or memory < 0 or not mu > 0:
         raise ValueError(f"stiefel_amortized: need steps >= 1, memory >= 0 and smoothing > 0, got "
                          f"steps={steps}, memory={memory}, smoothing={smoothing}")
+    if certify and W.ndim != 2:
+        raise ValueError("stiefel_amortized: certify=True takes one matrix, not a stack")
     flip, (Wt, Gt) = orient(W, G)
-    n, k = Wt.shape
+    n, k = Wt.shape[-2:]
+    lead = Wt.shape[:-2]
     dtype = Gt.dtype
     auto = gram_dtype is None
     gdt = gram_dtype or (torch.float32 if state.get("dual_well_conditioned", False) else torch.float64)
     # Everything below is linear in G except through the scale, so G is not divided: the k × k
     # pieces are scaled instead, with ‖G‖₂² estimated on GᵀG = AᵀA + H (k × k, no pass over G).
     A = Wt.mT @ Gt
-    Gperp = torch.addmm(Gt, Wt, A, alpha=-1.0)
+    Gperp = addmm(Gt, Wt, A, alpha=-1.0)
     grams = {gdt: _gram(Gperp, gdt)}
-    GtG = torch.addmm(grams[gdt].to(dtype), A.mT, A)
-    scale = power_iteration(GtG, GtG.abs().sum(0), max_iter=4)[0].sqrt().clamp_min(1e-30)  # deterministic start
+    GtG = addmm(grams[gdt].to(dtype), A.mT, A)
+    scale = power_iteration(GtG, GtG.abs().sum(-2), max_iter=4)[0].sqrt().clamp_min(1e-30)  # deterministic start
+    scale = scale[..., None, None]
     A = A / scale
     K = skew(A)
     Y_state = state.get("dual")
-    Y = torch.zeros_like(K) if n == k or Y_state is None or Y_state.shape != (k, k) else Y_state.to(dtype)
+    fresh = n == k or Y_state is None or Y_state.shape != K.shape
+    Y = torch.zeros_like(K) if fresh else Y_state.to(dtype)
     for _ in range(1 if n == k else steps):
         B = K + Y
         while True:
@@ -251,11 +257,13 @@ def stiefel_amortized(
                 grams[gdt] = _gram(Gperp, gdt)
             Bh = B.to(gdt)
             sc = scale.to(gdt)
-            lam, Q = torch.linalg.eigh(sym(torch.addmm(grams[gdt] / sc / sc, Bh.mT, Bh)))  # no sc² underflow
+            lam, Q = torch.linalg.eigh(sym(addmm(grams[gdt] / sc / sc, Bh.mT, Bh)))  # no sc² underflow
             if not auto:
                 break
-            well = float(lam[0]) >= WELL_CONDITIONED * float(lam[-1])  # one host sync
-            if well or gdt == torch.float64:
+            well = lam[..., 0] >= WELL_CONDITIONED * lam[..., -1]
+            # One host sync per call (per stack): a stack in which one matrix is ill conditioned
+            # is redone in float64 as a whole, which changes the others by float32 round-off.
+            if gdt == torch.float64 or bool(well.all()):
                 break
             gdt = torch.float64
         lam = lam.clamp_min(0.0)
@@ -263,18 +271,20 @@ def stiefel_amortized(
         Y_used = Y
         if n > k:  # square: Y = 0 is optimal (orthogonal_direction)
             Qw, sw = Q.to(dtype), s.to(dtype)  # the update needs no more than working precision
-            F = Qw @ ((Qw.mT @ K @ Qw) * ((sw[None, :] - sw[:, None]) / (sw[:, None] + sw[None, :]))) @ Qw.mT - Y
+            ratio = (sw[..., None, :] - sw[..., :, None]) / (sw[..., :, None] + sw[..., None, :])
+            F = Qw @ ((Qw.mT @ K @ Qw) * ratio) @ Qw.mT - Y
             Y = _anderson(state, Y, F, memory)
     if auto:
-        state["dual_well_conditioned"] = well
-    S_inv = (Q / s) @ Q.mT  # entries up to 1/μ: in the Gram precision, and so is B₁ (B q ≈ 0 on N's null space)
+        state["dual_well_conditioned"] = bool(well) if well.ndim == 0 else well
+    S_inv = (Q / s.unsqueeze(-2)) @ Q.mT  # entries up to 1/μ: in the Gram precision, and so is B₁ (B q ≈ 0 on N's null space)
     B1 = (Bh @ S_inv).to(dtype)
-    residual = torch.linalg.matrix_norm(sym(B1)) / (lam / (lam + mu * mu)).sum().sqrt().clamp_min(1e-30).to(dtype)
+    residual = (torch.linalg.matrix_norm(sym(B1))
+                / (lam / (lam + mu * mu)).sum(-1).sqrt().clamp_min(1e-30).to(dtype))
     # Φ = M S⁻¹ projected onto T (M = W B + G⊥/scale). G⊥ is orthogonal to W only up to
     # round-off, which S⁻¹ (up to 1/μ) would amplify, so the projection acts on the bounded
     # G⊥S⁻¹: with C = Wᵀ(G⊥S⁻¹), Φ = G⊥S⁻¹ + W (skew(B₁) − sym(C)) has WᵀΦ = skew(B₁) + skew(C).
     Phi_perp = Gperp @ (S_inv / scale.to(S_inv.dtype)).to(dtype)
-    Phi = Phi_perp.addmm_(Wt, skew(B1) - sym(Wt.mT @ Phi_perp))
+    Phi = addmm(Phi_perp, Wt, skew(B1) - sym(Wt.mT @ Phi_perp))
     state["dual"] = Y
     if n == k:
         for key in ("dual_anchor", "dual_secants", "dual_slot"):
@@ -303,26 +313,28 @@ def _anderson(state: dict, Y: torch.Tensor, F: torch.Tensor, memory: int) -> tor
     falls back to the plain step. No host synchronisation."""
     if memory == 0:
         return Y + F
-    k = Y.shape[-1]
+    k, lead = Y.shape[-1], Y.shape[:-2]
     anchor, secants = state.get("dual_anchor"), state.get("dual_secants")
-    if anchor is None or anchor.shape != (2, k, k) or secants is None or secants.shape != (2, memory, k, k):
-        state["dual_anchor"] = torch.stack([Y, F])
-        state["dual_secants"] = Y.new_zeros(2, memory, k, k)
+    if (anchor is None or anchor.shape != (*lead, 2, k, k) or secants is None
+            or secants.shape != (*lead, 2, memory, k, k)):
+        state["dual_anchor"] = torch.stack([Y, F], dim=-3)
+        state["dual_secants"] = Y.new_zeros(*lead, 2, memory, k, k)
         state["dual_slot"] = 0
         return Y + F
     slot = int(state.get("dual_slot", 0)) % memory
-    torch.sub(Y, anchor[0], out=secants[0, slot])
-    torch.sub(F, anchor[1], out=secants[1, slot])
-    anchor[0].copy_(Y)
-    anchor[1].copy_(F)
+    torch.sub(Y, anchor[..., 0, :, :], out=secants[..., 0, slot, :, :])
+    torch.sub(F, anchor[..., 1, :, :], out=secants[..., 1, slot, :, :])
+    anchor[..., 0, :, :].copy_(Y)
+    anchor[..., 1, :, :].copy_(F)
     state["dual_slot"] = slot + 1
-    dY, dF = secants[0].view(memory, -1), secants[1].view(memory, -1)
+    dY, dF = secants[..., 0, :, :, :].flatten(-2), secants[..., 1, :, :, :].flatten(-2)
     gram = (dF @ dF.mT).double()
-    ridge = 1e-10 * gram.diagonal().sum() + torch.finfo(gram.dtype).tiny
+    ridge = 1e-10 * gram.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.finfo(gram.dtype).tiny
     eye = torch.eye(memory, dtype=gram.dtype, device=gram.device)
-    gamma = torch.linalg.solve(gram + ridge * eye, (dF @ F.flatten()).double()).to(Y.dtype)
-    Y_next = Y + F - (gamma @ dY + gamma @ dF).view_as(Y)
-    Y_next = torch.where(torch.isfinite(Y_next).all(), Y_next, Y + F)
+    rhs = matvec(dF, F.flatten(-2)).double()
+    gamma = torch.linalg.solve(gram + ridge[..., None, None] * eye, rhs).to(Y.dtype)
+    Y_next = Y + F - (matvec(dY.mT, gamma) + matvec(dF.mT, gamma)).view_as(Y)
+    Y_next = torch.where(torch.isfinite(Y_next).flatten(-2).all(-1)[..., None, None], Y_next, Y + F)
     return sym(Y_next)
 
 
@@ -383,6 +395,7 @@ def spectral_ball_direction(
     msign_steps: int = 10,
     schedule: str = "polar_express",
     certify: bool = False,
+    boundary: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, float, DirectionInfo]:
     """Steepest direction on the spectral sphere ``‖W‖₂ = R`` (or ball ``≤ R``) at a ``W``
     whose top singular pair is ``(u, v)``.
@@ -392,14 +405,18 @@ def spectral_ball_direction(
     ``λ ≥ 0``. ``h(λ) = ⟨Θ, msign(Ĝ + λΘ)⟩`` is non-decreasing from −1 to 1.
 
     Args:
-        G: gradient (or momentum) at ``W``.
+        G: gradient (or momentum) at ``W``; in the amortized mode also a stack ``B × m × n``
+            (with ``u``, ``v`` and ``lam`` stacked alike), each matrix treated as if alone.
         u, v: unit top left/right singular vectors of ``W``.
-        lam: warm-start multiplier (in units of the normalised gradient).
+        lam: warm-start multiplier (in units of the normalised gradient); a float, or a tensor
+            (then the amortized mode reads nothing back to the host and returns a tensor).
         constraint: ``"sphere"``, ``"ball"`` (``W`` on the boundary) or ``"none"`` (``W``
             strictly inside the ball: plain ``msign(G)``).
         mode: ``"inner"``: warm-started bracket, then the Illinois (safeguarded secant)
             method on ``h`` until ``|h| ≤ tol``; ``"amortized"``: ``λ ← λ − dual_lr·h(λ)``.
         certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + λΘ‖_*``.
+        boundary: ``constraint="ball"`` only: a boolean per matrix, ``False`` where ``W`` is
+            strictly inside the ball (treated as ``"none"`` there); ``None``: all on the boundary.
 
     Returns:
         ``(Φ, λ, info)``.
@@ -407,28 +424,55 @@ def spectral_ball_direction(
     check_mode(mode)
     if constraint not in ("sphere", "ball", "none"):
         raise ValueError(f"constraint must be 'sphere', 'ball' or 'none', got {constraint!r}")
-    scale = estimate_spectral_norm(G).clamp_min(1e-30)
+    stack = G.ndim > 2
+    if stack and (mode == "inner" or certify):
+        raise ValueError("spectral_ball_direction: a stack of matrices takes mode='amortized' without certify; "
+                         "solve the inner mode (or certify) one matrix at a time")
+    if boundary is not None and constraint != "ball":
+        raise ValueError("spectral_ball_direction: boundary= is for constraint='ball'")
+    scale = estimate_spectral_norm(G).clamp_min(1e-30)[..., None, None]
     Ghat = G / scale
-    Theta = torch.outer(u, v)
+    Theta = u[..., :, None] * v[..., None, :]
     evaluations = 0
 
-    def h(lam_: float) -> tuple[float, torch.Tensor]:
+    def h(lam_):
+        """``(⟨Θ, msign(Ĝ + λΘ)⟩, msign(Ĝ + λΘ))``, per matrix (``lam_`` a float or a tensor)."""
         nonlocal evaluations
         evaluations += 1
+        if isinstance(lam_, torch.Tensor):
+            lam_ = lam_[..., None, None]
         Phi_ = msign(Ghat + lam_ * Theta, msign_steps, schedule)
-        return float(u @ Phi_ @ v), Phi_
+        return (u * matvec(Phi_, v)).sum(-1), Phi_
 
-    if constraint == "none":
-        lam, (h_val, Phi) = 0.0, h(0.0)
-    elif mode == "amortized":
-        lam = max(lam, 0.0) if constraint == "ball" else lam
-        h_val, Phi = h(lam)
-        lam = lam - dual_lr * h_val
-        lam = max(lam, 0.0) if constraint == "ball" else lam
+    if mode == "amortized" or constraint == "none":
+        # On the device throughout (a stack, or a tensor lam, is never read back): a matrix
+        # strictly inside the ball has λ = 0, and Ĝ + 0·Θ = Ĝ exactly.
+        lam_t = torch.as_tensor(lam, dtype=G.dtype, device=G.device)
+        inside = None if boundary is None else ~boundary
+        if constraint == "none":
+            lam_t = torch.zeros_like(lam_t)
+        elif constraint == "ball":
+            lam_t = lam_t.clamp_min(0.0)
+        if inside is not None:
+            lam_t = torch.where(inside, 0.0, lam_t)
+        h_t, Phi = h(lam_t)
+        if constraint != "none":
+            lam_t = lam_t - dual_lr * h_t
+            lam_t = lam_t.clamp_min(0.0) if constraint == "ball" else lam_t
+            if inside is not None:
+                lam_t = torch.where(inside, 0.0, lam_t)
+        info = DirectionInfo(iterations=evaluations, residual=h_t.abs())
+        lam = lam_t if stack or isinstance(lam, torch.Tensor) else float(lam_t)
+        project = certify and constraint != "none" and (constraint == "sphere" or float(h_t) < 0)
     else:
-        lam, h_val, Phi = _root(h, lam, constraint == "ball", tol, max_iters)
-    info = DirectionInfo(iterations=evaluations, residual=torch.tensor(abs(h_val)))
-    if constraint != "none" and (constraint == "sphere" or h_val < 0) and (certify or mode == "inner"):
+        def h_host(lam_: float) -> tuple[float, torch.Tensor]:
+            value, Phi_ = h(lam_)
+            return float(value), Phi_
+
+        lam, h_val, Phi = _root(h_host, lam, constraint == "ball", tol, max_iters)
+        info = DirectionInfo(iterations=evaluations, residual=torch.tensor(abs(h_val)))
+        project = constraint == "sphere" or h_val < 0
+    if project:
         Phi = Phi - (u @ Phi @ v) * Theta
     if certify:
         Phi = rescale_into_ball(Phi, 1.0)

@@ -39,6 +39,11 @@ when the optimizer is built (unless already within
 :data:`~lightning_spectral.optim.base.ON_CONSTRAINT_TOL` of it), so build the optimizer *before*
 loading a checkpoint's weights.
 
+Where the geometry takes stacks (:attr:`~lightning_spectral.optim.geometry.Geometry.batched`:
+Stiefel, Grassmann, the spectral sphere/ball) same-shaped matrices of a group are stepped as one
+stack (one batched direction and retraction instead of one per matrix), their state written
+back per matrix as a step of each alone would leave it.
+
 Direction and retraction run in float32 (determinants, the Cayley solve and Sinkhorn in
 float64) whatever the parameter dtype; state is only tensors and plain values.
 """
@@ -100,7 +105,7 @@ class GeometricOptimizer(MatrixOptimizer):
         fallback_momentum: float = 0.9,
         fallback_nesterov: bool = False,
         fallback_weight_decay: Optional[float] = 0.0,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
     ):
         owner = type(self).__name__
         check_positive(owner, lr=defaults["lr"])
@@ -223,14 +228,80 @@ class GeometricOptimizer(MatrixOptimizer):
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         geometry = self.geometry(group)
+        batches: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p in params:
             state = self.state[p]
             G = as_matrix(ema_momentum(state, p.grad, group["momentum"], group["nesterov"])).float()
-            W = as_matrix(p).float()
-            X = geometry.view(W)
-            D = self._direction(group, geometry, X, geometry.view(G), state)
-            X = geometry.retract(X, D, self._step_size(group, geometry, p), state)
-            p.copy_(geometry.unview(X, W.shape).view_as(p))
+            key = self._batch_key(group, geometry, p, state)
+            batches.setdefault(id(p) if key is None else key, []).append((p, G))
+        for items in batches.values():
+            if len(items) == 1:
+                p, G = items[0]
+                state = self.state[p]
+                W = as_matrix(p).float()
+                X = geometry.view(W)
+                D = self._direction(group, geometry, X, geometry.view(G), state)
+                X = geometry.retract(X, D, self._step_size(group, geometry, p), state)
+                p.copy_(geometry.unview(X, W.shape).view_as(p))
+            else:
+                self._batched_step(group, geometry, items)
+
+    def _batch_key(self, group: dict[str, Any], geometry: geo.Geometry, p: torch.Tensor, state: dict) -> Any:
+        """Matrices with equal keys are stepped together as one stack; ``None``: alone. The
+        default batches wherever the geometry takes stacks: by shape, dtype, device and the
+        plain values and tensor shapes of the state (all but :attr:`_per_matrix_values`), so
+        that every choice a direction makes from its state's plain values is the same across
+        a stack."""
+        if not geometry.batched:
+            return None
+        skip = (*self._per_matrix_values, "inner_iterations")
+        layout = tuple(sorted((k, tuple(v.shape) if isinstance(v, torch.Tensor) else v)
+                              for k, v in state.items() if k not in skip))
+        return tuple(p.shape), p.dtype, p.device, layout
+
+    # Plain float state values that differ from matrix to matrix: a batched step stacks them into
+    # a tensor, and writes them back as floats, rather than splitting the batch by their value.
+    _per_matrix_values: tuple[str, ...] = ()
+
+    def _batched_step(self, group: dict[str, Any], geometry: geo.Geometry,
+                      items: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The step of same-shaped matrices as one stack: ``W``, ``G`` and every state tensor
+        stacked along a new first dimension, the binding's direction and the geometry's
+        retraction run once on the stack, then weights and state written back per matrix with
+        the keys, shapes and types a step of each matrix alone leaves (plain values that came
+        back as a tensor over the stack, and per-matrix flags, as Python numbers: one host
+        sync per such key)."""
+        params = [p for p, _ in items]
+        states = [self.state[p] for p in params]
+        W = torch.stack([as_matrix(p).float() for p in params])
+        G = torch.stack([G for _, G in items])
+        plain = {key for key, value in states[0].items() if not isinstance(value, torch.Tensor)}
+        stacked: dict[str, Any] = {}
+        for key, value in states[0].items():
+            if isinstance(value, torch.Tensor):
+                stacked[key] = torch.stack([st[key] for st in states])
+            elif key in self._per_matrix_values:
+                stacked[key] = torch.tensor([float(st[key]) for st in states], dtype=G.dtype, device=G.device)
+            else:
+                stacked[key] = value
+        D = self._direction(group, geometry, W, G, stacked)
+        X = geometry.retract(W, D, self._step_size(group, geometry, params[0]), stacked)
+        for i, p in enumerate(params):
+            p.copy_(X[i].view_as(p))
+        per_matrix = {key: value for key, value in stacked.items()
+                      if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == len(states)}
+        values = {key: value.tolist() for key, value in per_matrix.items()
+                  if key in plain or value.dtype == torch.bool}
+        for i, state in enumerate(states):
+            for key in [k for k in state if k not in stacked]:
+                del state[key]
+            for key, value in stacked.items():
+                if key in values:
+                    state[key] = values[key][i]
+                elif key in per_matrix:
+                    _write(state, key, value[i])
+                else:
+                    state[key] = value
 
     @torch.no_grad()
     def _constraint_distance(self, group, p, state) -> Optional[float]:
@@ -263,6 +334,16 @@ class GeometricOptimizer(MatrixOptimizer):
         if "param_names" in old:
             group["param_names"] = [old["param_names"][i] for i in positions]
         return group
+
+
+def _write(state: dict, key: str, value: torch.Tensor) -> None:
+    """``state[key] = value`` in place where the shape allows, else as a copy: a view into the
+    stack would keep the whole stack alive (and be saved whole in a checkpoint)."""
+    old = state.get(key)
+    if isinstance(old, torch.Tensor) and old._base is None and old.shape == value.shape and old.dtype == value.dtype:
+        old.copy_(value)
+    else:
+        state[key] = value.clone()
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:

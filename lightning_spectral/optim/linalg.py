@@ -124,36 +124,55 @@ def power_iteration(
     tol: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top singular triple of ``W`` by power iteration from the left vector ``u`` (warm start;
-    ``None``: a normal draw from ``generator``). Each round ``v ← Wᵀu/‖·‖``, ``u ← Wv/‖·‖``,
-    ``σ = ‖Wv‖``: a lower bound on ``‖W‖₂`` that increases to it at the rate ``(σ₂/σ₁)²`` per
-    round. With ``tol > 0`` it stops once ``σ`` changes by at most ``tol`` relative (one host
-    sync per round); with ``tol = 0`` it runs ``max_iter`` rounds without a sync. A zero ``W``
-    gives ``σ = 0`` and keeps ``u``. Returns ``(σ, u, v)`` (``σ`` a 0-d tensor)."""
+    """Top singular triple of ``W`` (or of each matrix of a stack ``…, m, n``) by power iteration
+    from the left vector ``u`` (warm start, ``…, m``; ``None``: a normal draw from ``generator``).
+    Each round ``v ← Wᵀu/‖·‖``, ``u ← Wv/‖·‖``, ``σ = ‖Wv‖``: a lower bound on ``‖W‖₂`` that
+    increases to it at the rate ``(σ₂/σ₁)²`` per round. With ``tol > 0`` it stops once every
+    ``σ`` changes by at most ``tol`` relative (one host sync per round); with ``tol = 0`` it runs
+    ``max_iter`` rounds without a sync. A zero ``W`` gives ``σ = 0`` and keeps ``u``. Returns
+    ``(σ, u, v)`` (``σ`` of shape ``…``)."""
     if u is None:
-        u = torch.randn(W.shape[0], generator=generator, dtype=W.dtype).to(W.device)
+        u = torch.randn(W.shape[:-1], generator=generator, dtype=W.dtype).to(W.device)
     tiny = torch.finfo(W.dtype).tiny
-    u = u.to(W) / torch.linalg.vector_norm(u.to(W)).clamp_min(tiny)
-    sigma = W.new_zeros(())
-    v = W.new_zeros(W.shape[1])
+    u = u.to(W) / torch.linalg.vector_norm(u.to(W), dim=-1, keepdim=True).clamp_min(tiny)
+    sigma = W.new_zeros(W.shape[:-2])
+    v = W.new_zeros(*W.shape[:-2], W.shape[-1])
     for _ in range(max_iter):
-        v = W.mT @ u
-        v = v / torch.linalg.vector_norm(v).clamp_min(tiny)
-        Wv = W @ v
-        new_sigma = torch.linalg.vector_norm(Wv)
-        u = torch.where(new_sigma > 0, Wv / new_sigma.clamp_min(tiny), u)
-        converged = tol > 0 and float((new_sigma - sigma).abs()) <= tol * float(new_sigma)
+        v = matvec(W.mT, u)
+        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)
+        Wv = matvec(W, v)
+        new_sigma = torch.linalg.vector_norm(Wv, dim=-1)
+        u = torch.where(new_sigma[..., None] > 0, Wv / new_sigma[..., None].clamp_min(tiny), u)
+        converged = tol > 0 and bool(((new_sigma - sigma).abs() <= tol * new_sigma).all())
         sigma = new_sigma
-        if converged or (tol > 0 and float(sigma) == 0.0):
+        if converged or (tol > 0 and bool((sigma == 0.0).all())):
             break
     return sigma, u, v
 
 
+def matvec(M: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``M x`` for a matrix and a vector, or a stack of each (``…, m, n`` times ``…, n``)."""
+    if M.ndim == 2:
+        return M @ x
+    if M.ndim == 3 and M.device.type == "cpu" and M.shape[-2] * M.shape[-1] >= 1 << 16:
+        # Large matrices on a CPU: one BLAS matrix-vector product each runs about twice as fast
+        # as a batched matrix product with one column (measured at 3 × 512 × 512, float64).
+        return torch.stack([m @ v for m, v in zip(M, x)])
+    return (M @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def addmm(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """``beta·C + alpha·A B`` fused into one GEMM, for matrices or 3-D stacks of them."""
+    if A.ndim == 2:
+        return torch.addmm(C, A, B, beta=beta, alpha=alpha)
+    return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+
+
 def estimate_spectral_norm(M: torch.Tensor, steps: int = 4) -> torch.Tensor:
     """Cheap deterministic estimate of ``‖M‖₂`` (power iteration from the column sums of
-    ``|M|``), used only to put gradients on a common scale."""
-    v = torch.nn.functional.normalize(M.abs().sum(0) + 1e-30, dim=0)
-    u = torch.nn.functional.normalize(M @ v, dim=0)
+    ``|M|``; per matrix of a stack), used only to put gradients on a common scale."""
+    v = torch.nn.functional.normalize(M.abs().sum(-2) + 1e-30, dim=-1)
+    u = torch.nn.functional.normalize(matvec(M, v), dim=-1)
     sigma, _, _ = power_iteration(M, u, steps)
     return sigma
 
@@ -162,7 +181,8 @@ def top_singular_triple(
     W: torch.Tensor, warm: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-6,
     max_iters: int = 64, check_every: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``(σ₁, u₁, v₁, iterations)`` of ``W`` by Lanczos on the short side's Gram matrix
+    """``(σ₁, u₁, v₁, iterations)`` of ``W`` (or of each matrix of a stack ``…, m, n``; then
+    ``iterations`` is a tensor) by Lanczos on the short side's Gram matrix
     ``A = WᵀW`` (one GEMM; the iterations are then ``k × k`` matrix–vector products, in float64
     with full reorthogonalisation), started from the short side's vector of ``warm = (u, v)``
     (e.g. the last step's top pair) or from the column sums of ``|W|``.
@@ -172,47 +192,62 @@ def top_singular_triple(
     crawls there, at the rate ``(σ₂/σ₁)²``). Every ``check_every`` iterations (one host sync, not
     one per iteration) it stops if the Ritz residual ``r`` (an eigenvalue of ``A`` lies within
     ``r`` of ``θ``) is at most ``2·tol·θ``, i.e. ``σ₁`` to ``tol`` relative; also when the space is
-    exhausted (exact) or after ``max_iters``. ``σ₁ = ‖W v₁‖`` is recomputed from ``W`` itself.
+    exhausted (exact) or after ``max_iters``. ``σ₁ = ‖W v₁‖`` is recomputed from ``W`` itself. A
+    stack runs until its last matrix stops; each matrix's answer is taken from the iteration at
+    which it stopped, so it is the one it would get alone.
     """
     flip = is_wide(W)
     M = W.mT if flip else W
     work = M if M.dtype in (torch.float32, torch.float64) else M.float()
+    lead = work.shape[:-2]
+    work = work.reshape(-1, *work.shape[-2:])
     A = (work.mT @ work).double()
-    k = A.shape[0]
-    q = (A.abs().sum(0) + 1e-30) if warm is None else warm[0 if flip else 1].double() + 1e-30
-    q = q / q.norm()
+    count, k = A.shape[0], A.shape[-1]
+    if warm is None:
+        q = A.abs().sum(-2) + 1e-30
+    else:
+        q = warm[0 if flip else 1].reshape(count, k).double() + 1e-30
+    q = q / q.norm(dim=-1, keepdim=True)
     iters = min(max_iters, k)
-    Q = torch.zeros(iters, k, dtype=A.dtype, device=A.device)
-    alphas, betas = torch.zeros(iters, dtype=A.dtype, device=A.device), torch.zeros_like(Q[:, 0])
+    Q = torch.zeros(count, iters, k, dtype=A.dtype, device=A.device)
+    alphas, betas = torch.zeros(count, iters, dtype=A.dtype, device=A.device), torch.zeros_like(Q[..., 0])
     tiny = torch.finfo(A.dtype).tiny
+    stopped: dict[int, tuple[int, torch.Tensor]] = {}  # matrix -> (iterations, Ritz vector's coefficients)
     for j in range(iters):
-        Q[j] = q
-        w = A @ q
-        alphas[j] = q @ w
-        basis = Q[: j + 1]
+        Q[:, j] = q
+        w = matvec(A, q)
+        alphas[:, j] = (q * w).sum(-1)
+        basis = Q[:, : j + 1]
         for _ in range(2):  # classical Gram–Schmidt twice: orthogonal to round-off
-            w = w - basis.mT @ (basis @ w)
-        betas[j] = w.norm()
-        q = w / betas[j].clamp_min(tiny)
+            w = w - matvec(basis.mT, matvec(basis, w))
+        betas[:, j] = w.norm(dim=-1)
+        q = w / betas[:, j, None].clamp_min(tiny)
         if (j + 1) % check_every and j + 1 < iters:
             continue
-        a, b = alphas[: j + 1].cpu(), betas[: j + 1].cpu()
-        T = torch.diag(a) + torch.diag(b[:-1], 1) + torch.diag(b[:-1], -1)
+        a, b = alphas[:, : j + 1].cpu(), betas[:, : j + 1].cpu()
+        T = torch.diag_embed(a) + torch.diag_embed(b[:, :-1], 1) + torch.diag_embed(b[:, :-1], -1)
         theta, S = torch.linalg.eigh(T)
-        if float(b[-1] * S[-1, -1].abs()) <= 2.0 * tol * float(theta[-1]):
+        converged = (b[:, -1] * S[:, -1, -1].abs() <= 2.0 * tol * theta[:, -1]).tolist()
+        for i in range(count):  # each matrix stops at its own iteration, as if it were alone
+            if i not in stopped and (converged[i] or j + 1 == iters):
+                stopped[i] = (j + 1, S[i, :, -1])
+        if len(stopped) == count:
             break
-    v = (basis.mT @ S[:, -1].to(A.device)).to(work.dtype)
-    Mv = work @ v
-    sigma = torch.linalg.vector_norm(Mv)
-    u = Mv / sigma.clamp_min(torch.finfo(work.dtype).tiny)
-    u, v = u.to(W.dtype), v.to(W.dtype)
-    return sigma.to(W.dtype), *((v, u) if flip else (u, v)), j + 1
+    v = torch.stack([Q[i, :used].mT @ S_i.to(A.device) for i, (used, S_i) in sorted(stopped.items())]).to(work.dtype)
+    Mv = matvec(work, v)
+    sigma = torch.linalg.vector_norm(Mv, dim=-1)
+    u = Mv / sigma[:, None].clamp_min(torch.finfo(work.dtype).tiny)
+    # One matrix: fresh tensors, not views into the stack of one (a state keeps them).
+    u, v, sigma = (t.reshape(lead + t.shape[1:]).to(W.dtype) if lead else t[0].to(W.dtype).clone() for t in (u, v, sigma))
+    used = [stopped[i][0] for i in range(count)]
+    return sigma, *((v, u) if flip else (u, v)), (used[0] if not lead else torch.tensor(used).reshape(lead))
 
 
 def top_singular_pair(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact ``(σ₁, u₁, v₁)`` by SVD: the deterministic start for warm-started power iteration."""
+    """Exact ``(σ₁, u₁, v₁)`` by SVD (of each matrix of a stack): the deterministic start for
+    warm-started power iteration."""
     U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-    return S[0].to(W.dtype), U[:, 0].to(W.dtype), Vh[0].to(W.dtype)
+    return S[..., 0].to(W.dtype), U[..., :, 0].to(W.dtype), Vh[..., 0, :].to(W.dtype)
 
 
 def minimize_lbfgs(value_and_grad, x0: torch.Tensor, max_evals: int, grad_tol: float,

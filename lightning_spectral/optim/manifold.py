@@ -17,7 +17,7 @@ from . import geometry as geo
 from .base import check_mode, check_positive, check_unit_interval, lr_scale, record_inner
 from .directions import spectral_ball_direction, stiefel_amortized, stiefel_direction
 from .geometric import GeometricOptimizer
-from .linalg import as_matrix, top_singular_pair
+from .linalg import as_matrix, matvec, top_singular_pair
 from .param_groups import MATRIX_KEY
 
 __all__ = ["ManifoldMuon", "SpectralBall"]
@@ -73,7 +73,7 @@ class ManifoldMuon(GeometricOptimizer):
         fallback: str = "adamw",
         fallback_lr: Optional[float] = 1e-3,
         fallback_weight_decay: Optional[float] = 0.0,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
     ):
         check_mode(mode, "ManifoldMuon")
         check_unit_interval("ManifoldMuon", momentum=momentum)
@@ -102,6 +102,10 @@ class ManifoldMuon(GeometricOptimizer):
                                                          max_iters=group["inner_max_iters"], tol=group["inner_tol"])
         record_inner(state, info.iterations, info.residual)
         return Phi
+
+    def _batch_key(self, group, geometry, p, state):
+        # The inner mode's dual solve is one matrix at a time; the amortized step takes stacks.
+        return super()._batch_key(group, geometry, p, state) if group["mode"] == "amortized" else None
 
     def _step_size(self, group, geometry, p):
         return group["lr"] * lr_scale(p.shape, group["adjust_lr"])
@@ -157,7 +161,7 @@ class SpectralBall(GeometricOptimizer):
         fallback: str = "adamw",
         fallback_lr: Optional[float] = 1e-3,
         fallback_weight_decay: Optional[float] = 0.0,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
     ):
         check_mode(mode, "SpectralBall")
         if constraint not in ("sphere", "ball"):
@@ -188,20 +192,29 @@ class SpectralBall(GeometricOptimizer):
 
     def _init_state(self, group, X, state):
         _, u, v = top_singular_pair(X)
-        state.update(u=u, v=v, dual=0.0)
+        state.update(u=u.clone(), v=v.clone(), dual=0.0)  # not views of the SVD's factors (saved whole)
+
+    # λ is a float per matrix in the state; a stack carries the stack's λ as one tensor.
+    _per_matrix_values = ("dual",)
+
+    def _batch_key(self, group, geometry, p, state):
+        # The inner mode's root finding is one matrix at a time; the amortized step takes stacks.
+        return super()._batch_key(group, geometry, p, state) if group["mode"] == "amortized" else None
 
     def _direction(self, group, geometry, X, G, state):
         u, v = state["u"], state["v"]
-        if group["constraint"] == "sphere":
-            constraint = "sphere"
-        else:
-            constraint = "ball" if float(u @ X @ v) >= geometry.radius(X.shape) * (1.0 - 1e-3) else "none"
+        constraint, boundary = group["constraint"], None
+        if constraint == "ball":
+            # On the boundary (to 1e-3) the ball's multiplier is active, strictly inside it is 0.
+            boundary = (u * matvec(X, v)).sum(-1) >= geometry.radius(X.shape[-2:]) * (1.0 - 1e-3)
+            if group["mode"] == "inner":
+                constraint, boundary = ("ball" if bool(boundary) else "none"), None
         Phi, lam, info = spectral_ball_direction(
             G, u, v, state["dual"], constraint=constraint, mode=group["mode"], dual_lr=group["dual_lr"],
             max_iters=group["inner_max_iters"], tol=group["inner_tol"],
-            msign_steps=group["ns_steps"], schedule=group["ns_schedule"],
+            msign_steps=group["ns_steps"], schedule=group["ns_schedule"], boundary=boundary,
         )
-        state["dual"] = float(lam)
+        state["dual"] = lam
         record_inner(state, info.iterations, info.residual)
         return Phi
 

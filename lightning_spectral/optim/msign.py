@@ -280,7 +280,8 @@ def polar_retraction(Y: torch.Tensor, tol: float = 1e-6, max_steps: int = 6) -> 
     two at the usual learning rates: 3–6 GEMMs instead of the 24 of eight Polar-Express steps;
     two or more steps on a matrix with aspect ≥ :data:`GRAM_MIN_ASPECT` run in the Gram form).
     Far from orthonormal (bound ≥ 1, or more than ``max_steps`` needed), it is
-    ``msign(Y, 8, "polar_express")``. Batched over leading dimensions; one host sync.
+    ``msign(Y, 8, "polar_express")``. Batched over leading dimensions, each matrix taking the
+    number of steps it needs; one host sync.
     """
     transposed = Y.size(-2) > Y.size(-1)
     X = Y.mT if transposed else Y
@@ -289,19 +290,35 @@ def polar_retraction(Y: torch.Tensor, tol: float = 1e-6, max_steps: int = 6) -> 
         X = X.reshape(-1, *X.shape[-2:])
     A = _gram(X)
     eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
-    delta = float(torch.linalg.matrix_norm(A - eye).max())
-    steps = _fixed_point_steps(delta, tol, max_steps)
-    if steps is None:
-        return msign(Y, 8, "polar_express")
-    if steps >= 2 and uses_gram(X.shape, GRAM_RESYNC + 1, X.dtype):
-        # Near-orthonormal, A's eigenvalues are ≈ 1: the Gram form needs no re-synchronisation.
-        X = _gram_chain(X, [FIXED_POINT_QUINTIC] * steps, A=A)
-    else:
-        for k in range(steps):
-            X = _quintic_step(X, *FIXED_POINT_QUINTIC, A=A if k == 0 else None)
+    deltas = torch.linalg.matrix_norm(A - eye)
+    if deltas.ndim == 0:
+        X = _fixed_point_polar(X, A, _fixed_point_steps(float(deltas), tol, max_steps))
+    else:  # each matrix of a stack takes the steps it needs alone (one host sync for all)
+        counts = [_fixed_point_steps(d, tol, max_steps) for d in deltas.tolist()]
+        if len(set(counts)) == 1:
+            X = _fixed_point_polar(X, A, counts[0])
+        else:
+            out = torch.empty_like(X)
+            for steps in set(counts):
+                index = torch.tensor([i for i, c in enumerate(counts) if c == steps], device=X.device)
+                out[index] = _fixed_point_polar(X[index], A[index], steps)
+            X = out
     if len(lead) > 1:
         X = X.reshape(*lead, *X.shape[-2:])
     return X.mT if transposed else X
+
+
+def _fixed_point_polar(X: torch.Tensor, A: torch.Tensor, steps: int | None) -> torch.Tensor:
+    """``steps`` fixed-point quintic steps on the wide ``X`` with ``A = XXᵀ`` (``None``: the
+    Polar-Express msign, for an ``X`` far from orthonormal)."""
+    if steps is None:
+        return msign(X, 8, "polar_express")
+    if steps >= 2 and uses_gram(X.shape, GRAM_RESYNC + 1, X.dtype):
+        # Near-orthonormal, A's eigenvalues are ≈ 1: the Gram form needs no re-synchronisation.
+        return _gram_chain(X, [FIXED_POINT_QUINTIC] * steps, A=A)
+    for k in range(steps):
+        X = _quintic_step(X, *FIXED_POINT_QUINTIC, A=A if k == 0 else None)
+    return X
 
 
 def msign_svd(G: torch.Tensor, rank_tol: float | None = None) -> torch.Tensor:

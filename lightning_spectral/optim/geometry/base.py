@@ -25,7 +25,14 @@ class Geometry:
     ``state`` (optional in :meth:`project` and :meth:`retract`) is the parameter's optimizer
     state: a set may keep warm starts there and record its inner solves (tensors and plain values
     only, so checkpoints load with ``weights_only=True``).
+
+    ``batched``: :meth:`view` is the identity, and :meth:`tangent`, :meth:`riemannian_gradient`
+    and :meth:`retract` also take a stack of matrices (``B × out × in``, with a state whose
+    tensors are stacked the same way), treating each matrix as if it were alone; the optimizers
+    then step same-shaped matrices together.
     """
+
+    batched = False
 
     def unsupported_reason(self, shape: torch.Size) -> Optional[str]:
         """``None`` when an ``out × in`` matrix of this shape can be kept on the set, else why not."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import top_singular_pair, top_singular_triple
+from ..linalg import matvec, top_singular_pair, top_singular_triple
 from .base import Geometry
 
 RADIUS_MODES = ("spectral_mup", "identity")
@@ -32,6 +32,8 @@ class SpectralSphere(Geometry):
     than a whole msign on ResNet-18's shapes, power iteration stalls on a clustered top).
     """
 
+    batched = True
+
     radius_mode: str = "spectral_mup"
     radius_scale: float = 1.0
     ball: bool = False
@@ -43,8 +45,8 @@ class SpectralSphere(Geometry):
         return self.radius_scale * math.sqrt(shape[0] / math.prod(shape[1:]))
 
     def scale(self, X: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """``X`` scaled onto the set, given its ``σ₁``."""
-        factor = self.radius(X.shape) / sigma
+        """``X`` scaled onto the set, given its ``σ₁`` (a stack of matrices: ``σ₁`` of each)."""
+        factor = (self.radius(X.shape[-2:]) / sigma)[..., None, None]
         return X * (factor.clamp(max=1.0) if self.ball else factor)
 
     def project(self, X, state=None):
@@ -57,10 +59,12 @@ class SpectralSphere(Geometry):
     def tangent(self, X, A):
         """``A − (u₁ᵀAv₁) u₁v₁ᵀ`` (ball: only on the boundary and only the outward part)."""
         sigma, u, v = top_singular_pair(X)
-        along = u @ A @ v
-        if self.ball and (float(sigma) < self.radius(X.shape) * (1.0 - 1e-6) or float(along) <= 0):
-            return A
-        return A - along * torch.outer(u, v)
+        along = (u * matvec(A, v)).sum(-1)
+        P = A - along[..., None, None] * (u[..., :, None] * v[..., None, :])
+        if not self.ball:
+            return P
+        keep = (sigma < self.radius(X.shape[-2:]) * (1.0 - 1e-6)) | (along <= 0)
+        return torch.where(keep[..., None, None], A, P)
 
     def retract(self, X, D, step, state=None):
         Y = X - step * D

@@ -26,6 +26,8 @@ class Stiefel(Geometry):
     (for tangent ``D`` its singular values lie in ``[1, √(1 + step²‖D‖₂²)]``, so
     :func:`~lightning_spectral.optim.msign.polar_retraction` needs one or two fixed-point steps)."""
 
+    batched = True
+
     retraction_tol: float = 1e-6
 
     def project(self, X, state=None):
@@ -55,6 +57,8 @@ class StiefelBlocks(Stiefel):
     """Each block of ``block_size`` consecutive rows (``blocks="rows"``) or columns of the matrix
     on its own Stiefel manifold; the view is the batch of blocks, so one batched SVD/msign
     serves them all. Shapes whose blocked dimension ``block_size`` does not divide are refused."""
+
+    batched = False  # its view is already a stack (of blocks)
 
     block_size: int = 64
     blocks: str = "rows"
