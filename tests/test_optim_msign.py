@@ -333,9 +333,10 @@ def test_msign_has_no_host_sync(no_host_sync, method):
 
 def test_muon_step_has_no_host_sync(no_host_sync):
     """``Muon.step`` on matrices (both msign forms, a conv kernel, a batch of same-shaped ones) reads
-    nothing back to the host once ``check_finite=False``. What still syncs: the finite check
-    (``bool(finite.all())``) and the AdamW fallback's step counter (``torch.optim.adamw``'s ``.item()``
-    with ``capturable=False``), so non-matrix parameters are left out here."""
+    nothing back to the host once ``check_finite=False``. What still syncs: the default finite check
+    (``bool(finite.all())``; ``check_finite="lazy"`` does not, see below) and the AdamW fallback's step
+    counter (``torch.optim.adamw``'s ``.item()`` with ``capturable=False``), so non-matrix parameters
+    are left out here."""
     from lightning_spectral.optim import Muon
 
     g = gen(15)
@@ -348,3 +349,62 @@ def test_muon_step_has_no_host_sync(no_host_sync):
         with no_host_sync():
             opt.step()
         assert all(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+def _lazy_case(cls, **kwargs):
+    g = gen(16)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g) / 4) for s in [(16, 96), (16, 96), (32, 32), (8, 4, 3, 3)]]
+    return params, cls(params, check_finite="lazy", **kwargs), g
+
+
+@pytest.mark.parametrize("name", ["Muon", "MuonSGD"])
+def test_lazy_finite_check_needs_no_host_sync_and_skips_a_non_finite_step(no_host_sync, name):
+    """``check_finite="lazy"``: ``step()`` never reads a tensor back, a step with a NaN gradient
+    leaves every weight and state tensor exactly as it was (while the other steps move them), and
+    the skipped step surfaces as the error on ``raise_if_nonfinite()`` and ``state_dict()``, its
+    count on ``nonfinite_steps``. ``MuonSGD`` takes its default closed-form clip."""
+    from lightning_spectral import optim
+
+    params, opt, g = _lazy_case(getattr(optim, name), lr=0.02)
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        if step == 2:
+            params[1].grad[3, 5] = float("nan")
+        before = [p.detach().clone() for p in params]
+        state = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in params]
+        with no_host_sync():
+            opt.step()
+        moved = [not torch.equal(b, p) for b, p in zip(before, params)]
+        if step == 2:
+            assert not any(moved)
+            for p, saved in zip(params, state):
+                assert all(torch.equal(v, opt.state[p][k]) for k, v in saved.items())
+        else:
+            assert all(moved)
+    assert opt.nonfinite_steps == 1
+    with pytest.raises(optim.NonFiniteGradientError, match="1 step"):
+        opt.state_dict()
+    assert opt.nonfinite_steps == 0  # raised once, then counted afresh
+    opt.state_dict()
+
+
+def test_lazy_finite_check_raises_by_itself_every_lazy_check_every_steps():
+    from lightning_spectral.optim import Muon, NonFiniteGradientError
+
+    params, opt, g = _lazy_case(Muon)
+    opt.lazy_check_every = 3
+    for step in range(3):
+        for p in params:
+            p.grad = torch.full(p.shape, float("inf")) if step == 0 else torch.randn(p.shape, generator=g)
+        if step < 2:
+            opt.step()
+    with pytest.raises(NonFiniteGradientError, match="1 step"):
+        opt.step()
+
+
+def test_check_finite_refuses_an_unknown_value():
+    from lightning_spectral.optim import Muon
+
+    with pytest.raises(ValueError, match="check_finite must be True, False or 'lazy'"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], check_finite="sometimes")

@@ -48,6 +48,7 @@ LR_ADJUSTMENTS = ("none", "original", "match_rms_adamw", "spectral")
 # How a constrained direction's dual is solved: to a tolerance every step ("inner"), or by one dual
 # step per training step from the multiplier kept in the state ("amortized").
 MODES = ("inner", "amortized")
+CHECK_FINITE = (True, False, "lazy")
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -118,7 +119,20 @@ class MatrixOptimizer(torch.optim.Optimizer):
         fallback_betas, fallback_eps: AdamW's.
         fallback_momentum, fallback_nesterov: SGD's.
         fallback_weight_decay: its weight decay (``None``: the optimizer's ``weight_decay``).
-        check_finite: refuse a step whose gradients hold NaN/Inf (one device sync per step).
+        check_finite: what a step whose gradients hold NaN/Inf does.
+            ``True`` (default): raise :class:`NonFiniteGradientError` before any weight changes
+            (one fused reduction and one host sync per step).
+            ``"lazy"``: no host sync. The finite flag is computed on the device, and the step's
+            writes are masked by it: after a non-finite step every weight and every state tensor
+            holds its value from before the step (the update runs on zeroed gradients and is then
+            discarded with ``torch.where``, which costs one transient copy of the weights and
+            state tensors; plain state values such as ring positions or iteration counts may
+            still move). Skipped steps are counted on the device and surface as a
+            :class:`NonFiniteGradientError` (naming how many steps were skipped) at the first of:
+            :meth:`raise_if_nonfinite`; :meth:`state_dict` (so no checkpoint is written past a
+            skipped step without an error); every :attr:`lazy_check_every`-th ``step()`` (one
+            sync there, raised before that step changes anything); reading :attr:`nonfinite_steps` gives the count without raising.
+            ``False``: no check (NaN/Inf reach the weights).
     """
 
     def __init__(
@@ -133,9 +147,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
         fallback_momentum: float = 0.9,
         fallback_nesterov: bool = False,
         fallback_weight_decay: Optional[float] = None,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
     ):
         owner = type(self).__name__
+        if check_finite not in CHECK_FINITE:
+            raise ValueError(f"{owner}: check_finite must be True, False or 'lazy', got {check_finite!r}")
         if fallback not in FALLBACKS:
             raise ValueError(f"{owner}: fallback must be one of {FALLBACKS}, got {fallback!r}")
         check_positive(owner, lr=defaults["lr"], fallback_eps=fallback_eps)
@@ -175,11 +191,85 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.check_finite == "lazy":
+            self._lazy_steps += 1
+            if self.lazy_check_every and self._lazy_steps % self.lazy_check_every == 0:
+                self.raise_if_nonfinite()
+            with _autocast_disabled():
+                self._masked_update()
+            return loss
         if self.check_finite:
             self._check_finite()
         with _autocast_disabled():
             self._update()
         return loss
+
+    # ``check_finite="lazy"``: every this many steps, ``step()`` reads the skipped-step count
+    # back (one host sync) and raises if it is not zero; 0: only where the count is read.
+    lazy_check_every = 1000
+    _lazy_steps = 0
+    _nonfinite: Optional[dict[torch.device, torch.Tensor]] = None
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped for non-finite gradients under ``check_finite="lazy"`` (one host sync)."""
+        return sum(int(count) for count in (self._nonfinite or {}).values())
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteGradientError` if ``check_finite="lazy"`` skipped any step (one
+        host sync); the count starts again from zero after it was raised."""
+        skipped = self.nonfinite_steps
+        if skipped:
+            self._nonfinite = None
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: {skipped} step(s) had a gradient holding NaN or Inf; those steps were "
+                "skipped (weights and state tensors left as they were). Lower the learning rate, clip gradients, "
+                "or use bf16/fp32 instead of fp16."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.check_finite == "lazy":
+            self.raise_if_nonfinite()
+        return super().state_dict()
+
+    def _masked_update(self) -> None:
+        """The update, kept only where every gradient (of its device) is finite: no host sync.
+
+        The gradients are replaced for the update by ``where(finite, g, 0)`` (so no NaN enters a
+        computation whose result is then masked); every parameter and state tensor is copied
+        before and set after to ``torch.where(finite, new, old)`` (by key: also where the step
+        replaced the tensor object); a state tensor the step created is set to
+        ``where(finite, new, 0)``, zero being its value when fresh."""
+        grads: dict[torch.device, list[torch.Tensor]] = {}
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p in params:
+            grads.setdefault(p.grad.device, []).append(p.grad)
+        finite = {device: torch.stack(torch._foreach_norm(g)).isfinite().all() for device, g in grads.items()}
+        counts = self._nonfinite if self._nonfinite is not None else {}
+        for device, flag in finite.items():
+            counts[device] = counts.get(device, torch.zeros((), dtype=torch.int64, device=device)) + (~flag).long()
+        self._nonfinite = counts
+        saved = {p: p.grad for p in params}
+        before = {}
+        for p in params:
+            p.grad = torch.where(finite[p.grad.device], p.grad, p.grad.new_zeros(()))
+            before[p] = (p.detach().clone(), {key: value.clone() for key, value in self.state[p].items()
+                                              if isinstance(value, torch.Tensor)})
+        try:
+            self._update()
+        finally:
+            for p in params:
+                p.grad = saved[p]
+        for p, (old_p, old_state) in before.items():
+            flag = finite[p.grad.device]
+            p.copy_(torch.where(flag, p, old_p))
+            for key, value in self.state[p].items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                old = old_state.get(key)
+                if old is None or old.shape != value.shape or old.dtype != value.dtype:
+                    old = torch.zeros_like(value)
+                value.copy_(torch.where(flag.to(value.device), value, old))
 
     def _update(self) -> None:
         owners = self._owners()
