@@ -300,10 +300,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         matrices = [p for g in self.param_groups if g[MATRIX_KEY] for p in g["params"] if p.grad is not None]
         load = [0] * world
         owners: dict[torch.Tensor, int] = {}
-        for index in sorted(range(len(matrices)), key=lambda i: -_msign_cost(matrices[i])):
+        for index in sorted(range(len(matrices)), key=lambda i: -msign_cost(matrices[i])):
             rank = min(range(world), key=load.__getitem__)
             owners[matrices[index]] = rank
-            load[rank] += _msign_cost(matrices[index])
+            load[rank] += msign_cost(matrices[index])
         return owners
 
     def _broadcast_owned(self, owners: dict[torch.Tensor, int]) -> None:
@@ -442,7 +442,8 @@ def _autocast_disabled() -> contextlib.ExitStack:
     return stack
 
 
-def _msign_cost(p: torch.Tensor) -> int:
+def msign_cost(p: torch.Tensor) -> int:
+    """``m·n·min(m, n)`` of the ``m × n`` matrix view of ``p``: how an msign's work grows."""
     rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
     return rows * cols * min(rows, cols)
 

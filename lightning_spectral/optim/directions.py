@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 
 from .base import check_mode
-from .linalg import (TangentSpace, addmm, estimate_spectral_norm, matvec, minimize_lbfgs, orient, power_iteration,
-                     rescale_into_ball, skew, sym)
+from .linalg import (TangentSpace, addmm, estimate_spectral_norm, matvec, minimize_lbfgs, orient, per_matrix,
+                     power_iteration, rescale_into_ball, skew, sym)
 from .msign import msign, msign_svd, nuclear_norm
 
 
@@ -244,7 +244,7 @@ def stiefel_amortized(
     grams = {gdt: _gram(Gperp, gdt)}
     GtG = addmm(grams[gdt].to(dtype), A.mT, A)
     scale = power_iteration(GtG, GtG.abs().sum(-2), max_iter=4)[0].sqrt().clamp_min(1e-30)  # deterministic start
-    scale = scale[..., None, None]
+    scale = per_matrix(scale)
     A = A / scale
     K = skew(A)
     Y_state = state.get("dual")
@@ -430,7 +430,7 @@ def spectral_ball_direction(
                          "solve the inner mode (or certify) one matrix at a time")
     if boundary is not None and constraint != "ball":
         raise ValueError("spectral_ball_direction: boundary= is for constraint='ball'")
-    scale = estimate_spectral_norm(G).clamp_min(1e-30)[..., None, None]
+    scale = per_matrix(estimate_spectral_norm(G).clamp_min(1e-30))
     Ghat = G / scale
     Theta = u[..., :, None] * v[..., None, :]
     evaluations = 0
@@ -440,7 +440,7 @@ def spectral_ball_direction(
         nonlocal evaluations
         evaluations += 1
         if isinstance(lam_, torch.Tensor):
-            lam_ = lam_[..., None, None]
+            lam_ = per_matrix(lam_)
         Phi_ = msign(Ghat + lam_ * Theta, msign_steps, schedule)
         return (u * matvec(Phi_, v)).sum(-1), Phi_
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import matvec, top_singular_pair, top_singular_triple
+from ..linalg import matvec, per_matrix, top_singular_pair, top_singular_triple
 from .base import Geometry
 
 RADIUS_MODES = ("spectral_mup", "identity")
@@ -46,7 +46,7 @@ class SpectralSphere(Geometry):
 
     def scale(self, X: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``X`` scaled onto the set, given its ``σ₁`` (a stack of matrices: ``σ₁`` of each)."""
-        factor = (self.radius(X.shape[-2:]) / sigma)[..., None, None]
+        factor = per_matrix(self.radius(X.shape[-2:]) / sigma)
         return X * (factor.clamp(max=1.0) if self.ball else factor)
 
     def project(self, X, state=None):
