@@ -197,9 +197,9 @@ def test_step_is_a_descent_direction(case, direction):
         assert objective().item() < start, (case, direction, seed)
 
 
-def test_grassmann_is_not_the_seeds_uphill_step():
-    """The seed applied (I − WWᵀ)G to a merely row-normalised W: ⟨Pg, g⟩ < 0 was possible.
-    Here W is orthonormal, so the horizontal gradient is an orthogonal projection of G."""
+def test_grassmann_horizontal_gradient_is_a_descent_direction():
+    """(I − WWᵀ)G is an orthogonal projection of G, so ⟨PG, G⟩ = ‖PG‖² ≥ 0, only when W is
+    orthonormal (with a merely row-normalised W it can point uphill); the optimizer makes W so."""
     torch.manual_seed(0)
     W = nn.Parameter(torch.randn(10, 32))
     opt = Grassmann([W], lr=0.05, momentum=0.0, direction="riemannian")

@@ -95,7 +95,7 @@ class MuonSGD(BudgetedOptimizer):
         fallback: str = "sgd",
         fallback_lr: Optional[float] = None,
         fallback_weight_decay: Optional[float] = None,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
     ):
         check_unit_interval("MuonSGD", momentum=momentum)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -142,7 +142,7 @@ class MuonAdamW(BudgetedOptimizer):
         fallback: str = "adamw",
         fallback_lr: Optional[float] = None,
         fallback_weight_decay: Optional[float] = None,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
     ):
         check_unit_interval("MuonAdamW", beta1=betas[0], beta2=betas[1])
         check_positive("MuonAdamW", eps=eps)

@@ -73,7 +73,7 @@ class Muon(MatrixOptimizer):
         fallback_eps: float = 1e-8,
         fallback_momentum: float = 0.9,
         fallback_weight_decay: Optional[float] = None,
-        check_finite: bool = True,
+        check_finite: bool | str = True,
     ):
         check_positive("Muon", lr=lr, eps=eps)
         check_unit_interval("Muon", momentum=momentum)
