@@ -103,6 +103,80 @@ def test_tracker_warm_start_and_state():
     assert rel(cold, exact) > rel(warm(model)[""], exact)
 
 
+def _tiny_gpt() -> nn.Module:
+    from lightning_spectral.models import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab_size=11, block_size=8, n_layer=2, n_head=4, n_embd=16)  # head_dim 4
+
+
+def _head_blocks_by_slicing(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each head's block, sliced by hand: rows h*d:(h+1)*d of Q/K/V, columns of O."""
+    d, blocks = model.head_dim, {}
+    for i, block in enumerate(model.blocks):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            w = getattr(block.attn, proj).weight.detach()
+            for h in range(model.n_head):
+                blocks[f"blocks.{i}.attn.{proj}/head{h}"] = w[:, h * d:(h + 1) * d] if proj == "o_proj" \
+                    else w[h * d:(h + 1) * d]
+    return blocks
+
+
+def test_per_head_norms_match_svd_of_each_block():
+    model = _tiny_gpt()
+    reference = _head_blocks_by_slicing(model)
+    exact = compute_spectral_norms(model, blocks="auto")
+    plain = compute_spectral_norms(model)
+    assert {k for k in exact if "/head" in k} == set(reference)  # q, k, v, o of both blocks, 4 heads each
+    assert {k: v for k, v in exact.items() if "/head" not in k} == plain  # the layer norms are unchanged
+    tracker = SpectralNormTracker(max_iter=3000, tol=1e-10, blocks="auto")
+    tracked = tracker(model)
+    assert set(tracked) == set(exact)
+    for key, block in reference.items():
+        truth = float(torch.linalg.matrix_norm(block, ord=2))
+        assert rel(exact[key], truth) < 1e-6, key
+        assert rel(tracked[key], truth) < 1e-4, key
+        assert exact[key] <= exact[key.split("/")[0]] * (1 + 1e-6)  # a block's norm is at most its layer's
+    # the heads' vectors persist: two rounds from them stay exact
+    warm = SpectralNormTracker(max_iter=2, blocks="auto")
+    warm.load_state_dict(tracker.state_dict())
+    assert tracker.state_dict()["vectors"]["blocks.1.attn.o_proj/head"].shape == (4, 16)
+    again = warm(model)
+    assert max(rel(again[k], float(torch.linalg.matrix_norm(b, ord=2))) for k, b in reference.items()) < 1e-4
+    assert not any("/head" in k for k in SpectralNormTracker()(model))  # default: nothing new
+
+
+def test_per_head_norms_from_globs():
+    model = _tiny_gpt()
+    norms = compute_spectral_norms(model, blocks={"*.q_proj": 2, "blocks.0.mlp.fc": 16})
+    assert {k.split("/")[0] for k in norms if "/head" in k} == {"blocks.0.attn.q_proj", "blocks.1.attn.q_proj",
+                                                             "blocks.0.mlp.fc"}
+    fc = model.blocks[0].mlp.fc.weight.detach()  # 64 x 16: four row blocks of 16
+    assert [k for k in norms if k.startswith("blocks.0.mlp.fc/")] == [f"blocks.0.mlp.fc/head{h}" for h in range(4)]
+    for h in range(4):
+        assert rel(norms[f"blocks.0.mlp.fc/head{h}"], float(torch.linalg.matrix_norm(fc[16 * h:16 * (h + 1)], ord=2))) < 1e-6
+    q = model.blocks[1].attn.q_proj.weight.detach()
+    assert rel(norms["blocks.1.attn.q_proj/head7"], float(torch.linalg.matrix_norm(q[14:16], ord=2))) < 1e-6
+
+
+@pytest.mark.parametrize("blocks, match", [
+    ({"*.qproj": 4}, r"glob '\*\.qproj' matches no measured layer"),
+    ({"*.q_proj": 3}, r"layer 'blocks\.0\.attn\.q_proj': block size 3 does not divide its 16 rows"),
+    ({"*.q_proj": 0}, r"blocks\['\*\.q_proj'\] must be a positive int"),
+    (4, "blocks must be None, 'auto' or a dict"),
+])
+def test_per_head_bad_blocks_name_the_problem(blocks, match):
+    with pytest.raises(ValueError, match=match):
+        compute_spectral_norms(_tiny_gpt(), blocks=blocks)
+    with pytest.raises(ValueError, match=match):
+        SpectralNormTracker(blocks=blocks)(_tiny_gpt())
+
+
+def test_per_head_auto_needs_gpt_attention():
+    with pytest.raises(ValueError, match="blocks='auto' found no CausalSelfAttention"):
+        compute_spectral_norms(nn.Linear(8, 8), blocks="auto")
+
+
 def _dense_conv_matrix(conv: nn.Conv2d, shape) -> torch.Tensor:
     n = math.prod(shape)
     eye = torch.eye(n).reshape(n, *shape)
