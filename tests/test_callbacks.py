@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Any
@@ -230,6 +231,62 @@ def test_epoch_mode_and_csv(tmp_path):
     assert [int(c[step_col]) for c in cells if c[gns_col]] == [12]
 
 
+class TinyGPTNet(pl.LightningModule):
+    """Next-token prediction on random tokens with a 4-head GPT (n_embd 16, head_dim 4)."""
+
+    def __init__(self):
+        super().__init__()
+        from lightning_spectral.models import GPT
+
+        self.model = GPT(vocab_size=11, block_size=8, n_layer=2, n_head=4, n_embd=16)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        logits = self.model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        tokens = torch.randint(0, 11, (32, 9), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(tokens), batch_size=8)
+
+
+@pytest.mark.parametrize("method, tol", [("svd", 1e-6), ("power", 1e-4)])
+def test_per_head_norms_reach_logger_and_callback_metrics(tmp_path, method, tol):
+    logger = RecordingLogger()
+    cb = SpectralNormMonitor(every_n_steps=2, method=method, blocks="auto", max_iter=3000, tol=1e-10,
+                             log_histograms=False)
+    pl.seed_everything(0)
+    net = TinyGPTNet()
+    trainer = fit(net, tmp_path, [cb], logger, max_epochs=1)  # 4 steps: measured after 0 and 2
+    d = net.model.head_dim
+    heads = {f"spectral_norm/model.blocks.{i}.attn.{p}/head{h}" for i in range(2)
+             for p in ("q_proj", "k_proj", "v_proj", "o_proj") for h in range(4)}
+    assert {k for k in cb.last_metrics if "/head" in k} == heads
+    assert heads <= set(trainer.callback_metrics)
+    assert all(logger.steps_of(k) == [0, 2] for k in heads)
+    step2 = {k: v for s, m in logger.scalars if s == 2 for k, v in m.items()}
+    layers = [k for k in step2 if k.startswith("spectral_norm/") and "/head" not in k and k != "spectral_norm/max"]
+    assert "spectral_norm/model.blocks.0.attn.q_proj" in layers  # the layer metrics stay
+    assert step2["spectral_norm/max"] == max(step2[k] for k in layers)  # over whole layers only
+    measured = cb.measure(trainer, net, None, trainer.global_step)  # the final weights, against each sliced head
+    for i, block in enumerate(net.model.blocks):
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            w = getattr(block.attn, p).weight.detach()
+            for h in range(4):
+                part = w[:, h * d:(h + 1) * d] if p == "o_proj" else w[h * d:(h + 1) * d]
+                truth = float(torch.linalg.matrix_norm(part, ord=2))
+                assert measured[f"spectral_norm/model.blocks.{i}.attn.{p}/head{h}"] == pytest.approx(truth, rel=tol)
+
+
+def test_per_head_bad_glob_fails_naming_the_glob(tmp_path):
+    with pytest.raises(ValueError, match=r"glob '\*\.query' matches no measured layer"):
+        fit(TinyGPTNet(), tmp_path, [SpectralNormMonitor(every_n_steps=1, blocks={"*.query": 4})], RecordingLogger(),
+            max_epochs=1)
+
+
 def test_without_logger_keeps_last_metrics(tmp_path):
     cb = SpectralNormMonitor(every_n_steps=5, method="svd")
     with pytest.warns(UserWarning, match="no logger"):
@@ -400,6 +457,8 @@ def test_constraint_monitor_says_when_the_solver_never_iterated(tmp_path, tangen
         (lambda: SpectralNormMonitor(every_n_steps=True), "every_n_steps"),
         (lambda: SpectralNormMonitor(every_n_steps=5, every_n_epochs=1), "either every_n_steps or every_n_epochs"),
         (lambda: SpectralNormMonitor(method="qr"), "method must be one of"),
+        (lambda: SpectralNormMonitor(blocks={"*.q_proj": 0}), r"blocks\['\*\.q_proj'\] must be a positive int"),
+        (lambda: SpectralNormMonitor(blocks="heads"), "blocks must be None, 'auto' or a dict"),
         (lambda: SharpnessMonitor(tol=0), "tol must be > 0"),
         (lambda: SharpnessMonitor(loss_fn="nope"), "loss_fn must be callable"),
         (lambda: GradientNoiseScaleMonitor(num_chunks=1), "num_chunks must be at least 2"),
@@ -449,3 +508,7 @@ def test_yaml_short_names_resolve():
     spectral, gns = parser.instantiate(cfg).callbacks
     assert isinstance(spectral, SpectralNormMonitor) and spectral.every_n_steps == 7
     assert gns.estimator.decay == 0.9
+    for blocks in ('"auto"', '{"*.q_proj": 32, "*.k_proj": 32}'):  # the per-head option from a config
+        spec = f'[{{"class_path": "SpectralNormMonitor", "init_args": {{"blocks": {blocks}}}}}]'
+        cfg = parser.parse_args([f"--callbacks={spec}"])
+        assert parser.instantiate(cfg).callbacks[0].blocks == json.loads(blocks)

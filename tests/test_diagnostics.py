@@ -154,7 +154,8 @@ def test_per_head_norms_from_globs():
     fc = model.blocks[0].mlp.fc.weight.detach()  # 64 x 16: four row blocks of 16
     assert [k for k in norms if k.startswith("blocks.0.mlp.fc/")] == [f"blocks.0.mlp.fc/head{h}" for h in range(4)]
     for h in range(4):
-        assert rel(norms[f"blocks.0.mlp.fc/head{h}"], float(torch.linalg.matrix_norm(fc[16 * h:16 * (h + 1)], ord=2))) < 1e-6
+        truth = float(torch.linalg.matrix_norm(fc[16 * h:16 * (h + 1)], ord=2))
+        assert rel(norms[f"blocks.0.mlp.fc/head{h}"], truth) < 1e-6
     q = model.blocks[1].attn.q_proj.weight.detach()
     assert rel(norms["blocks.1.attn.q_proj/head7"], float(torch.linalg.matrix_norm(q[14:16], ord=2))) < 1e-6
 

@@ -10,6 +10,7 @@ import torch
 from lightning_spectral.callbacks._base import DiagnosticCallback, check_choice, check_positive_int, histogram_writers
 from lightning_spectral.diagnostics.spectral import (
     SpectralNormTracker,
+    check_blocks,
     compute_singular_values,
     compute_spectral_norms,
     spectral_layers,
@@ -36,6 +37,11 @@ class SpectralNormMonitor(DiagnosticCallback):
         log_histograms: log singular-value spectra to loggers that have ``add_histogram``.
         max_layers: only the first N layers (default all).
         seed: seed of the power iteration's first vectors (the global RNG is not used).
+        blocks: per-head norms too: ``{layer-name glob: rows per block}`` (e.g.
+            ``{"*.q_proj": 32, "*.k_proj": 32, "*.v_proj": 32}``) or ``"auto"`` (every
+            ``models.gpt`` attention: Q/K/V by rows, O by columns, blocks of ``head_dim``). Each
+            split layer also logs ``spectral_norm/<layer>/head<h>`` (one batched computation per
+            layer); ``spectral_norm/max`` stays the maximum over whole layers.
     """
 
     def __init__(
@@ -49,6 +55,7 @@ class SpectralNormMonitor(DiagnosticCallback):
         log_histograms: bool = True,
         max_layers: int | None = None,
         seed: int = 0,
+        blocks: dict[str, int] | Literal["auto"] | None = None,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         check_choice("method", method, ("power", "svd"))
@@ -56,11 +63,14 @@ class SpectralNormMonitor(DiagnosticCallback):
         check_positive_int("max_layers", max_layers, allow_none=True)
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol!r}")
+        check_blocks(blocks)
+        self.blocks = blocks
         self.method = method
         self.log_stable_rank = log_stable_rank
         self.log_histograms = log_histograms
         self.max_layers = max_layers
-        self.tracker = SpectralNormTracker(max_iter=max_iter, tol=tol, seed=seed, max_layers=max_layers)
+        self.tracker = SpectralNormTracker(max_iter=max_iter, tol=tol, seed=seed, max_layers=max_layers,
+                                           blocks=blocks)
 
     @torch.no_grad()
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:
@@ -69,12 +79,13 @@ class SpectralNormMonitor(DiagnosticCallback):
         if self.method == "power":
             norms = self.tracker(pl_module)
         else:
-            norms = compute_spectral_norms(pl_module, max_layers=self.max_layers)
+            norms = compute_spectral_norms(pl_module, max_layers=self.max_layers, blocks=self.blocks)
         metrics = {f"spectral_norm/{name}": sigma for name, sigma in norms.items()}
-        if norms:
-            metrics["spectral_norm/max"] = max(norms.values())
+        layers = spectral_layers(pl_module, max_layers=self.max_layers)
+        if layers:
+            metrics["spectral_norm/max"] = max(norms[name] for name, _ in layers)
         if self.log_stable_rank:
-            for name, module in spectral_layers(pl_module, max_layers=self.max_layers):
+            for name, module in layers:
                 metrics[f"stable_rank/{name}"] = stable_rank(weight_matrix(module), norms[name])
         writers = histogram_writers(trainer) if self.log_histograms else []
         if writers:

@@ -74,7 +74,9 @@ def check_blocks(blocks: Blocks | None) -> None:
             raise ValueError(f"blocks[{pattern!r}] must be a positive int (rows per block), got {size!r}")
 
 
-def head_splits(layers: Sequence[tuple[str, nn.Module]], model: nn.Module, blocks: Blocks | None) -> dict[str, HeadSplit]:
+def head_splits(
+    layers: Sequence[tuple[str, nn.Module]], model: nn.Module, blocks: Blocks | None
+) -> dict[str, HeadSplit]:
     """``{layer name: (block size, "rows" | "cols")}`` for the ``layers`` of ``model`` that ``blocks`` splits.
 
     A mapping splits the rows (output dimension) of every layer whose name matches a glob
