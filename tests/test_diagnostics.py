@@ -174,7 +174,7 @@ def test_per_head_bad_blocks_name_the_problem(blocks, match):
 
 
 def test_per_head_auto_needs_gpt_attention():
-    with pytest.raises(ValueError, match="blocks='auto' found no CausalSelfAttention"):
+    with pytest.raises(ValueError, match="blocks='auto' found no multi-head attention"):
         compute_spectral_norms(nn.Linear(8, 8), blocks="auto")
 
 

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_spectral.diagnostics._utils import isolated
-from lightning_spectral.models.gpt import CausalSelfAttention
 from lightning_spectral.optim.linalg import power_iteration
 
 #: Layer types whose weights are reported by default.
@@ -74,6 +73,12 @@ def check_blocks(blocks: Blocks | None) -> None:
             raise ValueError(f"blocks[{pattern!r}] must be a positive int (rows per block), got {size!r}")
 
 
+def _is_attention(module: nn.Module) -> bool:
+    """A multi-head attention with separate projections (duck-typed: diagnostics import no model)."""
+    return isinstance(getattr(module, "head_dim", None), int) and all(
+        isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
 def head_splits(
     layers: Sequence[tuple[str, nn.Module]], model: nn.Module, blocks: Blocks | None
 ) -> dict[str, HeadSplit]:
@@ -81,8 +86,10 @@ def head_splits(
 
     A mapping splits the rows (output dimension) of every layer whose name matches a glob
     (``fnmatch``, e.g. ``"*.q_proj"``); the first matching glob wins. ``"auto"`` splits every
-    :class:`~lightning_spectral.models.gpt.CausalSelfAttention` into its heads: rows of
-    ``q_proj``/``k_proj``/``v_proj``, columns of ``o_proj``, blocks of ``head_dim``.
+    multi-head attention module into its heads, recognised by its attributes (``head_dim`` and
+    ``q_proj``/``k_proj``/``v_proj``/``o_proj`` layers, as in
+    :class:`~lightning_spectral.models.gpt.CausalSelfAttention`): rows of ``q_proj``/``k_proj``/
+    ``v_proj``, columns of ``o_proj``, blocks of ``head_dim``.
     """
     check_blocks(blocks)
     if blocks is None:
@@ -91,14 +98,15 @@ def head_splits(
     if blocks == "auto":
         splits: dict[str, HeadSplit] = {}
         for prefix, attn in model.named_modules():
-            if isinstance(attn, CausalSelfAttention):
+            if _is_attention(attn):
                 dot = f"{prefix}." if prefix else ""
                 for proj, axis in (("q_proj", "rows"), ("k_proj", "rows"), ("v_proj", "rows"), ("o_proj", "cols")):
                     if dot + proj in weights:
                         splits[dot + proj] = (attn.head_dim, axis)
         if not splits:
-            raise ValueError("blocks='auto' found no CausalSelfAttention (lightning_spectral.models.gpt) among the "
-                             "measured layers; pass {layer-name glob: head size} instead")
+            raise ValueError("blocks='auto' found no multi-head attention (a module with head_dim and q_proj, k_proj, "
+                             "v_proj, o_proj layers, like lightning_spectral.models.GPT's) among the measured layers; "
+                             "pass {layer-name glob: head size} instead")
     else:
         splits = {}
         for pattern, size in blocks.items():
