@@ -203,6 +203,8 @@ def test_print_runs_and_cli_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     cli_main([*args, "--collect"])
     assert (tmp_path / "out" / "tiny" / "report" / "summary.md").exists()
+    out = capsys.readouterr().out  # the summary table of the one finished run printed at the end
+    assert "## Summary" in out and "| SGD | 1 |" in out and "| MuonSGD |" not in out
 
 
 def test_study_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -220,6 +222,82 @@ def test_study_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     (tmp_path / "broken.yaml").write_text("name: x\n  grids: [\n")
     assert study_main(["--config", str(tmp_path / "broken.yaml")]) == 2
     assert f"error: {tmp_path / 'broken.yaml'} is not valid YAML" in capsys.readouterr().err
+
+
+def test_jobs_runs_each_run_in_its_own_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``--jobs 2``: both runs as separate processes with their threads split and their output in
+    runs/<id>/log.txt; a failing run is reported with its log and makes the exit status 1; the
+    others finish and the summary table is printed."""
+    import os
+
+    from lightning_spectral.experiments.parallel import default_threads
+
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, grids=[{"optimizer": [
+        {"name": "SGD", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}}},
+        {"name": "bad", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": -1.0}}}},
+    ]}])
+    assert study_main(["--config", str(path), "--out_dir", "out", "--jobs", "2"]) == 1
+    captured = capsys.readouterr()
+    runs = tmp_path / "out" / "tiny" / "runs"
+    good, bad = runs / "optimizer=SGD__seed=0", runs / "optimizer=bad__seed=0"
+    assert json.loads((good / "result.json").read_text())["status"] == "finished"
+    assert not (bad / "result.json").exists() and "Invalid learning rate" in (bad / "log.txt").read_text()
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) // 2)
+    assert default_threads(2) == threads
+    first = shlex.split((good / "log.txt").read_text().splitlines()[0][2:])
+    assert first[1:4] == ["-m", "lightning_spectral", "study"] and first[-4:] == ["--threads", str(threads), "--run",
+                                                                                  "optimizer=SGD__seed=0"]
+    assert "FAILED optimizer=bad__seed=0" in captured.err and "Invalid learning rate" in captured.err
+    assert "[tiny] 1 done, 0 running, 1 failed, 0 pending" in captured.err
+    assert "## Summary" in captured.out and "| SGD | 1 |" in captured.out and "| bad |" not in captured.out
+    assert study_main(["--config", str(path), "--out_dir", "out", "--jobs", "0"]) == 2
+
+
+def test_slurm_array_script_and_its_tasks_run_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys) -> None:
+    """``--slurm`` writes a complete array script over the pending runs and a data-preparation
+    script under flock; run here with SLURM_ARRAY_TASK_ID set, task 2 trains the second run."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("flock") is None:
+        pytest.skip("flock(1) is not installed")
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path)
+    env_line = f"export PATH={Path(sys.executable).parent}:$PATH"
+    args = ["--config", str(path), "--out_dir", "out"]
+    assert study_main([*args, "--slurm", "--partition", "debug", "--time", "00:10:00", "--gpus-per-task", "1",
+                       "--cpus-per-task", "2", "--mem", "4G", "--env", env_line]) == 0
+    out = capsys.readouterr().out
+    slurm = tmp_path / "out" / "tiny" / "slurm"
+    assert f"sbatch --dependency=afterok:$jid {slurm / 'array.sbatch'}" in out
+    script = (slurm / "array.sbatch").read_text()
+    directives = {line.split("=", 1)[0]: line.split("=", 1)[-1] for line in script.splitlines()
+                  if line.startswith("#SBATCH")}
+    assert directives["#SBATCH --array"] == "1-2" and directives["#SBATCH --partition"] == "debug"
+    assert directives["#SBATCH --time"] == "00:10:00" and directives["#SBATCH --gpus-per-task"] == "1"
+    assert directives["#SBATCH --cpus-per-task"] == "2" and directives["#SBATCH --mem"] == "4G"
+    assert directives["#SBATCH --chdir"] == str(tmp_path) and directives["#SBATCH --output"].endswith("%A_%a.out")
+    assert "#SBATCH --requeue" in directives and directives["#SBATCH --signal"].startswith("B:USR1@")
+    assert env_line in script and "scontrol requeue" in script
+    assert (slurm / "runs.txt").read_text().splitlines() == [r.run_id for r in expand(load_study(path))]
+    prepare = (slurm / "prepare.sh").read_text()
+    assert "flock 9" in prepare and "--prepare_data" in prepare and "--gpus-per-task" not in prepare
+
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2", "SLURM_CPUS_PER_TASK": "1"}
+    done = subprocess.run(f"bash {slurm / 'prepare.sh'} && bash {slurm / 'array.sbatch'}", shell=True, cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "prepare_data: DigitsDataModule" in done.stdout and "task 2: run optimizer=MuonSGD__seed=0" in done.stdout
+    runs = tmp_path / "out" / "tiny" / "runs"
+    assert json.loads((runs / "optimizer=MuonSGD__seed=0" / "result.json").read_text())["status"] == "finished"
+    assert not (runs / "optimizer=SGD__seed=0" / "result.json").exists()  # task 1's run is still pending
+    assert study_main([*args, "--slurm"]) == 0  # the script now covers the one pending run
+    assert (slurm / "runs.txt").read_text().splitlines() == ["optimizer=SGD__seed=0"]
+    assert "#SBATCH --array=1-1" in (slurm / "array.sbatch").read_text()
 
 
 @pytest.mark.slow  # three study processes (≈ 30 s)
