@@ -300,6 +300,39 @@ def test_slurm_array_script_and_its_tasks_run_locally(tmp_path: Path, monkeypatc
     assert "#SBATCH --array=1-1" in (slurm / "array.sbatch").read_text()
 
 
+def test_slurm_task_stops_its_run_and_requeues_on_usr1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """USR1 to the array task's shell (``--signal=B:USR1@...`` before the time limit): the run
+    stops on SIGTERM keeping its checkpoint, and the task requeues itself (a stand-in
+    ``scontrol`` records the call); without a working ``scontrol`` the task exits 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path / 'requeued'}\n")
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    env_line = f"export PATH={tmp_path / 'bin'}:{Path(sys.executable).parent}:$PATH"
+    assert study_main(["--config", str(path), "--out_dir", "out", "--max_epochs", "500", "--slurm",
+                       "--env", env_line]) == 0
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "77"}
+    task = subprocess.Popen(["bash", "out/tiny/slurm/array.sbatch"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "out" / "tiny" / "runs" / "optimizer=SGD__seed=0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and task.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    task.send_signal(signal.SIGUSR1)
+    out, _ = task.communicate(timeout=120)
+    assert task.returncode == 0, out
+    assert "Received SIGTERM" in out and last.exists()
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "77_1"]
+    assert not last.parent.parent.joinpath("result.json").exists()  # pending: the requeued task resumes it
+
+
 @pytest.mark.slow  # three study processes (≈ 30 s)
 def test_sigterm_to_a_study_then_rerun_equals_the_uninterrupted_study(tmp_path: Path) -> None:
     """SIGTERM (a scheduler's warning) once the run's first epoch is checkpointed: the study exits

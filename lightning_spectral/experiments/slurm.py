@@ -7,7 +7,7 @@ Writes under ``<out_dir>/<study>/slurm/``:
   one log per task (``logs/%A_%a.out``), ``--requeue``, and ``--signal=B:USR1@<s>``: shortly
   before the time limit the batch shell gets USR1, sends SIGTERM to the run (which stops at the
   next batch, keeping its last per-epoch checkpoint) and requeues the task, which resumes from
-  that checkpoint. Each task is the single-run command
+  that checkpoint (exit 143 when ``scontrol requeue`` fails). Each task is the single-run command
   ``python -m lightning_spectral study <args> --run <id> --no_collect``.
 * ``prepare.sh``: the data downloaded once (``study --prepare_data``) under ``flock``, to run
   (or submit) before the array, so that the tasks do not download into one directory at once.
@@ -80,7 +80,8 @@ def write_slurm(name: str, run_ids: Sequence[str], study_args: Sequence[str], di
         'echo "task ${SLURM_ARRAY_TASK_ID}: run $RUN_ID on $(hostname)"',
         "# Near the time limit: stop the run (SIGTERM: it keeps its last checkpoint) and requeue the task.",
         "trap 'kill -TERM \"$child\" 2>/dev/null; wait \"$child\"; "
-        "scontrol requeue \"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}\"; exit 0' USR1",
+        "scontrol requeue \"${SLURM_ARRAY_JOB_ID:-?}_${SLURM_ARRAY_TASK_ID}\" && exit 0; "
+        "echo \"requeue failed: submit this task again to resume $RUN_ID\" >&2; exit 143' USR1",
         f"{task} &",
         "child=$!",
         'wait "$child"',
