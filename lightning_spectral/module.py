@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_spectral.checkpoint import use_atomic_checkpoint_io
+from lightning_spectral.optim.base import first_nonfinite
 from lightning_spectral.optim.param_groups import build_param_groups, routing_table
 from lightning_spectral.signals import SigtermNotice
 
@@ -111,18 +112,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _first_nonfinite(named: dict[str, Any]) -> str | None:
-    """The first floating tensor of ``named`` with a NaN/Inf entry, or ``None``.
-
-    One fused norm over all tensors and one host sync; only if a norm is not finite (a
-    non-finite entry, or a finite tensor whose norm overflows) are the tensors checked one by one.
-    """
-    items = [(k, v) for k, v in named.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-    if not items or bool(torch.stack(torch._foreach_norm([v for _, v in items])).isfinite().all()):
-        return None
-    return next((k for k, v in items if not bool(torch.isfinite(v).all())), None)
 
 
 def _group_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +312,7 @@ class ManualOptimizationModule(LightningModule):
         if self._last_batch_of_epoch(batch_idx):
             # The epoch-end callbacks (diagnostics, checkpoints) run after this step and must
             # not see non-finite weights: one check per epoch.
-            bad = _first_nonfinite(dict(self.named_parameters()))
+            bad = first_nonfinite(self.named_parameters())
             if bad is not None:
                 raise NonFiniteStepError(
                     f"the optimizer step at step {self.trainer.global_step} made the weight {bad!r} non-finite "
@@ -342,16 +331,12 @@ class ManualOptimizationModule(LightningModule):
         """
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return True
-        values = [loss.detach().reshape(1)]
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            values.append(torch.stack(torch._foreach_norm(grads)))
-        finite = bool(torch.cat(values).isfinite().all())
-        loss_finite, culprit = True, None
-        if not finite:  # a NaN/Inf entry, or finite gradients whose norm overflowed: look one by one
-            loss_finite = bool(loss.detach().isfinite().all())
-            culprit = _first_nonfinite({n: p.grad for n, p in self.named_parameters() if p.grad is not None})
-            finite = loss_finite and culprit is None
+        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        loss_key = ("loss",)  # no parameter name is a tuple
+        bad = first_nonfinite([(loss_key, loss.detach()), *grads])  # one host sync while all is finite
+        loss_finite = bad != loss_key
+        culprit = bad if loss_finite else first_nonfinite(grads)
+        finite = bad is None
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             self._consecutive_skips = 0
             return True
@@ -384,7 +369,7 @@ class ManualOptimizationModule(LightningModule):
         return f"No checkpoint was written yet: {fix}, then start again."
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = _first_nonfinite(checkpoint["state_dict"])
+        bad = first_nonfinite((k, v) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v))
         if bad is not None:
             raise NonFiniteStepError(f"refusing to write a checkpoint at step {self.trainer.global_step}: the weight "
                                      f"{bad!r} is not finite. {self._resume_hint()}")

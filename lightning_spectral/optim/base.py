@@ -55,6 +55,28 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient holds NaN or Inf: the step was refused and no weight was changed."""
 
 
+def finite_flags(tensors: Iterable[torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """Per device, a 0-d bool tensor on it: every entry of the floating ``tensors`` there is
+    finite. One fused reduction per device (``torch._foreach_norm``, then one ``isfinite``) and no
+    host sync; a norm that overflows on finite entries (above ~1e19 in float32) reads as not
+    finite, which :func:`first_nonfinite` clears."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            by_device.setdefault(t.device, []).append(t)
+    return {device: torch.stack(torch._foreach_norm(ts)).isfinite().all() for device, ts in by_device.items()}
+
+
+def first_nonfinite(named: Iterable[tuple[Any, torch.Tensor]]) -> Any:
+    """The key of the first floating tensor of ``named`` (``(key, tensor)`` pairs) with a NaN or
+    Inf entry, or ``None``: :func:`finite_flags` and one host sync per device; only if a flag is
+    false are the tensors checked one by one."""
+    named = list(named)
+    if all(bool(flag) for flag in finite_flags(t for _, t in named).values()):
+        return None
+    return next((key for key, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
 def check_positive(owner: str, **values: float) -> None:
     for name, value in values.items():
         if value is None or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -240,11 +262,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         before and set after to ``torch.where(finite, new, old)`` (by key: also where the step
         replaced the tensor object); a state tensor the step created is set to
         ``where(finite, new, 0)``, zero being its value when fresh."""
-        grads: dict[torch.device, list[torch.Tensor]] = {}
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        for p in params:
-            grads.setdefault(p.grad.device, []).append(p.grad)
-        finite = {device: torch.stack(torch._foreach_norm(g)).isfinite().all() for device, g in grads.items()}
+        finite = finite_flags(p.grad for p in params)
         counts = self._nonfinite if self._nonfinite is not None else {}
         for device, flag in finite.items():
             counts[device] = counts.get(device, torch.zeros((), dtype=torch.int64, device=device)) + (~flag).long()
@@ -353,25 +372,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     st["momentum_buffer"] = buf
 
     def _check_finite(self) -> None:
-        """One fused reduction over all gradients (``torch._foreach_norm``, then one ``isfinite``
-        per device: one host sync); only if some norm is not finite are the tensors checked one by
-        one, to name the first bad one (a norm also overflows on finite entries above ~1e19 in
-        float32, which that check clears)."""
-        grads: dict[torch.device, list[torch.Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    grads.setdefault(p.grad.device, []).append(p.grad)
-        if all(bool(torch.stack(torch._foreach_norm(g)).isfinite().all()) for g in grads.values()):
-            return
-        for index, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    raise NonFiniteGradientError(
-                        f"{type(self).__name__}: the gradient of {self.param_name(index, i)} holds NaN or Inf; "
-                        "the step was refused and no weight was changed. Lower the learning rate, clip "
-                        "gradients, or use bf16/fp32 instead of fp16."
-                    )
+        """:func:`first_nonfinite` over all gradients: one fused reduction and one host sync per
+        device, the tensors checked one by one only to name the first bad one."""
+        bad = first_nonfinite(((index, i), p.grad) for index, group in enumerate(self.param_groups)
+                              for i, p in enumerate(group["params"]) if p.grad is not None)
+        if bad is not None:
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: the gradient of {self.param_name(*bad)} holds NaN or Inf; "
+                "the step was refused and no weight was changed. Lower the learning rate, clip "
+                "gradients, or use bf16/fp32 instead of fp16."
+            )
 
     # -- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
