@@ -26,7 +26,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import torch
 from lightning.fabric.utilities.types import _PATH
@@ -84,16 +84,21 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial ``path``: temporary file in the same
-    directory (the same filesystem, so the rename is atomic), flush, fsync, ``os.replace``, fsync
-    of the directory. The temporary file is removed if the write fails."""
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: _PATH, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into a binary file that becomes ``path`` whole or not at all: temporary file in
+    the same directory (the same filesystem, so the rename is atomic), flush, fsync,
+    ``os.replace``, fsync of the directory. The temporary file is removed if the write fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from lightning_spectral.checkpoint import atomic_write
+
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write atomically (a reader never sees half a file; an interrupted write leaves the old one)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str, allow_nan=True)
-    os.replace(tmp, path)
+    """Write atomically (:func:`~lightning_spectral.checkpoint.atomic_write`: a reader never sees
+    half a file; an interrupted write leaves the old one)."""
+    text = json.dumps(obj, indent=2, default=str, allow_nan=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
