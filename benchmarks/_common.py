@@ -3,11 +3,13 @@ the float32 Newton–Schulz floor, interleaved timing and Markdown formatting.""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections import defaultdict
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -167,3 +169,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
     return "\n".join(lines)
+
+
+def write_result(path: Path, result: dict, markdown: Optional[str] = None,
+                 default: Callable[[Any], Any] = str) -> None:
+    """``result`` as JSON at ``path`` (parents created) and, with ``markdown``, the tables beside it
+    (``path`` with the suffix ``.md``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=default))
+    if markdown is not None:
+        path.with_suffix(".md").write_text(markdown + "\n")

@@ -18,7 +18,6 @@ go to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from benchmarks._common import stack_by_shape, write_result
 
 GPT2_SMALL = {"n_layer": 12, "n_embd": 768}
 
@@ -102,7 +103,6 @@ def optimizer_rows() -> dict[str, Callable[[list], object]]:
 
 
 def bench_optimizers(shapes, device, timer: Timer, warmup: int, repeats: int, deadline: float, log) -> dict:
-    from benchmarks._common import stack_by_shape
     from lightning_spectral.optim.msign import msign
 
     g = torch.Generator().manual_seed(0)
@@ -259,9 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["markdown"] = text
     print(text)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "gpu.md").write_text(text + "\n")
+    write_result(out / "gpu.json", result, text)
     log(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'}")
     return result
 

@@ -23,7 +23,6 @@ pre-stacked gradients.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -34,7 +33,7 @@ import torch
 
 from lightning_spectral.optim.msign import msign
 
-from ._common import interleaved, median, ns_floor, stack_by_shape, table
+from ._common import interleaved, median, ns_floor, stack_by_shape, table, write_result
 
 CACHE = Path("logs/bench_cache")
 MODELS = ("mlp", "small_cnn", "resnet18", "gpt")
@@ -439,9 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     if args.out:
         path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1, default=str))
-        path.with_suffix(".md").write_text(text + "\n")
+        write_result(path, result, text)
         log(f"wrote {path} and {path.with_suffix('.md')}")
     return result
 

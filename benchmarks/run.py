@@ -15,7 +15,6 @@ ratio involving an SVD or eigensolve into a measurement of the neighbour's load.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import fmt, table
+from ._common import fmt, table, write_result
 
 SECTIONS = {"1": "optimizer_step", "2": "msign_accuracy", "3": "inner_solvers", "4": "training_loop",
             "5": "callbacks", "6": "memory"}
@@ -207,8 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     if args.out:
         path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1, default=_json_default))
+        write_result(path, result, default=_json_default)
         _log(f"wrote {path}")
     return result
 
