@@ -94,9 +94,8 @@ class ManifoldMuon(GeometricOptimizer):
 
     def _direction(self, group, geometry, X, G, state):
         if group["mode"] == "amortized":
-            # Groups of checkpoints from before these options existed lack them.
-            Phi, info = stiefel_amortized(X, G, state, steps=group.get("dual_steps", 1),
-                                          memory=group.get("dual_memory", 3))
+            # (Checkpoints from before these options existed get this optimizer's values on load.)
+            Phi, info = stiefel_amortized(X, G, state, steps=group["dual_steps"], memory=group["dual_memory"])
         else:
             Phi, state["dual"], info = stiefel_direction(X, G, state.get("dual"), mode="inner",
                                                          max_iters=group["inner_max_iters"], tol=group["inner_tol"])

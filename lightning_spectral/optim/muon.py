@@ -95,11 +95,10 @@ class Muon(MatrixOptimizer):
             matrix = as_matrix(update)
             by_shape[matrix.shape].append((p, matrix))
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-        eps = group.get("eps", 1e-7)  # groups saved before ``eps`` was a key
         for shape, items in by_shape.items():
             stacked = items[0][1] if len(items) == 1 else torch.stack([m for _, m in items])
             dtype = resolve_dtype(group["ns_dtype"], stacked.device)
-            ortho = msign(stacked, group["ns_steps"], group["ns_schedule"], dtype=dtype, eps=eps)
+            ortho = msign(stacked, group["ns_steps"], group["ns_schedule"], dtype=dtype, eps=group["eps"])
             step = -lr * lr_scale(shape, group["adjust_lr"])
             for i, (p, _) in enumerate(items):
                 o = ortho if len(items) == 1 else ortho[i]
