@@ -139,8 +139,9 @@ class ManualOptimizationModule(LightningModule):
 
     Before every optimizer step the loss and the gradients are checked for NaN/Inf (one fused
     norm and one host sync per step, whatever the optimizer; under fp16's ``GradScaler`` the
-    scaler's own check): a non-finite step never reaches the weights. No checkpoint is written
-    from non-finite weights.
+    scaler's own check): a non-finite step never reaches the weights, so a package optimizer's
+    own check (``check_finite=True``) is switched off rather than repeated. No checkpoint is
+    written from non-finite weights.
 
     Resuming (``ckpt_path``) with another network, ``exclude``, head/embedding routing or
     optimizer class than the checkpoint's raises :class:`CheckpointMismatchError` with the
@@ -230,6 +231,11 @@ class ManualOptimizationModule(LightningModule):
         groups = build_param_groups(self.net, exclude=self.exclude, vector_weight_decay=self.vector_weight_decay,
                                     **self.routing)
         optimizer = self.optimizer(groups)
+        if getattr(optimizer, "check_finite", None) is True:
+            # _finite_step checks the loss and every gradient before each step (or leaves it to
+            # fp16's GradScaler, which never lets a non-finite step reach the optimizer): the
+            # package optimizer's own check would repeat the same reduction and host sync.
+            optimizer.check_finite = False
         self._compare_with_checkpoint(optimizer)
         if self.scheduler is None:
             return optimizer
