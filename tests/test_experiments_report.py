@@ -124,6 +124,38 @@ def test_summary_counts_seeds_and_divergence() -> None:
     assert muon[0].startswith("| Muon | 1 | 90.00 |")
 
 
+def test_generalization_gap_is_train_eval_minus_held_out_accuracy() -> None:
+    results = grid(({"optimizer": ("SGD", "SGD")}, [0.5, 0.7]))
+    results[0][1]["final_train_eval_acc"] = 0.9  # gaps 0.4 and 0.05 (0.75 - 0.7)
+    gap = group_results(results)["optimizer=SGD"]["stats"]["generalization_gap"]
+    assert gap["n"] == 2 and gap["mean"] == pytest.approx(0.225) and gap["std"] == pytest.approx(0.35 / math.sqrt(2))
+    text = summary_section(group_results(results), {"columns": [{"key": "generalization_gap", "title": "Gap"}]})
+    assert "| Gap |" in lines(text, "| Series")[0] and lines(text, "| SGD")[0].endswith("| 0.225 ± 0.25 |")
+    no_train_eval = grid(({"optimizer": ("SGD", "SGD")}, [0.5]))
+    del no_train_eval[0][1]["final_train_eval_acc"]
+    assert "generalization_gap" not in group_results(no_train_eval)["optimizer=SGD"]["stats"]
+
+
+def test_figures_logged_to_tensorboard_as_images_replacing_an_earlier_collect(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_spectral.experiments.report.figures import log_figures_to_tensorboard
+
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 12), (0, 0, 255)).save(tmp_path / "b.png")
+    assert log_figures_to_tensorboard(tmp_path, ["missing.png"], "syn") is None
+    for _ in range(2):
+        log_dir = log_figures_to_tensorboard(tmp_path, ["a.png", "b.png", "missing.png"], "syn")
+    assert len(list(log_dir.glob("events.*"))) == 1
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["syn/a", "syn/b"]
+    image = events.Images("syn/a")
+    assert len(image) == 1 and (image[0].width, image[0].height) == (30, 20)
+
+
 def test_budget_rows_follow_the_budget(tmp_path: Path) -> None:
     groups = group_results(grid(({"budget": ("1", 1.0)}, [0.8, 0.6]), ({"budget": ("0.1", 0.1)}, [0.5])))
     text, figures = SECTIONS["budget"](study(), groups, tmp_path, {"axis": "budget"})

@@ -68,3 +68,29 @@ def save_figure(fig, path: Path, dpi: int = DPI) -> str:
     fig.savefig(path.with_suffix(".svg"))
     pyplot().close(fig)
     return path.name
+
+
+def log_figures_to_tensorboard(report_dir: Path, names: list[str], study_name: str) -> Path | None:
+    """Write the report's PNG figures ``names`` (files in ``report_dir``) as images to a fresh
+    TensorBoard log in ``report_dir/tensorboard`` (tag ``<study>/<figure>``), so that
+    ``tensorboard --logdir logs/studies/<study>`` shows them beside every run's curves and
+    HParams. Returns the log directory (``None`` when there is no figure)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    pngs = [report_dir / name for name in names if (report_dir / name).is_file()]
+    if not pngs:
+        return None
+    log_dir = report_dir / "tensorboard"
+    shutil.rmtree(log_dir, ignore_errors=True)  # a re-collect replaces the figures instead of adding a second copy
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for png in pngs:
+            image = np.asarray(Image.open(png).convert("RGB"))
+            writer.add_image(f"{study_name}/{png.stem}", image, dataformats="HWC")
+    finally:
+        writer.close()
+    return log_dir

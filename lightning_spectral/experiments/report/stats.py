@@ -21,8 +21,17 @@ STAT_KEYS = (
     "final_max_spectral_norm", "final_sharpness", "final_grad_noise_scale", "mean_step_time_ms",
     "final_solver_inner_iterations", "final_solver_inner_residual", "final_solver_constraint",
     "final_solver_closed_form", "max_stable_lr",
-    "total_time_s",
+    "total_time_s", "generalization_gap",
 )
+
+
+def derived(result: dict[str, Any]) -> dict[str, Any]:
+    """A run's result with the statistics computed from others: ``generalization_gap`` =
+    accuracy on the whole training set (eval mode, ``final_train_eval``) − held-out accuracy."""
+    train, val = result.get("final_train_eval_acc"), result.get("final_val_acc")
+    if isinstance(train, (int, float)) and isinstance(val, (int, float)):
+        return {**result, "generalization_gap": train - val}
+    return result
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -49,7 +58,7 @@ def group_results(results: list[tuple[Run, dict[str, Any]]]) -> "OrderedDict[str
     groups: OrderedDict[str, dict[str, Any]] = OrderedDict()
     for run, result in results:
         g = groups.setdefault(run.group, {"group": run.group, "axes": run.axes, "values": run.values, "results": []})
-        g["results"].append(result)
+        g["results"].append(derived(result))
     for g in groups.values():
         rs = g["results"]
         g["n"] = len(rs)
