@@ -10,6 +10,7 @@ from lightning_spectral.experiments.files import write_csv, write_json
 from lightning_spectral.experiments.provenance import REPO_ROOT, page_line, provenance
 from lightning_spectral.experiments.report.budget import section_budget
 from lightning_spectral.experiments.report.layer_norms import section_layer_norms
+from lightning_spectral.experiments.report.lm import section_lm
 from lightning_spectral.experiments.report.lr_envelope import section_lr_envelope
 from lightning_spectral.experiments.report.lr_sweep import section_lr_sweep
 from lightning_spectral.experiments.report.metric_grid import section_metric_grid
@@ -24,7 +25,7 @@ from lightning_spectral.experiments.spec import Study, expand, get_dotted
 SECTIONS = {
     "metric_grid": section_metric_grid, "budget": section_budget, "width": section_width,
     "lr_sweep": section_lr_sweep, "layer_norms": section_layer_norms, "solvers": section_solvers,
-    "optimizer_table": section_optimizer_table,
+    "optimizer_table": section_optimizer_table, "lm": section_lm,
 }
 
 
