@@ -18,6 +18,10 @@ state (rank 0's checkpoint is complete) while the msign/inner-solve time falls w
 of ranks. The price is a broadcast of the matrices and their state (1–3× their size) per step,
 on top of DDP's gradient all-reduce. Set ``optimizer.distribute_work = False`` to repeat the
 work on every rank instead.
+
+Parameters sharded as ``DTensor`` (FSDP2, Lightning's ``ModelParallelStrategy``) take their
+matrix step on the gathered full matrix and keep their shard of the result (:mod:`.sharded`);
+their fallback steps run on the shards.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch.optim.sgd import sgd
 
 from .geometry.base import record_inner
 from .param_groups import MATRIX_KEY, split_by_rule
+from .sharded import full_matrix, is_sharded
 
 __all__ = ["FALLBACKS", "LR_ADJUSTMENTS", "MODES", "MatrixOptimizer", "NonFiniteGradientError", "ON_CONSTRAINT_TOL",
            "check_mode", "check_positive", "check_unit_interval", "describe_param", "ema_momentum", "lr_scale",
@@ -62,6 +67,7 @@ def finite_flags(tensors: Iterable[torch.Tensor]) -> dict[torch.device, torch.Te
     finite, which :func:`first_nonfinite` clears."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
+        t = t.to_local() if is_sharded(t) else t  # this rank's shard
         if t.is_floating_point():
             by_device.setdefault(t.device, []).append(t)
     return {device: torch.stack(torch._foreach_norm(ts)).isfinite().all() for device, ts in by_device.items()}
@@ -71,7 +77,7 @@ def first_nonfinite(named: Iterable[tuple[Any, torch.Tensor]]) -> Any:
     """The key of the first floating tensor of ``named`` (``(key, tensor)`` pairs) with a NaN or
     Inf entry, or ``None``: :func:`finite_flags` and one host sync per device; only if a flag is
     false are the tensors checked one by one."""
-    named = list(named)
+    named = [(key, t.to_local() if is_sharded(t) else t) for key, t in named]
     if all(bool(flag) for flag in finite_flags(t for _, t in named).values()):
         return None
     return next((key for key, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
@@ -214,6 +220,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.check_finite == "lazy":
+            if self._sharded_grads():
+                raise ValueError(f"{type(self).__name__}: check_finite='lazy' does not support parameters sharded as "
+                                 "DTensor (FSDP2 / ModelParallelStrategy); build the optimizer with check_finite=True")
             self._lazy_steps += 1
             if self.lazy_check_every and self._lazy_steps % self.lazy_check_every == 0:
                 self.raise_if_nonfinite()
@@ -294,8 +303,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
         owners = self._owners()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if group[MATRIX_KEY] and owners is not None:
-                params = [p for p in params if owners[p] == dist.get_rank()]
+            if group[MATRIX_KEY]:
+                for p in [p for p in params if is_sharded(p)]:
+                    with full_matrix(self.state, p) as full:
+                        self._matrix_step(group, [full])
+                params = [p for p in params if not is_sharded(p)]
+                if owners is not None:
+                    params = [p for p in params if owners[p] == dist.get_rank()]
             if not params:
                 continue
             if group[MATRIX_KEY]:
@@ -316,7 +330,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         world = dist.get_world_size()
         if world == 1:
             return None
-        matrices = [p for g in self.param_groups if g[MATRIX_KEY] for p in g["params"] if p.grad is not None]
+        matrices = [p for g in self.param_groups if g[MATRIX_KEY] for p in g["params"]
+                    if p.grad is not None and not is_sharded(p)]
+        if not matrices:
+            return None
         load = [0] * world
         owners: dict[torch.Tensor, int] = {}
         for index in sorted(range(len(matrices)), key=lambda i: -msign_cost(matrices[i])):
@@ -376,12 +393,23 @@ class MatrixOptimizer(torch.optim.Optimizer):
         device, the tensors checked one by one only to name the first bad one."""
         bad = first_nonfinite(((index, i), p.grad) for index, group in enumerate(self.param_groups)
                               for i, p in enumerate(group["params"]) if p.grad is not None)
+        sharded = self._sharded_grads()
+        if sharded and _any_rank(bad is not None, sharded[0].device):
+            # Each rank checked its shards: all ranks refuse the step together.
+            where = self.param_name(*bad) if bad is not None else "a parameter sharded on another rank"
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: the gradient of {where} holds NaN or Inf; the step was refused and no "
+                "weight was changed. Lower the learning rate, clip gradients, or use bf16/fp32 instead of fp16."
+            )
         if bad is not None:
             raise NonFiniteGradientError(
                 f"{type(self).__name__}: the gradient of {self.param_name(*bad)} holds NaN or Inf; "
                 "the step was refused and no weight was changed. Lower the learning rate, clip "
                 "gradients, or use bf16/fp32 instead of fp16."
             )
+
+    def _sharded_grads(self) -> list[torch.Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and is_sharded(p)]
 
     # -- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -456,6 +484,13 @@ def msign_cost(p: torch.Tensor) -> int:
     """``m·n·min(m, n)`` of the ``m × n`` matrix view of ``p``: how an msign's work grows."""
     rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
     return rows * cols * min(rows, cols)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-reduced over all ranks (one all-reduce, staged on ``device``: NCCL sends no CPU tensors)."""
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def _state_layout(state: dict) -> dict[str, tuple]:

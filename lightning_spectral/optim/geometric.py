@@ -62,6 +62,7 @@ from .geometry import sinkhorn, symplectic_form
 from .linalg import as_matrix
 from .msign import check_schedule, msign
 from .param_groups import MATRIX_KEY, split_by_rule
+from .sharded import whole
 
 __all__ = ["BlockStiefel", "DoublyStochastic", "GeometricOptimizer", "Grassmann", "L1Stiefel", "Oblique", "SLMuon",
            "Symplectic", "sinkhorn", "symplectic_form"]
@@ -222,16 +223,17 @@ class GeometricOptimizer(MatrixOptimizer):
             if not group[MATRIX_KEY]:
                 continue
             geometry = self.geometry(group)
-            for i, p in enumerate(group["params"]):
-                W = as_matrix(p).float()
-                X = geometry.view(W)
-                if not geometry.contains(X, ON_CONSTRAINT_TOL):
-                    try:
-                        X = geometry.project(X, self.state[p])
-                    except ValueError as error:
-                        raise ValueError(f"{type(self).__name__}: {self.param_name(index, i)}: {error}") from None
-                    p.copy_(geometry.unview(X, W.shape).view_as(p))
-                self._init_state(group, X, self.state[p])
+            for i, param in enumerate(group["params"]):
+                with whole(self.state, param) as p:  # a DTensor shard: its full matrix
+                    W = as_matrix(p).float()
+                    X = geometry.view(W)
+                    if not geometry.contains(X, ON_CONSTRAINT_TOL):
+                        try:
+                            X = geometry.project(X, self.state[p])
+                        except ValueError as error:
+                            raise ValueError(f"{type(self).__name__}: {self.param_name(index, i)}: {error}") from None
+                        p.copy_(geometry.unview(X, W.shape).view_as(p))
+                    self._init_state(group, X, self.state[p])
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         geometry = self.geometry(group)
