@@ -193,6 +193,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{owner}: adjust_lr must be one of {LR_ADJUSTMENTS}, got {defaults['adjust_lr']!r}")
         self.check_finite = check_finite
         groups = split_by_rule(params)
+        if any(getattr(p, "_fsdp_flattened", False) for group in groups for p in group["params"]):
+            raise ValueError(
+                f"{owner}: the parameters are FSDP1 flat shards (FullyShardedDataParallel, Lightning's FSDPStrategy), "
+                "1-D slices that cut matrices at arbitrary offsets, so no matrix rule can see its matrix. Shard with "
+                "FSDP2 instead (torch.distributed.fsdp.fully_shard, Lightning's ModelParallelStrategy), whose DTensor "
+                "parameters these optimizers gather, or use DDP."
+            )
         for group in groups:
             if group[MATRIX_KEY]:
                 continue
