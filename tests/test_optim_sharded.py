@@ -99,6 +99,9 @@ def _dtensor_cases(mesh, rank: int, tmp: str) -> dict:
         state = max((_max_diff(ref_opt.state[a][k], v) for a, b in zip(ref, sharded)
                      for k, v in opt.state[b].items() if isinstance(v, torch.Tensor)), default=0.0)
         keys = all(set(ref_opt.state[a]) == set(opt.state[b]) for a, b in zip(ref, sharded))
+        ref_report, report = ref_opt.constraint_report(), opt.constraint_report()
+        report_diff = max((abs(value - report[name][key]) for name, entry in ref_report.items()
+                           for key, value in entry.items()), default=0.0) if set(report) == set(ref_report) else 1.0
         # State shaped like a sharded parameter stays a DTensor with its placements (1/world per rank).
         sharded_state = all(isinstance(v, DTensor) and v.placements == b.placements
                             for b in sharded for v in opt.state[b].values()
@@ -117,7 +120,7 @@ def _dtensor_cases(mesh, rank: int, tmp: str) -> dict:
         ref_opt.step()
         fresh.step()
         resumed = max(_max_diff(a, b) for a, b in zip(ref, fresh_params))
-        out[name] = dict(weight=weight, state=state, keys=keys, sharded_state=sharded_state, resumed=resumed)
+        out[name] = dict(weight=weight, state=state, keys=keys, report=report_diff, sharded_state=sharded_state, resumed=resumed)
     return out
 
 
@@ -209,6 +212,7 @@ def test_dtensor_steps_equal_unsharded_steps(results, name, rank):
     assert case["weight"] <= TOL, case
     assert case["state"] <= TOL, case
     assert case["keys"], "the sharded optimizer's state has other keys than the plain one's"
+    assert case["report"] <= 1e-5, "constraint_report() must measure the full matrices"
     assert case["sharded_state"], "state shaped like the parameter must stay a DTensor with its placements"
     assert case["resumed"] <= TOL, "a checkpoint loaded with weights_only=True must resume the same steps"
 

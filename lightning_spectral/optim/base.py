@@ -463,7 +463,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for name, p in zip(names, group["params"]):
                 state = self.state.get(p, {})
                 entry = {k: float(state[k]) for k in ("inner_iterations", "inner_residual") if k in state}
-                distance = self._constraint_distance(group, p, state)
+                # A sharded matrix's distance is its full matrix's (an all-gather: every rank reports).
+                distance = self._constraint_distance(group, p.full_tensor() if is_sharded(p) else p, state)
                 if distance is not None:
                     entry["constraint"] = distance
                 if entry:
