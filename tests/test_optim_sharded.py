@@ -250,7 +250,7 @@ LIGHTNING_SCRIPT = textwrap.dedent(
 
     from lightning_spectral import optim as O
 
-    STEPS = 4
+    STEPS = 2  # batches per epoch
 
 
     def net():
@@ -290,40 +290,49 @@ LIGHTNING_SCRIPT = textwrap.dedent(
             return O.Muon(self.net.parameters(), lr=0.05)
 
 
+    def trainer(epochs):
+        return L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_epochs=epochs,
+                         use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+
+
     if __name__ == "__main__":
         torch.set_num_threads(1)
-        model = Tiny()
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_steps=STEPS,
-                            use_distributed_sampler=False, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(model, torch.utils.data.DataLoader(batches(), batch_size=None))  # same batches on both ranks
+        loader = torch.utils.data.DataLoader(batches(), batch_size=None)  # the same batches on both ranks
+        first = trainer(1)
+        first.fit(Tiny(), loader)
+        first.save_checkpoint(sys.argv[2])  # a distributed checkpoint (DTensor optimizer state), then resume
+        model, second = Tiny(), trainer(2)
+        second.fit(model, loader, ckpt_path=sys.argv[2])
         full = [p.full_tensor() for p in model.net.parameters()]
         types = sorted({type(p).__name__ for p in model.net.parameters()})
-        if trainer.global_rank == 0:
+        if second.global_rank == 0:
             ref = net()
             opt = O.Muon(ref.parameters(), lr=0.05)
             opt.distribute_work = False
-            for x, y in batches():
+            for x, y in batches() * 2:
                 opt.zero_grad()
                 nn.functional.cross_entropy(ref(x), y).backward()
                 opt.step()
             err = max((a.detach() - b).abs().max().item() for a, b in zip(ref.parameters(), full))
             moved = max((a.detach() - b).abs().max().item() for a, b in zip(net().parameters(), full))
-            json.dump({"err": err, "moved": moved, "types": types}, open(sys.argv[1], "w"))
+            json.dump({"err": err, "moved": moved, "types": types, "steps": second.global_step}, open(sys.argv[1], "w"))
     '''
 )
 
 
 def test_lightning_model_parallel_strategy(tmp_path):
     """Lightning's ModelParallelStrategy (FSDP2, gloo, 2 CPU processes via its popen launcher) with
-    manual optimization and our Muon equals plain Muon steps on one process (about 15 s)."""
+    manual optimization and our Muon, one epoch, its distributed checkpoint, a resumed second epoch:
+    equals plain Muon steps on one process (about 15 s)."""
     script, out = tmp_path / "fit_fsdp2.py", tmp_path / "result.json"
     script.write_text(LIGHTNING_SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "epoch1.ckpt")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["types"] == ["DTensor"]
+    assert result["steps"] == 4
     assert result["moved"] > 1e-3
     assert result["err"] <= TOL, result

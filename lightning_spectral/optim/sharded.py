@@ -60,9 +60,10 @@ def full_matrix(state: dict, p: torch.Tensor) -> Iterator[torch.Tensor]:
     finally:
         new = state.pop(full)
         p.to_local().copy_(_shard(full, mesh, placements))
-        state[p] = {key: (distribute_tensor(value, mesh, placements, src_data_rank=None)
-                          if isinstance(value, torch.Tensor) and value.shape == full.shape else value)
-                    for key, value in new.items()}
+        if new:  # no empty entry: torch's distributed checkpoint reads a non-empty ``state`` as initialised
+            state[p] = {key: (distribute_tensor(value, mesh, placements, src_data_rank=None)
+                              if isinstance(value, torch.Tensor) and value.shape == full.shape else value)
+                        for key, value in new.items()}
 
 
 def whole(state: dict, p: torch.Tensor) -> contextlib.AbstractContextManager[torch.Tensor]:
