@@ -1,0 +1,132 @@
+"""The ``lm`` report section on a fake results set with hand-computed answers, and the shipped LM studies."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lightning_spectral.experiments.report import SECTIONS, group_results
+from lightning_spectral.experiments.report.lm import (
+    first_crossing, optimizer_fraction, section_lm, trajectory, value_at,
+)
+from lightning_spectral.experiments.spec import Run, Study, expand, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def history(losses, seconds, step_ms=10.0, every=25):
+    return [{"epoch": i + 1, "step": every * (i + 1), "val_loss": loss, "time": t, "step_time_ms": step_ms}
+            for i, (loss, t) in enumerate(zip(losses, seconds))]
+
+
+def result(optimizer, lr, seed, losses=None, seconds=None, step_ms=10.0, status="finished"):
+    run = Run(f"optimizer={optimizer}__lr={lr}__seed={seed}", {"optimizer": optimizer, "lr": str(lr)},
+              {"optimizer": optimizer, "lr": lr}, seed, {})
+    hist = history(losses, seconds, step_ms) if losses else []
+    return run, {"seed": seed, "status": status, "history": hist}
+
+
+def fake_results():
+    """AdamW: lrs 1e-3 and 1e-2 (diverged) with seed 0, 3e-3 with seeds 0-2, every evaluation 2 s,
+    optimizer steps 20 ms. Muon: 0.02 with seeds 0-2 (seed 0 never reaches 1.6, seed 2 is below it
+    at the first evaluation), 0.05 with seed 0 only but the lowest final loss."""
+    two = [2.0] * 4
+    return [
+        result("AdamW", 0.001, 0, [3.0, 2.5, 2.0, 1.4], two, 20.0),
+        result("AdamW", 0.003, 0, [3.0, 2.0, 1.5, 1.2], two, 20.0),
+        result("AdamW", 0.003, 1, [3.0, 2.2, 1.4, 1.1], two, 20.0),
+        result("AdamW", 0.003, 2, [3.0, 1.8, 1.4, 1.3], two, 20.0),
+        result("AdamW", 0.01, 0, [3.0, math.nan], [2.0, 2.0], 20.0, status="diverged"),
+        result("Muon", 0.02, 0, [2.5, 1.9, 1.7, 1.65], [1.25] * 4),
+        result("Muon", 0.02, 1, [2.5, 1.7, 1.5, 1.4], [1.5] * 4),
+        result("Muon", 0.02, 2, [1.5, 1.4, 1.3, 1.2], [1.5] * 4),
+        result("Muon", 0.05, 0, [2.0, 1.5, 1.2, 1.0], [1.5] * 4),
+    ]
+
+
+def study():
+    return Study(name="lmfake", kind="train", path=None, base={}, seeds=[0], grids=[])
+
+
+def test_first_crossing_interpolates_flags_the_first_point_and_misses() -> None:
+    steps, losses = [25.0, 50.0, 75.0, 100.0], [3.0, 2.0, 1.5, 1.2]
+    assert first_crossing(steps, losses, 1.6) == (pytest.approx(50 + 25 * 0.4 / 0.5), True)  # 70
+    assert first_crossing(steps, losses, 2.0) == (50.0, True)  # exactly at an evaluation
+    assert first_crossing(steps, losses, 3.5) == (25.0, False)  # already below at the first: an upper bound
+    x, exact = first_crossing(steps, losses, 1.0)
+    assert math.isnan(x) and exact
+
+
+def test_value_at_interpolates_inside_and_is_nan_outside() -> None:
+    xs, ys = [2.0, 4.0, 6.0, 8.0], [3.0, 2.0, 1.5, 1.2]
+    assert value_at(xs, ys, 5.0) == pytest.approx(1.75)
+    assert value_at(xs, ys, 8.0) == pytest.approx(1.2) and value_at(xs, ys, 2.0) == pytest.approx(3.0)
+    assert math.isnan(value_at(xs, ys, 1.0)) and math.isnan(value_at(xs, ys, 8.5)) and math.isnan(value_at([], [], 1))
+
+
+def test_trajectory_and_optimizer_fraction() -> None:
+    hist = history([3.0, math.nan, 1.5], [2.0, 3.0, 5.0], step_ms=20.0)
+    assert trajectory(hist) == ([25.0, 75.0], [2.0, 10.0], [3.0, 1.5])  # the NaN row's time still counts
+    assert optimizer_fraction(hist) == pytest.approx(0.020 * 75 / 10.0)
+    assert math.isnan(optimizer_fraction([{"step": 25, "time": 1.0}]))
+
+
+def test_section_lm_on_a_fake_study(tmp_path: Path) -> None:
+    assert SECTIONS["lm"] is section_lm
+    groups = group_results(fake_results())
+    text, figures = section_lm(study(), groups, tmp_path, {"target_loss": 1.6})
+    assert figures == ["lmfake_lm_curves.png", "lmfake_lm_lr_sweep.png"]
+    assert all((tmp_path / f).exists() and (tmp_path / f).with_suffix(".svg").exists() for f in figures)
+    table = json.loads((tmp_path / "lm_table.json").read_text())
+    assert table["equal_time_s"] == pytest.approx(5.0)  # Muon seed 0: 4 × 1.25 s, the shortest run
+    adamw, muon = table["rows"]
+    assert adamw["lr"] == 0.003 and adamw["seeds"] == [0, 1, 2]  # the lr with the most seeds
+    assert adamw["final_val_loss"]["mean"] == pytest.approx(1.2) and adamw["final_val_loss"]["std"] == pytest.approx(0.1)
+    assert adamw["final_val_bpb"]["mean"] == pytest.approx(1.2 / math.log(2))
+    assert adamw["steps_to_target"] == pytest.approx([70.0, 50 + 25 * 0.6 / 0.8, 50 + 25 * 0.2 / 0.4])
+    assert adamw["seconds_to_target"] == pytest.approx([4 + 2 * 0.4 / 0.5, 4 + 2 * 0.6 / 0.8, 4 + 2 * 0.2 / 0.4])
+    # at 5 s: halfway between the evaluations at 4 s and 6 s of each seed
+    assert adamw["val_loss_at_equal_time"]["mean"] == pytest.approx((1.75 + 1.8 + 1.6) / 3)
+    assert adamw["optimizer_time_fraction"]["mean"] == pytest.approx(0.020 * 100 / 8.0)
+    assert muon["lr"] == 0.02 and muon["seeds"] == [0, 1, 2]
+    assert math.isnan(muon["steps_to_target"][0])  # 1.65 at the end: not reached
+    assert muon["steps_to_target"][1:] == pytest.approx([62.5, 25.0])
+    assert muon["seconds_to_target"][1:] == pytest.approx([3.0 + 1.5 * 0.5, 1.5])
+    assert muon["val_loss_at_equal_time"]["mean"] == pytest.approx((1.65 + (1.5 + (1.4 - 1.5) * (5 - 4.5) / 1.5)
+                                                                     + (1.3 + (1.2 - 1.3) * (5 - 4.5) / 1.5)) / 3)
+    assert muon["optimizer_time_fraction"]["mean"] == pytest.approx((0.01 * 100 / 5 + 2 * 0.01 * 100 / 6) / 3)
+    main = text.split("### Learning-rate sweep")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in main.splitlines() if line.startswith("| ")}
+    assert "| ≤ 44 ± 27 (2/3 reached) | ≤ 2.6 ± 1.6 (2/3 reached) |" in rows["Muon"]  # seed 2: an upper bound
+    assert "| 67 ± 4 | 5.4 ± 0.3 |" in rows["AdamW"]  # steps (70, 68.75, 62.5) and seconds (5.6, 5.5, 5.0)
+    assert "1.200 ± 0.100" in rows["AdamW"] and "25.0 ± 0.0" in rows["AdamW"]  # loss; optimizer % of time
+    sweep = next(line for line in text.splitlines() if line.startswith("| AdamW | 0.001:"))
+    assert "0.001: 1.400 · **0.003: 1.200** · 0.01: diverged" in sweep and sweep.endswith("|  |")
+    muon_sweep = next(line for line in text.splitlines() if line.startswith("| Muon | 0.02:"))
+    assert "**0.05: 1.000**" in muon_sweep and "not the learning rate with the most seeds" in muon_sweep
+
+
+def test_section_lm_needs_a_target_and_the_optimizer_axis(tmp_path: Path) -> None:
+    groups = group_results(fake_results())
+    with pytest.raises(ValueError, match="needs target_loss"):
+        section_lm(study(), groups, tmp_path, {})
+    with pytest.raises(ValueError, match="has no axis 'method'; name the optimizer axis with method_axis"):
+        section_lm(study(), groups, tmp_path, {"target_loss": 1.6, "method_axis": "method"})
+
+
+def test_the_cpu_lm_study_shares_the_sweep_run_of_the_best_lr() -> None:
+    spec = load_study(ROOT / "configs" / "studies" / "text" / "lm.yaml")
+    runs = expand(spec)
+    by_group: dict[str, list[int]] = {}
+    for run in runs:
+        by_group.setdefault(run.group, []).append(run.seed)
+    optimizers = {run.axes["optimizer"] for run in runs}
+    assert len(optimizers) == 6 and len(runs) == 6 * (3 + 2)
+    for name in optimizers:
+        seeds = sorted(sorted(s) for g, s in by_group.items() if g.startswith(f"optimizer={name},"))
+        assert seeds == [[0], [0], [0, 1, 2]], name  # three swept lrs, one of them with seeds 0, 1, 2
+    section = next(s for s in spec.report["sections"] if isinstance(s, dict) and s["type"] == "lm")
+    assert isinstance(section["target_loss"], float)
