@@ -78,7 +78,7 @@ def test_section_lm_on_a_fake_study(tmp_path: Path) -> None:
     assert SECTIONS["lm"] is section_lm
     groups = group_results(fake_results())
     text, figures = section_lm(study(), groups, tmp_path, {"target_loss": 1.6})
-    assert figures == ["lmfake_lm_curves.png", "lmfake_lm_lr_sweep.png"]
+    assert figures == ["lmfake_val_loss.png", "lmfake_lr_sweep_loss.png"]
     assert all((tmp_path / f).exists() and (tmp_path / f).with_suffix(".svg").exists() for f in figures)
     table = json.loads((tmp_path / "lm_table.json").read_text())
     assert table["equal_time_s"] == pytest.approx(5.0)  # Muon seed 0: 4 × 1.25 s, the shortest run

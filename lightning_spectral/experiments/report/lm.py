@@ -206,7 +206,7 @@ def section_lm(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
     axes[1].set_title("Validation loss vs wall time", fontsize=10)
     legend(axes[0])
     legend(axes[1])
-    curves_name = save_figure(fig, report_dir / f"{study.name}_lm_curves.png")
+    curves_name = save_figure(fig, report_dir / f"{study.name}_val_loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, gs in by_method.items():
@@ -220,7 +220,7 @@ def section_lm(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
     ax.set_title("Learning-rate sweep (sweep seed)", fontsize=10)
     ax.grid(True, alpha=0.3)
     legend(ax)
-    sweep_name = save_figure(fig, report_dir / f"{study.name}_lm_lr_sweep.png")
+    sweep_name = save_figure(fig, report_dir / f"{study.name}_lr_sweep_loss.png")
 
     header = ["Optimizer", "lr", "Seeds", "Val loss (final)", "Val bpb (final)", f"Steps to {target:g}",
               f"Seconds to {target:g}", f"Val loss at {t_equal:.0f} s", "Optimizer % of time", "Seconds (total)"]
