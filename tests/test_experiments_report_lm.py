@@ -84,7 +84,8 @@ def test_section_lm_on_a_fake_study(tmp_path: Path) -> None:
     assert table["equal_time_s"] == pytest.approx(5.0)  # Muon seed 0: 4 × 1.25 s, the shortest run
     adamw, muon = table["rows"]
     assert adamw["lr"] == 0.003 and adamw["seeds"] == [0, 1, 2]  # the lr with the most seeds
-    assert adamw["final_val_loss"]["mean"] == pytest.approx(1.2) and adamw["final_val_loss"]["std"] == pytest.approx(0.1)
+    assert adamw["final_val_loss"]["mean"] == pytest.approx(1.2)
+    assert adamw["final_val_loss"]["std"] == pytest.approx(0.1)
     assert adamw["final_val_bpb"]["mean"] == pytest.approx(1.2 / math.log(2))
     assert adamw["steps_to_target"] == pytest.approx([70.0, 50 + 25 * 0.6 / 0.8, 50 + 25 * 0.2 / 0.4])
     assert adamw["seconds_to_target"] == pytest.approx([4 + 2 * 0.4 / 0.5, 4 + 2 * 0.6 / 0.8, 4 + 2 * 0.2 / 0.4])
@@ -130,3 +131,36 @@ def test_the_cpu_lm_study_shares_the_sweep_run_of_the_best_lr() -> None:
         assert seeds == [[0], [0], [0, 1, 2]], name  # three swept lrs, one of them with seeds 0, 1, 2
     section = next(s for s in spec.report["sections"] if isinstance(s, dict) and s["type"] == "lm")
     assert isinstance(section["target_loss"], float)
+
+
+def test_collect_writes_the_lm_section_from_result_files(tmp_path: Path) -> None:
+    import yaml
+
+    from lightning_spectral.experiments.report import collect
+    from lightning_spectral.experiments.runner import run_dir
+
+    def variant(name, cls):
+        return {"name": name, "set": {"model.init_args.optimizer": {"class_path": cls, "init_args": {"lr": 0.1}}}}
+
+    lr = "model.init_args.optimizer.init_args.lr"
+    adamw, muon = variant("AdamW", "torch.optim.AdamW"), variant("Muon", "lightning_spectral.optim.Muon")
+    spec = {"name": "lmfake", "base": str(ROOT / "configs" / "gpt_quickstart.yaml"), "seeds": [0], "grids": [
+        {"optimizer": [adamw], "lr": {"key": lr, "values": [0.001, 0.003, 0.01]}},
+        {"optimizer": [muon], "lr": {"key": lr, "values": [0.02, 0.05]}},
+        {"axes": {"optimizer": [adamw], "lr": {"key": lr, "values": [0.003]}}, "seeds": [1, 2]},
+        {"axes": {"optimizer": [muon], "lr": {"key": lr, "values": [0.02]}}, "seeds": [1, 2]},
+    ], "report": {"sections": [{"type": "lm", "target_loss": 1.6}]}}
+    path = tmp_path / "lmfake.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    loaded = load_study(path)
+    fakes = {(run.axes["optimizer"], run.values["lr"], run.seed): r for run, r in fake_results()}
+    for run in expand(loaded):
+        directory = run_dir(loaded, run, tmp_path / "out")
+        directory.mkdir(parents=True)
+        (directory / "result.json").write_text(json.dumps(fakes[run.axes["optimizer"], run.values["lr"], run.seed]))
+    report = collect(loaded, tmp_path / "out")
+    page = (report / "summary.md").read_text()
+    assert "## Language model: optimizers at their best learning rate" in page
+    assert "![validation loss](lmfake_val_loss.png)" in page and (report / "lmfake_val_loss.png").exists()
+    assert json.loads((report / "lm_table.json").read_text())["rows"][0]["steps_to_target"] == pytest.approx(
+        [70.0, 68.75, 62.5])

@@ -14,8 +14,8 @@ loss of the sweep seed). For it, over seeds (mean ± sample std):
 - the optimizer's share of the time: ``Σ step_time · Δsteps / total seconds``.
 
 Seconds are the cumulative ``time`` of the history rows: the wall time of each training epoch
-from its start to its end, which holds the training steps, data loading and the validation pass
-and checkpoint at the end of the epoch (identical work for every optimizer of a study).
+from its start to its end, which holds the training steps, data loading, and the validation pass
+(the same for every optimizer) and checkpoint that end the epoch.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def value_at(xs: list[float], ys: list[float], x: float) -> float:
             x0, x1 = xs[i - 1], xs[i]
             w = (x - x0) / (x1 - x0) if x1 > x0 else 1.0
             return ys[i - 1] + w * (ys[i] - ys[i - 1])
-    return ys[0]
+    return ys[0]  # a single point, x == xs[0]
 
 
 def optimizer_fraction(history: list[dict[str, Any]]) -> float:
@@ -230,8 +230,8 @@ def section_lm(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
             f"({target / LN2:.3f} bpb): the first crossing, interpolated linearly between evaluations (≤: reached "
             f"by the first evaluation). Equal wall time: the validation loss after {t_equal:.1f} s, the shortest "
             f"total time of these runs, interpolated. Seconds are the cumulative wall time of the training epochs "
-            f"(training steps, data loading, and the validation pass and checkpoint that end each epoch, the same "
-            f"work for every optimizer), measured on the machine the study ran on; the optimizer's share is the "
+            f"(training steps, data loading, and the validation pass, the same for every optimizer, and checkpoint "
+            f"that end each epoch), measured on the machine the study ran on; the optimizer's share is the "
             f"time inside `optimizer.step()` over those seconds.\n\n{md_table(header, rows)}\n\n"
             f"![validation loss]({curves_name})\n\n"
             f"### Learning-rate sweep\n\nFinal validation loss of the sweep seed at each learning rate (bold: the "
