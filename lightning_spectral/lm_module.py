@@ -160,11 +160,22 @@ class LanguageModule(ManualOptimizationModule):
                                      generator=generator)
         finally:
             self.net.train(was_training)
+            if self.device_mesh is not None:
+                from torch.distributed.fsdp import FSDPModule
+
+                if isinstance(self.net, FSDPModule):
+                    # FSDP2 keeps the root's weights gathered after a forward without backward:
+                    # back to shards, as training and checkpoints expect them.
+                    self.net.reshard()
 
     def on_fit_end(self) -> None:
-        if self.max_new_tokens and self.trainer.is_global_zero:
-            self.print(f"\n----- sample: {self.max_new_tokens} bytes after {self.prompt!r} -----\n"
-                       f"{self.sample()}\n-----")
+        if not self.max_new_tokens:
+            return
+        # A network sharded by configure_model runs forward collectively: every rank samples
+        # (the same text, from the same seed); otherwise rank 0 alone.
+        if self.trainer.is_global_zero or self.device_mesh is not None:
+            text = self.sample()
+            self.print(f"\n----- sample: {self.max_new_tokens} bytes after {self.prompt!r} -----\n{text}\n-----")
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[str]:
         """Continue each prompt of ``batch`` (``(B, L)`` token ids) by ``max_new_tokens`` bytes."""

@@ -223,6 +223,30 @@ class ManualOptimizationModule(LightningModule):
         # Before Lightning loads a ckpt_path (which follows the setup hooks) and writes any checkpoint.
         use_atomic_checkpoint_io(self.trainer)
 
+    def configure_model(self) -> None:
+        """Under a strategy with a device mesh (Lightning's ``ModelParallelStrategy``), shard the
+        network with FSDP2 over the mesh's ``data_parallel`` dimension: each module held in an
+        ``nn.ModuleList`` or ``nn.Sequential`` of the network (a transformer's blocks, an MLP's
+        layers, a ResNet's stages) that has parameters is its own ``fully_shard`` unit (its weights
+        gathered only around its own forward and backward), then the network itself (the rest:
+        embeddings, final norm, head). Parameters keep their names, so routing, the routing
+        table and checkpoints read the same. Nothing happens without a mesh, or once sharded."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.net, FSDPModule):
+            return
+        mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        # Innermost containers first: a unit may hold smaller units, never the reverse.
+        containers = [m for m in reversed(list(self.net.modules())) if isinstance(m, (nn.ModuleList, nn.Sequential))]
+        for container in containers:
+            for block in container.children():
+                if not isinstance(block, FSDPModule) and any(True for _ in block.parameters()):
+                    fully_shard(block, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
     def configure_callbacks(self) -> list:
         """:class:`~lightning_spectral.signals.SigtermNotice`: on SIGTERM, the checkpoint to resume from."""
         return [SigtermNotice()]
@@ -319,9 +343,11 @@ class ManualOptimizationModule(LightningModule):
             # The epoch-end callbacks (diagnostics, checkpoints) run after this step and must
             # not see non-finite weights: one check per epoch.
             bad = first_nonfinite(self.named_parameters())
-            if bad is not None:
+            # Every rank must agree: a sharded network's ranks check different shards.
+            if not self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
                 raise NonFiniteStepError(
-                    f"the optimizer step at step {self.trainer.global_step} made the weight {bad!r} non-finite "
+                    f"the optimizer step at step {self.trainer.global_step} made the weight "
+                    f"{bad or '(on another rank)'!r} non-finite "
                     f"(finite loss and gradients); {self._resume_hint()}"
                 )
             self._on_last_training_batch()
@@ -376,9 +402,10 @@ class ManualOptimizationModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         bad = first_nonfinite((k, v) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v))
-        if bad is not None:
+        # Every rank must agree (a sharded network's ranks hold different shards); every rank saves.
+        if not self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
             raise NonFiniteStepError(f"refusing to write a checkpoint at step {self.trainer.global_step}: the weight "
-                                     f"{bad!r} is not finite. {self._resume_hint()}")
+                                     f"{bad or '(on another rank)'!r} is not finite. {self._resume_hint()}")
         optimizers = self.trainer.optimizers
         checkpoint["spectral_module"] = {
             "net": _qualname(self.net),
@@ -403,6 +430,11 @@ class ManualOptimizationModule(LightningModule):
         states = checkpoint.get("optimizer_states") or [{}]
         self._resumed = {"optimizer": meta.get("optimizer"), "groups": states[0].get("param_groups"),
                          "scheduler": self._scheduler_changes(checkpoint)} if fitting else {}
+        if fitting and self.trainer.strategy.restore_checkpoint_after_setup and self.trainer.optimizers:
+            # ModelParallelStrategy built the optimizer (configure_optimizers) and loaded its state
+            # before this hook: compare now. Its distributed checkpoint keeps the optimizer state
+            # apart from this dict, so only the optimizer class and the scheduler are checked.
+            self._compare_with_checkpoint(self.trainer.optimizers[0])
 
     def _scheduler_changes(self, checkpoint: dict[str, Any]) -> list[tuple[None, str, str, Any, Any]]:
         """The scheduler arguments of the config that differ from the checkpoint's (LightningCLI
@@ -443,8 +475,10 @@ class ManualOptimizationModule(LightningModule):
         meta = checkpoint.get("spectral_module", {})
         if meta.get("net") and meta["net"] != _qualname(self.net):
             problems.append(f"network class: checkpoint {meta['net']}, requested {_qualname(self.net)}")
-        if self.strict_loading:
-            theirs, ours = checkpoint.get("state_dict", {}), self.state_dict()
+        # A distributed checkpoint (a directory) holds no "state_dict" here: the strategy has
+        # loaded the weights already, itself refusing missing, unexpected or reshaped ones.
+        if self.strict_loading and "state_dict" in checkpoint:
+            theirs, ours = checkpoint["state_dict"], self.state_dict()
             missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
             shapes = [f"{k}: checkpoint {tuple(theirs[k].shape)}, requested {tuple(ours[k].shape)}"
                       for k in ours.keys() & theirs.keys()
