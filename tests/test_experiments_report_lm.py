@@ -110,6 +110,15 @@ def test_section_lm_on_a_fake_study(tmp_path: Path) -> None:
     assert "**0.05: 1.000**" in muon_sweep and "not the learning rate with the most seeds" in muon_sweep
 
 
+def test_a_diverged_run_does_not_set_the_equal_time(tmp_path: Path) -> None:
+    results = [result("Muon", 0.02, 0, [2.5, 1.9, 1.7, 1.65], [1.25] * 4),
+               result("Muon", 0.02, 1, [2.5, math.nan], [0.5, 0.5], status="diverged")]
+    text, _ = section_lm(study(), group_results(results), tmp_path, {"target_loss": 1.6})
+    table = json.loads((tmp_path / "lm_table.json").read_text())
+    assert table["equal_time_s"] == pytest.approx(5.0) and table["rows"][0]["diverged"] == 1
+    assert "| Muon | 0.02 | 2 (1 diverged) | 1.650 |" in text  # the final loss of the run that finished
+
+
 def test_section_lm_needs_a_target_and_the_optimizer_axis(tmp_path: Path) -> None:
     groups = group_results(fake_results())
     with pytest.raises(ValueError, match="needs target_loss"):

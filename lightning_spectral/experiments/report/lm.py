@@ -9,8 +9,8 @@ loss of the sweep seed). For it, over seeds (mean ± sample std):
   every run takes the same number of optimizer steps;
 - steps and seconds to reach ``target_loss`` (required option): the first crossing, linearly
   interpolated between the last evaluation above the target and the first at or below it;
-- validation loss at equal wall time ``T*``, the shortest total time of the chosen runs,
-  linearly interpolated in each run's (seconds, loss) history;
+- validation loss at equal wall time ``T*``, the shortest total time of the chosen runs that did
+  not diverge, linearly interpolated in each run's (seconds, loss) history;
 - the optimizer's share of the time: ``Σ step_time · Δsteps / total seconds``.
 
 Seconds are the cumulative ``time`` of the history rows: the wall time of each training epoch
@@ -147,7 +147,8 @@ def section_lm(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
                              f"optimizer axis with method_axis (the axes are {', '.join(g['axes'])})")
         by_method.setdefault(g["axes"][m_axis], []).append(g)
     chosen = {m: choose(gs) for m, gs in by_method.items()}
-    times = [trajectory(r.get("history") or [])[1] for g in chosen.values() for r in g["results"]]
+    times = [trajectory(r.get("history") or [])[1] for g in chosen.values() for r in g["results"]
+             if r.get("status") != "diverged"]  # a run stopped by divergence would set T* to its early end
     t_equal = min((t[-1] for t in times if t), default=math.nan)
 
     rows, table, sweep_rows = [], [], []
