@@ -122,6 +122,9 @@ def test_summary_counts_seeds_and_divergence() -> None:
     sgd, muon = lines(text, "| SGD"), lines(text, "| Muon")
     assert sgd[0].startswith("| SGD | 2 (1 diverged) | 60.00 ± 14.14 |")
     assert muon[0].startswith("| Muon | 1 | 90.00 |")
+    header = lines(text, "| Series")[0]
+    assert "Val acc % (final)" in header and "Sharpness" not in header and "GNS" not in header  # no run recorded them
+    assert len(header.split("|")) == len(sgd[0].split("|"))
 
 
 def test_generalization_gap_is_train_eval_minus_held_out_accuracy() -> None:
@@ -268,6 +271,7 @@ def test_collect_writes_the_report_of_the_requested_sections(tmp_path: Path) -> 
     assert (report / "runs.csv").read_text().count("\n") == 3 and (report / "summary.csv").exists()
     docs = (tmp_path / "docs" / "syn.md").read_text()
     assert "](figures/syn_budget.png)" in docs and (tmp_path / "docs" / "figures" / "syn_metrics.png").exists()
+    assert len(list((report / "tensorboard").glob("events.*"))) == 1  # the figures as TensorBoard images
 
 
 # -- a real tiny study: provenance, routing, HParams, --check --------------------------------------

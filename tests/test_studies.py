@@ -216,6 +216,18 @@ def test_study_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     ]}])
     assert study_main(["--config", str(path), "--out_dir", "out"]) == 1
     assert "failed: optimizer=bad__seed=0" in capsys.readouterr().err
+    # a run whose config the CLI refuses (an unknown argument: the parser exits) fails alone, the next one runs
+    path = write_study(tmp_path, grids=[{"optimizer": [
+        {"name": "typo", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD",
+                                                               "init_args": {"lr": 0.05, "momentun": 0.9}}}},
+        {"name": "SGD", "set": {"model.init_args.optimizer": {"class_path": "torch.optim.SGD",
+                                                              "init_args": {"lr": 0.05}}}},
+    ]}])
+    assert study_main(["--config", str(path), "--out_dir", "out2"]) == 1
+    err = capsys.readouterr().err
+    assert "failed: optimizer=typo__seed=0" in err and "SGD__seed=0" not in err.split("failed:")[-1]
+    assert (tmp_path / "out2" / "tiny" / "runs" / "optimizer=SGD__seed=0" / "result.json").exists()
+    assert "RunConfigError" in (tmp_path / "out2" / "tiny" / "runs" / "optimizer=typo__seed=0" / "error.txt").read_text()
     (tmp_path / "typo.yaml").write_text(path.read_text().replace("grids:", "grid:"))
     assert study_main(["--config", str(tmp_path / "typo.yaml")]) == 2
     assert "grid" in capsys.readouterr().err

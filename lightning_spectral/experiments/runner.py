@@ -172,6 +172,10 @@ def _routing(trainer: Any, model: Any, directory: Path) -> str | None:
     return found[-1].read_text().strip() if found else None
 
 
+class RunConfigError(ValueError):
+    """A run's resolved config that the Lightning CLI refuses (an unknown or ill-typed argument)."""
+
+
 def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit one run through :func:`~lightning_spectral.spectral_cli.build_cli` (``run=False``) and write ``result.json``.
 
@@ -191,7 +195,13 @@ def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[st
             previous.unlink()
         resume = resume_checkpoint(directory / "checkpoints", digest, log)
         write_config_marker(directory / "checkpoints", digest)
-        cli = build_cli(["--config", str(directory / "run.yaml")], run=False, save_config_kwargs={"overwrite": True})
+        try:
+            cli = build_cli(["--config", str(directory / "run.yaml")], run=False,
+                            save_config_kwargs={"overwrite": True})
+        except SystemExit as exit_:  # the parser printed why and exits: one run's bad config, not the study's end
+            raise RunConfigError(f"run {run.run_id}: its config does not parse (the parser's message is printed above; "
+                                 f"exit status {exit_.code}); fix the study file's settings for this run, see "
+                                 f"{directory / 'run.yaml'}") from None
         recorder = next(c for c in cli.trainer.callbacks if isinstance(c, EpochRecorder))
         status, error = "finished", None
         start = time.perf_counter()

@@ -9,6 +9,7 @@ from pathlib import Path
 from lightning_spectral.experiments.files import write_csv, write_json
 from lightning_spectral.experiments.provenance import REPO_ROOT, page_line, provenance
 from lightning_spectral.experiments.report.budget import section_budget
+from lightning_spectral.experiments.report.figures import log_figures_to_tensorboard
 from lightning_spectral.experiments.report.layer_norms import section_layer_norms
 from lightning_spectral.experiments.report.lm import section_lm
 from lightning_spectral.experiments.report.lr_envelope import section_lr_envelope
@@ -86,7 +87,8 @@ def collect(study: Study, out_dir: str | Path, report_dir: str | Path | None = N
             command: str | None = None, docs_dir: str | Path | None = None) -> Path:
     """Aggregate the finished runs into ``report_dir`` (default ``<out_dir>/<study>/report``):
     ``summary.md``, ``results.json`` (every run incl. history, and per-series statistics and
-    per-epoch mean/std curves), ``runs.csv``, ``summary.csv`` and the figures. With ``docs_dir``
+    per-epoch mean/std curves), ``runs.csv``, ``summary.csv``, the figures and, in
+    ``report/tensorboard``, the same figures as TensorBoard images. With ``docs_dir``
     also writes ``<docs_dir>/<study>.md`` and its figures (PNG and SVG) under ``<docs_dir>/figures/``."""
     out_dir = Path(out_dir)
     report_dir = Path(report_dir) if report_dir else out_dir / study.name / "report"
@@ -121,6 +123,7 @@ def collect(study: Study, out_dir: str | Path, report_dir: str | Path | None = N
     parts += [provenance_section(record), page_line(record)]
     markdown = "\n\n".join(p for p in parts if p) + "\n"
     (report_dir / "summary.md").write_text(markdown)
+    log_figures_to_tensorboard(report_dir, figures, study.name)
     flat = []
     for run, r in results:
         flat.append({k: v for k, v in r.items()

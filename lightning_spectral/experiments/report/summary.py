@@ -1,4 +1,5 @@
-"""The summary table every training study ends with: one row per series, mean ± std over seeds."""
+"""The summary table every training study ends with: one row per series, mean ± std over seeds;
+columns no run recorded (accuracy in a language-model study, sharpness when it is off) are left out."""
 
 from __future__ import annotations
 
@@ -21,4 +22,6 @@ def summary_section(groups, opts: dict[str, Any]) -> str:
                fmt_g(s.get("final_grad_noise_scale")), fmt(s.get("mean_step_time_ms"), digits=1)]
         row += [fmt_g(s.get(c["key"])) for c in extra]
         rows.append(row)
-    return "## Summary (mean ± std over seeds, final epoch)\n\n" + md_table(header, rows)
+    keep = [i for i in range(len(header)) if i < 2 or any(row[i] != "–" for row in rows)]  # no all-empty column
+    return "## Summary (mean ± std over seeds, final epoch)\n\n" + md_table([header[i] for i in keep],
+                                                                         [[row[i] for i in keep] for row in rows])
