@@ -274,6 +274,14 @@ def test_collect_writes_the_report_of_the_requested_sections(tmp_path: Path) -> 
     assert len(list((report / "tensorboard").glob("events.*"))) == 1  # the figures as TensorBoard images
 
 
+def test_setup_line_from_the_base_config_or_the_study_s_own_text() -> None:
+    from lightning_spectral.experiments.report.collect import _setup_line
+
+    derived = _setup_line(study())
+    assert "data `DigitsDataModule` (batch 32)" in derived and "2 epochs" in derived and "seeds [0, 1]" in derived
+    assert _setup_line(study(setup="300 steps, validation every 25.\n")) == "300 steps, validation every 25"
+
+
 # -- a real tiny study: provenance, routing, HParams, --check --------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
 

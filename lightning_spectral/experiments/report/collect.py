@@ -31,6 +31,9 @@ SECTIONS = {
 
 
 def _setup_line(study: Study) -> str:
+    """The page's setup line: the study's own ``report.setup`` text, or one derived from the base config."""
+    if study.report.get("setup"):
+        return str(study.report["setup"]).strip().rstrip(".")
     base = study.base
     if study.kind == "lr_scan":
         scan = study.scan
