@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_spectral.diagnostics._utils import LossFn, xy_batch
+from lightning_spectral.optim.sharded import is_sharded
 
 
 def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -36,6 +37,39 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def has_sharded_parameters(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a DTensor shard (FSDP2, Lightning's ``ModelParallelStrategy``)."""
+    return any(is_sharded(p) for p in module.parameters())
+
+
+def refuse_sharded(callback: str, trainer: pl.Trainer, pl_module: nn.Module, why: str) -> None:
+    """Raise on every rank (each sees the same sharded parameters, so none is left waiting in a collective)
+    when ``pl_module``'s parameters are DTensor shards."""
+    if has_sharded_parameters(pl_module):
+        raise MisconfigurationException(
+            f"{callback} does not support sharded (DTensor) parameters yet ({type(trainer.strategy).__name__}): "
+            f"{why}. Remove {callback} or train with DDPStrategy (unsharded parameters)."
+        )
+
+
+@contextmanager
+def unsharded_weights(module: nn.Module) -> Iterator[None]:
+    """Every DTensor ``weight`` of ``module``'s submodules replaced by its full matrix (``full_tensor()``,
+    detached) for reading, the shards put back afterwards. ``full_tensor`` is an all-gather: call it on
+    every rank. Nothing changes for unsharded modules."""
+    swapped = []
+    try:
+        for sub in module.modules():
+            weight = sub._parameters.get("weight")
+            if weight is not None and is_sharded(weight):
+                sub._parameters["weight"] = weight.detach().full_tensor()
+                swapped.append((sub, weight))
+        yield
+    finally:
+        for sub, weight in swapped:
+            sub._parameters["weight"] = weight
 
 
 def log_step(trainer: pl.Trainer) -> int:

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.hooks import RemovableHandle
 
+from lightning_spectral.callbacks._base import unsharded_weights
 from lightning_spectral.diagnostics import MetricsLogger, compute_spectral_norms
 
 DIAGNOSTIC_KEYS = {
@@ -133,7 +134,8 @@ class EpochRecorder(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        self.final = {"spectral_norms": compute_spectral_norms(pl_module)}
+        with unsharded_weights(pl_module):  # on every rank: a sharded weight is gathered to its full matrix
+            self.final = {"spectral_norms": compute_spectral_norms(pl_module)}
         if self.final_train_eval and trainer.datamodule is not None:
             self.final.update(evaluate(pl_module, trainer.datamodule.train_dataloader()))
 

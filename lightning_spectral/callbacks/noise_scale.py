@@ -22,6 +22,7 @@ from lightning_spectral.callbacks._base import (
     check_loss_protocol,
     check_positive_int,
     log_step,
+    refuse_sharded,
 )
 from lightning_spectral.diagnostics._utils import LossFn, isolated, trainable_parameters
 from lightning_spectral.diagnostics.noise_scale import GradientNoiseScale, grad_sq_norms
@@ -83,6 +84,8 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
       takes per-slice gradients with ``torch.autograd.grad`` (one extra forward+backward over
       the batch; ``.grad``, RNG and BatchNorm statistics untouched; eval mode by default).
 
+    Refused (on every rank, at fit start) with DTensor-sharded parameters (FSDP2, ``ModelParallelStrategy``).
+
     Keys: ``gns/b_simple``, ``gns/grad_sq`` and ``gns/trace`` (the smoothed :math:`\|G\|^2` and
     :math:`\mathrm{tr}\,\Sigma`; ``b_simple`` is their ratio), ``gns/count`` (measurements so far),
     ``gns/negative``: 1 when the ratio is negative or undefined (the smoothed :math:`\|G\|^2` or
@@ -131,6 +134,8 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = trainer.strategy.model
+        refuse_sharded(type(self).__name__, trainer, pl_module,
+                       "its 'split' mode takes per-slice gradients on rank 0 alone, and there is no DDP comm hook")
         if not isinstance(model, DistributedDataParallel):
             if self.mode == "ddp":
                 raise MisconfigurationException(

@@ -14,6 +14,7 @@ from lightning_spectral.callbacks._base import (
     check_choice,
     check_loss_protocol,
     check_positive_int,
+    refuse_sharded,
 )
 from lightning_spectral.diagnostics._utils import LossFn, isolated, trainable_parameters
 from lightning_spectral.diagnostics.sharpness import HessianVectorProduct, hessian_top_eigenvalue
@@ -26,7 +27,7 @@ class SharpnessMonitor(DiagnosticCallback):
     ``torch.autograd.grad`` (``.grad`` untouched), in fp32, RNG forked, in eval mode by default
     (the curvature of the eval-mode loss; ``eval_mode=False`` uses train mode and restores the
     buffers). Under DDP rank 0 measures its local batch. Needs double backward, so not through
-    ``torch.compile``.
+    ``torch.compile``. Refused (on every rank, at fit start) with DTensor-sharded parameters.
 
     Keys: ``sharpness/lambda_max``, ``sharpness/hvp_count`` and ``sharpness/2_over_lr`` (one per
     param group, ``sharpness/2_over_lr/<name>``, when there are several). Plain gradient descent
@@ -83,6 +84,10 @@ class SharpnessMonitor(DiagnosticCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             check_loss_protocol(type(self).__name__, pl_module, self.loss_fn)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_sharded(type(self).__name__, trainer, pl_module,
+                       "its Hessian-vector products run a forward and double backward on rank 0 alone")
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:
         if not trainer.is_global_zero:

@@ -7,7 +7,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from lightning_spectral.callbacks._base import DiagnosticCallback, check_choice, check_positive_int, histogram_writers
+from lightning_spectral.callbacks._base import (
+    DiagnosticCallback,
+    check_choice,
+    check_positive_int,
+    has_sharded_parameters,
+    histogram_writers,
+    unsharded_weights,
+)
 from lightning_spectral.diagnostics.spectral import (
     SpectralNormTracker,
     check_blocks,
@@ -25,7 +32,8 @@ class SpectralNormMonitor(DiagnosticCallback):
     Keys: ``spectral_norm/<layer>``, ``spectral_norm/max``, ``stable_rank/<layer>``; with a
     TensorBoard logger also histograms ``singular_values/<layer>`` (full ``svdvals``). Conv
     kernels are reshaped to ``(out, in*k*k)``: this is the kernel norm the Muon optimizers
-    constrain, not the convolution's operator norm.
+    constrain, not the convolution's operator norm. With DTensor-sharded parameters (FSDP2,
+    ``ModelParallelStrategy``) every rank gathers each full weight and measures it.
 
     Args:
         every_n_steps: measure every N optimizer steps (default 50), or
@@ -74,8 +82,14 @@ class SpectralNormMonitor(DiagnosticCallback):
 
     @torch.no_grad()
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:
+        if has_sharded_parameters(pl_module):  # every rank gathers the full matrices and measures them
+            with unsharded_weights(pl_module):
+                return self._measure(trainer, pl_module, step)
         if not trainer.is_global_zero:  # weights are identical on all ranks and loggers write on rank 0
             return {}
+        return self._measure(trainer, pl_module, step)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         if self.method == "power":
             norms = self.tracker(pl_module)
         else:
