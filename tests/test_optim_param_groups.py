@@ -158,3 +158,28 @@ def test_package_optimizers_and_torch_take_the_same_groups():
     for opt in (MuonSGD(build_param_groups(model), lr=0.1, spectral_budget=0.1),
                 torch.optim.AdamW(build_param_groups(model), lr=1e-3)):
         assert [g["name"] for g in opt.param_groups] == ["matrix", "head", "vector"]
+
+
+def test_routing_table_names_the_original_module_class_under_fsdp2(tmp_path):
+    """FSDP2's fully_shard turns a Linear into a dynamic ``FSDPLinear``; the table shows ``Linear``."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        assert type(model[0]).__name__ == "FSDPLinear" and type(model).__name__ == "FSDPSequential"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the head in the matrix group: not what this test is about
+            table = routing_table(Muon(model.parameters(), lr=0.02), model)
+    finally:
+        dist.destroy_process_group()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert {row[0]: row[-1] for row in rows} == {"0.weight": "Linear", "0.bias": "Linear",
+                                                 "2.weight": "Linear (head)", "2.bias": "Linear"}, table

@@ -200,6 +200,16 @@ def split_by_rule(params: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _module_class(module: nn.Module) -> type:
+    """The module's own class: FSDP2's ``fully_shard`` swaps it for a dynamic subclass of ``FSDPModule``
+    and the original (``FSDPLinear`` -> ``Linear``), whose first base outside FSDP is the original."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without torch.distributed
+        return type(module)
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def routing_table(optimizer_or_groups: torch.optim.Optimizer | Iterable[Any], model: Optional[nn.Module] = None) -> str:
     """A Markdown table: which group and rule takes each parameter, with its shape, lr and weight decay.
 
@@ -207,7 +217,8 @@ def routing_table(optimizer_or_groups: torch.optim.Optimizer | Iterable[Any], mo
     with an ``optimizer`` attribute, such as ``LightningModule.optimizers()``, is unwrapped) or the
     groups/parameters one would be given (split as a package optimizer would split them).
     With ``model`` the names come from ``model.named_parameters()`` where the groups carry none,
-    a ``module`` column gives each parameter's module type (``Linear (head)``, ``Embedding``), and
+    a ``module`` column gives each parameter's module type (``Linear (head)``, ``Embedding``; the
+    original class under FSDP2, not its ``FSDPLinear``), and
     one warning lists the embedding and head weights that sit in a matrix group without being
     opted in (see :func:`build_param_groups`); from bare tensors this cannot be detected.
     """
@@ -227,7 +238,7 @@ def routing_table(optimizer_or_groups: torch.optim.Optimizer | Iterable[Any], mo
             for pname, p in module.named_parameters(recurse=False):
                 full = f"{module_name}.{pname}" if module_name else pname
                 names.setdefault(id(p), full)
-                kind = type(module).__name__
+                kind = _module_class(module).__name__
                 modules.setdefault(id(p), f"{kind} ({roles[id(p)]})" if roles.get(id(p)) in ("head", "tied") else kind)
     header = ["parameter", "shape", "group", "rule", "lr", "weight_decay"] + (["module"] if model is not None else [])
     rows = [header, ["---"] * len(header)]
