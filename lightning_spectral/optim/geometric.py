@@ -81,8 +81,8 @@ class GeometricOptimizer(MatrixOptimizer):
     """The skeleton: momentum → direction → retraction on the geometry of each matrix group.
 
     A binding implements :meth:`geometry` (the set, from the group's hyperparameters) and, when
-    its rule is not the Riemannian/msign one, :meth:`_direction`; optionally :meth:`_step_size`,
-    :meth:`_init_state` and :meth:`_state_shapes`.
+    its rule is not the Riemannian/msign one, :meth:`_direction`; optionally :meth:`_step_size`
+    and :meth:`_state_shapes`.
 
     Common arguments:
         lr: step size (``direction="msign"``: spectral norm of the step before retraction).
@@ -152,9 +152,6 @@ class GeometricOptimizer(MatrixOptimizer):
 
     def _step_size(self, group: dict[str, Any], geometry: geo.Geometry, p: torch.Tensor) -> float:
         return group["lr"]
-
-    def _init_state(self, group: dict[str, Any], X: torch.Tensor, state: dict) -> None:
-        """Fill a matrix's state once it is on its set, when the optimizer is built."""
 
     # -- the skeleton ---------------------------------------------------------------------
     def _route(self, groups: list[dict[str, Any]], defaults: dict[str, Any],
@@ -233,7 +230,6 @@ class GeometricOptimizer(MatrixOptimizer):
                         except ValueError as error:
                             raise ValueError(f"{type(self).__name__}: {self.param_name(index, i)}: {error}") from None
                         p.copy_(geometry.unview(X, W.shape).view_as(p))
-                    self._init_state(group, X, self.state[p])
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         geometry = self.geometry(group)
