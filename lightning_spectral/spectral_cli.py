@@ -22,15 +22,17 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from torch import nn
+from torch.optim import Optimizer
 
 # Imported so that short class names (``SmallCNN``, ``MuonSGD``, ``SpectralNormMonitor``) resolve.
 import lightning_spectral.callbacks  # noqa: F401
 import lightning_spectral.models  # noqa: F401
 import lightning_spectral.optim  # noqa: F401
+from lightning_spectral.checkpoint import load_checkpoint_safely
 from lightning_spectral.config_files import resolve_config_args
 from lightning_spectral.data import DataDescription, DataShapeError, data_arguments
 from lightning_spectral.models import MODEL_REGISTRY
-from lightning_spectral.module import ManualOptimizationModule, SpectralModule
+from lightning_spectral.module import CheckpointMismatchError, ManualOptimizationModule, SpectralModule
 
 DEFAULT_MODEL = f"{SpectralModule.__module__}.{SpectralModule.__qualname__}"
 _CONFIG_FLAGS = ("--config", "-c")
@@ -93,6 +95,7 @@ class SpectralCLI(LightningCLI):
         except (ImportError, AttributeError, ValueError):
             cls = None
         if isinstance(cls, type) and issubclass(cls, ManualOptimizationModule):
+            _check_distributed_checkpoint_optimizer(self.config[subcommand].get("ckpt_path"), model, subcommand)
             return
         super()._parse_ckpt_path()
 
@@ -116,6 +119,31 @@ class SpectralCLI(LightningCLI):
             super().instantiate_classes()
         finally:
             config.data = spec
+
+
+def _check_distributed_checkpoint_optimizer(ckpt_path: Any, model: Namespace, subcommand: str) -> None:
+    """Refuse resuming a distributed checkpoint (a directory with ``meta.pt``, written by
+    ``ModelParallelStrategy``) with another optimizer class, before torch's loader fails on the
+    missing optimizer state. The module compares a checkpoint file itself, on load
+    (:meth:`~lightning_spectral.module.ManualOptimizationModule.on_load_checkpoint`); a
+    distributed checkpoint's optimizer state is loaded before that hook runs."""
+    if subcommand != "fit" or not ckpt_path or not (Path(ckpt_path) / "meta.pt").is_file():
+        return
+    saved = (load_checkpoint_safely(Path(ckpt_path) / "meta.pt").get("spectral_module") or {}).get("optimizer")
+    spec = (model.get("init_args") or Namespace()).get("optimizer")
+    class_path = spec.get("class_path") if isinstance(spec, Namespace) else spec if isinstance(spec, str) else None
+    try:
+        requested = _import(class_path) if class_path else None
+    except (ImportError, AttributeError, ValueError):
+        return
+    if not (saved and isinstance(requested, type) and issubclass(requested, Optimizer)):
+        return  # a factory: the module compares the optimizer it builds
+    name = f"{requested.__module__}.{requested.__qualname__}"
+    if name != saved:
+        raise CheckpointMismatchError(
+            f"the checkpoint {ckpt_path} was trained with {saved}, the requested optimizer is {name}: its state "
+            "cannot be restored into another optimizer. Start a new run, or resume with the checkpoint's optimizer."
+        )
 
 
 def _import(class_path: str) -> Any:

@@ -281,3 +281,40 @@ def test_the_study_runner_builds_runs_without_the_command_line_module() -> None:
     assert importers["lightning_spectral.cli"] == {"__main__.py"}
     assert "experiments/runner.py" in importers["lightning_spectral.spectral_cli"]
     assert "cli.py" in importers["lightning_spectral.experiments.cli"]
+
+
+def _distributed_checkpoint(path: Path, optimizer: str) -> Path:
+    """A directory like the one ``ModelParallelStrategy.save_checkpoint`` writes: torch's distributed
+    checkpoint files beside ``meta.pt``, the checkpoint dict without ``state_dict``/``optimizer_states``
+    (only ``meta.pt`` is read before the fit)."""
+    path.mkdir()
+    (path / ".metadata").write_bytes(b"")
+    meta = {"epoch": 0, "global_step": 22, "pytorch-lightning_version": "2.6.6", "loops": {}, "callbacks": {},
+            "lr_schedulers": [], "hyper_parameters": {},
+            "spectral_module": {"net": "lightning_spectral.models.cnn.SmallCNN", "optimizer": optimizer,
+                                "skipped_steps": 0}}
+    torch.save(meta, path / "meta.pt")
+    return path
+
+
+def test_resuming_a_distributed_checkpoint_with_another_optimizer_is_refused_first(tmp_path: Path, run_cli) -> None:
+    """The CLI reads a distributed checkpoint's meta.pt before the fit: another optimizer class raises the
+    module's CheckpointMismatchError instead of torch's 'Missing key in checkpoint state_dict'."""
+    from lightning_spectral.module import CheckpointMismatchError
+    from lightning_spectral.spectral_cli import _check_distributed_checkpoint_optimizer
+
+    adamw = _distributed_checkpoint(tmp_path / "adamw.ckpt", "torch.optim.adamw.AdamW")
+    with pytest.raises(CheckpointMismatchError, match=r"trained with torch\.optim\.adamw\.AdamW, the requested "
+                                                      r"optimizer is torch\.optim\.sgd\.SGD.*Start a new run"):
+        run_cli("fit", "--config", QUICKSTART, "--trainer.max_epochs=1", "--ckpt_path", str(adamw))
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").rglob("*.ckpt"))  # refused before fitting
+
+    from jsonargparse import Namespace
+
+    sgd = _distributed_checkpoint(tmp_path / "sgd.ckpt", "torch.optim.sgd.SGD")
+    model = Namespace(class_path="lightning_spectral.module.SpectralModule",
+                      init_args=Namespace(optimizer=Namespace(class_path="torch.optim.SGD")))
+    _check_distributed_checkpoint_optimizer(str(sgd), model, "fit")  # the same class: no error
+    _check_distributed_checkpoint_optimizer(str(adamw), model, "validate")  # no optimizer state is loaded
+    with pytest.raises(CheckpointMismatchError, match="adamw"):
+        _check_distributed_checkpoint_optimizer(str(adamw), model, "fit")
