@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_spectral.checkpoint import use_atomic_checkpoint_io
 from lightning_spectral.optim.base import first_nonfinite
-from lightning_spectral.optim.param_groups import build_param_groups, routing_table
+from lightning_spectral.optim.param_groups import build_param_groups, routing_table, unsharded_class
 from lightning_spectral.signals import SigtermNotice
 
 
@@ -99,8 +99,16 @@ class CheckpointMismatchError(ValueError):
 
 
 def _qualname(obj: Any) -> str:
-    cls = type(obj)
+    """The import path of ``obj``'s class; a module sharded by FSDP2 is named by its own class."""
+    cls = unsharded_class(obj) if isinstance(obj, nn.Module) else type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def optimizer_mismatch(ckpt_path: Any, saved: str, requested: str) -> CheckpointMismatchError:
+    """The error for resuming a checkpoint trained with optimizer class ``saved`` with ``requested``."""
+    return CheckpointMismatchError(
+        f"the checkpoint {ckpt_path} was trained with {saved}, the requested optimizer is {requested}: its state "
+        "cannot be restored into another optimizer. Start a new run, or resume with the checkpoint's optimizer.")
 
 
 def _plain(value: Any) -> Any:
@@ -496,11 +504,7 @@ class ManualOptimizationModule(LightningModule):
         resumed, self._resumed = self._resumed, {}
         self._overrides = list(resumed.get("scheduler") or [])
         if resumed.get("optimizer") and resumed["optimizer"] != _qualname(optimizer):
-            raise CheckpointMismatchError(
-                f"the checkpoint {self.trainer.ckpt_path} was trained with {resumed['optimizer']}, the requested "
-                f"optimizer is {_qualname(optimizer)}: its state cannot be restored into another optimizer. Start a "
-                "new run, or resume with the checkpoint's optimizer."
-            )
+            raise optimizer_mismatch(self.trainer.ckpt_path, resumed["optimizer"], _qualname(optimizer))
         saved_groups = resumed.get("groups")
         if saved_groups is None:
             return

@@ -32,7 +32,7 @@ from lightning_spectral.checkpoint import load_checkpoint_safely
 from lightning_spectral.config_files import resolve_config_args
 from lightning_spectral.data import DataDescription, DataShapeError, data_arguments
 from lightning_spectral.models import MODEL_REGISTRY
-from lightning_spectral.module import CheckpointMismatchError, ManualOptimizationModule, SpectralModule
+from lightning_spectral.module import ManualOptimizationModule, SpectralModule, optimizer_mismatch
 
 DEFAULT_MODEL = f"{SpectralModule.__module__}.{SpectralModule.__qualname__}"
 _CONFIG_FLAGS = ("--config", "-c")
@@ -140,10 +140,7 @@ def _check_distributed_checkpoint_optimizer(ckpt_path: Any, model: Namespace, su
         return  # a factory: the module compares the optimizer it builds
     name = f"{requested.__module__}.{requested.__qualname__}"
     if name != saved:
-        raise CheckpointMismatchError(
-            f"the checkpoint {ckpt_path} was trained with {saved}, the requested optimizer is {name}: its state "
-            "cannot be restored into another optimizer. Start a new run, or resume with the checkpoint's optimizer."
-        )
+        raise optimizer_mismatch(ckpt_path, saved, name)
 
 
 def _import(class_path: str) -> Any:

@@ -200,7 +200,7 @@ def split_by_rule(params: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _module_class(module: nn.Module) -> type:
+def unsharded_class(module: nn.Module) -> type:
     """The module's own class: FSDP2's ``fully_shard`` swaps it for a dynamic subclass of ``FSDPModule``
     and the original (``FSDPLinear`` -> ``Linear``), whose first base outside FSDP is the original."""
     try:
@@ -238,7 +238,7 @@ def routing_table(optimizer_or_groups: torch.optim.Optimizer | Iterable[Any], mo
             for pname, p in module.named_parameters(recurse=False):
                 full = f"{module_name}.{pname}" if module_name else pname
                 names.setdefault(id(p), full)
-                kind = _module_class(module).__name__
+                kind = unsharded_class(module).__name__
                 modules.setdefault(id(p), f"{kind} ({roles[id(p)]})" if roles.get(id(p)) in ("head", "tied") else kind)
     header = ["parameter", "shape", "group", "rule", "lr", "weight_decay"] + (["module"] if model is not None else [])
     rows = [header, ["---"] * len(header)]
