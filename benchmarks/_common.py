@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import statistics
 import time
 from collections import defaultdict
@@ -179,3 +181,35 @@ def write_result(path: Path, result: dict, markdown: Optional[str] = None,
     path.write_text(json.dumps(result, indent=1, default=default))
     if markdown is not None:
         path.with_suffix(".md").write_text(markdown + "\n")
+
+
+def _gloo_rank(rank: int, port: int, worker: Callable, args: Any, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        worker(rank, args, queue)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(worker: Callable, args: Any, results: int, timeout: float) -> list:
+    """Run ``worker(rank, args, queue)`` (a module-level function) in 2 spawned processes, each
+    with one thread and a gloo process group on a free local port; returns the first ``results``
+    items the workers put on ``queue``."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(rank, port, worker, args, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    items = [queue.get(timeout=timeout) for _ in range(results)]
+    for p in procs:
+        p.join()
+    return items

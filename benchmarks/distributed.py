@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import time
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_spectral.optim import ManifoldMuon, Muon, MuonSGD, SpectralBall
 
-from ._common import GradientStream, make_params, model_shapes, set_grads
+from ._common import GradientStream, make_params, model_shapes, on_two_gloo_ranks, set_grads
 
 OPTIMIZERS = {
     "Muon": lambda ps: Muon(ps, lr=0.02),
@@ -47,10 +43,7 @@ def _time_steps(opt, params, stream, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, args, queue) -> None:
     shapes = model_shapes(args.model, args.quick)
     rows = {}
     for name, build in OPTIMIZERS.items():
@@ -66,7 +59,6 @@ def _worker(rank: int, port: int, args, queue) -> None:
         rows[name]["ratio"] = rows[name]["split_s"] / rows[name]["repeated_s"]
     if rank == 0:
         queue.put(rows)
-    dist.destroy_process_group()
 
 
 def main(argv=None) -> dict:
@@ -76,17 +68,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(rank, port, args, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    rows = queue.get(timeout=3600)
-    for p in procs:
-        p.join()
+    (rows,) = on_two_gloo_ranks(_worker, args, results=1, timeout=3600)
     print(f"| optimizer ({args.model}{', quick' if args.quick else ''}, 2 gloo ranks × 1 thread) "
           "| repeated on both (s/step) | split (s/step) | split / repeated |")
     print("|---|---|---|---|")

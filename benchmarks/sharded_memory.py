@@ -18,20 +18,16 @@ from the sizes).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_spectral.models import GPT, MLP
 from lightning_spectral.optim import ManifoldMuon, Muon, MuonAdamW, build_param_groups
 
-from ._common import table, write_result
+from ._common import on_two_gloo_ranks, table, write_result
 
 MiB = 2**20
 OPTIMIZERS = {"Muon": Muon, "MuonAdamW": MuonAdamW, "ManifoldMuon": ManifoldMuon}
@@ -113,27 +109,21 @@ def measure(name: str, opt_name: str, mesh, sharded: bool, steps: int, quick: bo
     return dict(state_bytes=state, largest_matrix=list(largest.shape), gathered_bytes=gathered)
 
 
-def _worker(rank: int, port: int, args, queue) -> None:
+def _worker(rank: int, args, queue) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        rows = {}
-        for model in ("gpt", "mlp"):
-            for opt_name in OPTIMIZERS:
-                replicated = measure(model, opt_name, mesh, False, args.steps, args.quick)
-                sharded = measure(model, opt_name, mesh, True, args.steps, args.quick)
-                rows[f"{model} {opt_name}"] = dict(model=model, optimizer=opt_name,
-                                                   replicated_bytes=replicated["state_bytes"],
-                                                   sharded_bytes=sharded["state_bytes"],
-                                                   largest_matrix=sharded["largest_matrix"],
-                                                   gathered_bytes=sharded["gathered_bytes"])
-        queue.put((rank, rows))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2,))
+    rows = {}
+    for model in ("gpt", "mlp"):
+        for opt_name in OPTIMIZERS:
+            replicated = measure(model, opt_name, mesh, False, args.steps, args.quick)
+            sharded = measure(model, opt_name, mesh, True, args.steps, args.quick)
+            rows[f"{model} {opt_name}"] = dict(model=model, optimizer=opt_name,
+                                               replicated_bytes=replicated["state_bytes"],
+                                               sharded_bytes=sharded["state_bytes"],
+                                               largest_matrix=sharded["largest_matrix"],
+                                               gathered_bytes=sharded["gathered_bytes"])
+    queue.put((rank, rows))
 
 
 def markdown(result: dict) -> str:
@@ -156,17 +146,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1 (the state is created by the first step), got {args.steps}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(rank, port, args, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    ranks = dict(queue.get(timeout=1800) for _ in procs)
-    for p in procs:
-        p.join()
+    ranks = dict(on_two_gloo_ranks(_worker, args, results=2, timeout=1800))
     result = {"quick": args.quick, "steps": args.steps, "world_size": 2, "ranks": ranks}
     text = markdown(result)
     print(text)
