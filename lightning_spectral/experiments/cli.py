@@ -157,7 +157,7 @@ def prepare_data_main(study: Any) -> int:
 
 def slurm_main(study: Any, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--slurm``: write the array script and the data preparation script; print how to submit."""
-    from lightning_spectral.experiments.slurm import SlurmOptions, submit_hint, write_slurm
+    from lightning_spectral.experiments.slurm import SlurmOptions, SlurmScriptError, submit_hint, write_slurm
 
     if args.force:
         print("error: --slurm covers the pending runs; to re-run a finished one, delete its result.json",
@@ -170,8 +170,12 @@ def slurm_main(study: Any, args: argparse.Namespace, argv: Sequence[str]) -> int
         return 0
     opts = SlurmOptions(partition=args.partition, time=args.time, gpus_per_task=args.gpus_per_task,
                         cpus_per_task=args.cpus_per_task, mem=args.mem, env=args.env)
-    array, prepare = write_slurm(study.name, [r.run_id for r in runs], study_args,
-                                 study_dir(study, args.out_dir) / "slurm", opts)
+    try:
+        array, prepare = write_slurm(study.name, [r.run_id for r in runs], study_args,
+                                     study_dir(study, args.out_dir) / "slurm", opts)
+    except (SlurmScriptError, StudySpecError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     collect_command = " ".join(shlex.quote(a) for a in [*COMMAND, *_pass_through(argv), "--collect"])
     print(f"wrote {array} ({len(runs)} array tasks) and {prepare}")
     print(submit_hint(array, prepare, collect_command))

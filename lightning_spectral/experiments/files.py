@@ -1,13 +1,37 @@
-"""Writing a study's JSON and CSV files."""
+"""Where a study writes (every path proven to lie under the directory the user named) and its
+JSON and CSV files."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from lightning_spectral.checkpoint import atomic_write
+from lightning_spectral.experiments.spec import StudySpecError
+
+
+class OutsideOutputError(StudySpecError):
+    """A path a study would write that does not lie under the directory the user named."""
+
+
+def inside(root: str | Path, *parts: str | Path, what: str = "a study's file") -> Path:
+    """``root / parts...``, after proving that it lies under ``root``; else :class:`OutsideOutputError`.
+
+    Both are made absolute and normalised (``..`` and ``.`` collapsed) before the comparison.
+    Symlinks are not followed: one that the user placed under ``root`` (runs on a scratch disk) is
+    their choice, while a name from a study file can bring neither a separator nor ``..``
+    (:func:`~lightning_spectral.experiments.spec.check_name`), so the lexical answer is exact.
+    """
+    path = Path(root).joinpath(*parts)
+    base = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([base, target]) != base:
+        raise OutsideOutputError(f"{what} {str(path)!r} would lie outside {str(root)!r} (it resolves to {target!r}); "
+                                 "a study writes only under the directory it was given")
+    return path
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -35,18 +35,21 @@ import yaml
 
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
 from lightning_spectral.checkpoint import resume_checkpoint, run_lock, write_config_marker
-from lightning_spectral.experiments.files import write_json
+from lightning_spectral.experiments.files import inside, write_json
 from lightning_spectral.experiments.provenance import provenance
-from lightning_spectral.experiments.spec import DIAGNOSTIC_DEFAULTS, Run, Study, config_hash, expand
+from lightning_spectral.experiments.spec import DIAGNOSTIC_DEFAULTS, Run, Study, check_name, config_hash, expand
 from lightning_spectral.spectral_cli import build_cli
 
 
 def study_dir(study: Study, out_dir: str | Path) -> Path:
-    return Path(out_dir) / study.name
+    """``<out_dir>/<study name>``, proven to lie under ``out_dir`` (everything a study writes is below it)."""
+    return inside(out_dir, check_name(study.name, "the study name"), what="the study directory")
 
 
 def run_dir(study: Study, run: Run, out_dir: str | Path) -> Path:
-    return study_dir(study, out_dir) / "runs" / run.run_id
+    """``<out_dir>/<study>/runs/<run id>``: the run's config, logs, checkpoints and TensorBoard log."""
+    return inside(out_dir, check_name(study.name, "the study name"), "runs", check_name(run.run_id, "the run id"),
+                  what="the run directory")
 
 
 def diagnostics(study: Study) -> dict[str, Any]:

@@ -14,11 +14,14 @@ A study file (see ``configs/studies/README.md``)::
     diagnostics: {...}             # per-epoch callbacks (see DIAGNOSTIC_DEFAULTS)
     report: {...}                  # figures and tables (see experiments/report/)
 
-A grid may also be ``{axes: {...}, seeds: [...]}`` to give it its own seeds.
+A grid may also be ``{axes: {...}, seeds: [...]}`` to give it its own seeds. Without ``grids``
+the study is one run of the base config per seed.
 
 The file is checked before any run starts (:class:`StudySpecError`): unknown keys (with the
 closest known one), missing ones, dotted keys that would replace a value of the base config
-that is not a mapping, and two different labels that give the same run id.
+that is not a mapping, two different labels that give the same run id, an empty ``grids:``,
+a seed listed twice, and names that could leave the output directory or break a script
+(:func:`check_name`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import hashlib
 import itertools
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,11 @@ from typing import Any
 import yaml
 
 RUN_ID_SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+# A study name or run id becomes a directory, a file name prefix, a SLURM job name and a command-line
+# argument: only these characters, and never a leading "." (hidden, "." and "..") or "-" (an option).
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]{0,199}")
+NAME_RULE = ("at most 200 letters, digits and . _ = + -, starting with a letter, digit or _ (no path separators, "
+             "no '..', no spaces or control characters, no leading '.' or '-')")
 # The per-run diagnostics a study's `diagnostics:` may set (the runner adds their callbacks).
 DIAGNOSTIC_DEFAULTS: dict[str, Any] = {
     "every_n_epochs": 1,  # measure once per epoch, at its end
@@ -56,6 +65,31 @@ CLASS_SPEC_KEYS = ("class_path", "init_args", "dict_kwargs")
 
 class StudySpecError(ValueError):
     """A study file that cannot mean what it says: unknown or missing keys, colliding run ids."""
+
+
+def check_name(value: Any, field: str, hint: str = "") -> str:
+    """``value`` if it is safe as a directory name, a file name prefix, a SLURM job name and a
+    command-line argument (:data:`NAME_RULE`); else :class:`StudySpecError` naming ``field``, the
+    value and the rule. The one check every name that reaches a path or a script goes through."""
+    if isinstance(value, int) and not isinstance(value, bool):  # `name: 2024` in YAML
+        value = str(value)
+    if not isinstance(value, str) or NAME.fullmatch(value) is None or ".." in value:
+        raise StudySpecError(f"{field} {value!r} is not a safe name: it becomes a directory, a file name and part "
+                             f"of generated scripts, so it may hold {NAME_RULE}" + (f"; {hint}" if hint else ""))
+    return value
+
+
+def check_label(value: Any, field: str) -> str:
+    """``str(value)`` if it holds no control or format character (a newline, a tab, a bidirectional
+    override, ...); labels reach run ids only through :data:`RUN_ID_SAFE`, but they are printed
+    in tables, TensorBoard tags and logs as they are."""
+    text = str(value)
+    bad = next((c for c in text if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")),
+               None)
+    if bad is not None or not text.strip():
+        what = f"the character {bad!r}" if bad is not None else "no visible character"
+        raise StudySpecError(f"{field} {text!r} has {what}; a label is one line of visible text")
+    return text
 
 
 def check_keys(mapping: dict[str, Any], allowed: tuple[str, ...] | dict[str, Any], where: str,
@@ -184,6 +218,7 @@ def axis_variants(axis: str, spec: Any) -> list[dict[str, Any]]:
     """Normalise an axis to ``[{"name", "set", "value"}]``, checking its keys and that no two of
     its labels are the same."""
     where = f"axis {axis!r}"
+    check_label(axis, "the axis name")
     if isinstance(spec, dict):
         check_keys(spec, AXIS_KEYS, where, required=AXIS_KEYS)
         keys = spec["key"] if isinstance(spec["key"], list) else [spec["key"]]
@@ -204,6 +239,7 @@ def axis_variants(axis: str, spec: Any) -> list[dict[str, Any]]:
                              f"got {spec!r}")
     labels: dict[str, str] = {}
     for variant in out:
+        check_label(variant["name"], f"{where}: the label")
         safe = RUN_ID_SAFE.sub("-", variant["name"])
         if safe in labels:
             same = "twice" if labels[safe] == variant["name"] else f"and {labels[safe]!r} give the same run id {safe!r}"
@@ -217,6 +253,10 @@ def _seeds(value: Any, where: str) -> list[int]:
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in value):
         raise StudySpecError(f"{where}: seeds must be a non-empty list of integers, got {value!r}")
+    repeated = sorted({s for s in value if value.count(s) > 1})
+    if repeated:
+        raise StudySpecError(f"{where}: seeds {value!r} list {', '.join(map(str, repeated))} more than once; each "
+                             "seed is one run, so a repeated seed would silently run once: list each seed once")
     return list(value)
 
 
@@ -248,7 +288,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     kind = raw.get("kind", "train")
     if kind not in ("train", "lr_scan"):
         raise StudySpecError(f"{path}: kind must be 'train' or 'lr_scan', got {kind!r}")
-    grids = raw.get("grids") or [{}]
+    grids = raw.get("grids", [{}])
+    if grids is None or grids == []:
+        raise StudySpecError(f"{path}: grids is empty, so the study has no runs; give at least one grid (axis name: "
+                             "variants), or leave grids out for one run of the base config per seed")
     if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
         raise StudySpecError(f"{path}: grids must be a list of mappings (axis name: variants), got {grids!r}")
     for i, grid in enumerate(grids):
@@ -261,8 +304,10 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise StudySpecError(f"{path}: {key} must be a mapping, got {raw[key]!r}")
     check_keys(raw.get("diagnostics") or {}, DIAGNOSTIC_DEFAULTS, f"{path}: diagnostics")
+    name = check_name(raw.get("name", path.stem), f"{path}: the study name",
+                      "" if "name" in raw else "it is the file's stem: give the study a name: in the file")
     study = Study(
-        name=str(raw.get("name", path.stem)), kind=kind, path=path, base=base,
+        name=name, kind=kind, path=path, base=base,
         seeds=_seeds(raw.get("seeds", [0]), str(path)), grids=grids, diagnostics=raw.get("diagnostics") or {},
         report=raw.get("report") or {}, scan=raw.get("scan") or {}, description=raw.get("description", ""), raw=raw,
     )
@@ -292,7 +337,8 @@ def expand(study: Study) -> list[Run]:
         for combo in itertools.product(*variants):
             for seed in seeds:
                 parts = [f"{a}={v['name']}" for a, v in zip(names, combo)] + [f"seed={seed}"]
-                run_id = RUN_ID_SAFE.sub("-", "__".join(parts))
+                run_id = check_name(RUN_ID_SAFE.sub("-", "__".join(parts)), f"grid {g}: the run id",
+                                    "it is made from the axis names, labels and seed: rename the first axis")
                 config = copy.deepcopy(study.base)
                 # Shallow keys first, whatever the order of the axes: a variant that sets the whole
                 # optimizer must not erase the learning rate another axis sets inside it.

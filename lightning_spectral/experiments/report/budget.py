@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import curve, legend, plot_band, pyplot, save_figure, wants_log
+from lightning_spectral.experiments.report.figures import (curve, figure_path, legend, plot_band, pyplot,
+                                                            save_figure, wants_log)
 from lightning_spectral.experiments.report.stats import fmt, label, md_table
 
 
@@ -41,7 +42,7 @@ def section_budget(study, groups, report_dir: Path, opts) -> tuple[str, list[str
     axes[2].set_xlabel("Spectral budget η")
     axes[2].set_title("Final validation accuracy vs budget")
     axes[2].grid(True, alpha=0.3)
-    name = save_figure(fig, report_dir / f"{study.name}_budget.png")
+    name = save_figure(fig, figure_path(report_dir, study.name, "budget"))
     rows = [[g["axes"][axis], fmt(g["stats"].get("final_val_acc"), 100), fmt(g["stats"].get("final_train_loss"), digits=3),
              fmt(g["stats"].get("final_max_spectral_norm"), digits=3)] for g in gs]
     table = md_table(["Budget η", "Val acc %", "Train loss", "Max σ (final)"], rows)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from lightning_spectral.experiments.files import write_csv, write_json
+from lightning_spectral.experiments.files import inside, write_csv, write_json
 from lightning_spectral.experiments.provenance import REPO_ROOT, page_line, provenance
 from lightning_spectral.experiments.report.budget import section_budget
 from lightning_spectral.experiments.report.figures import log_figures_to_tensorboard
@@ -21,7 +21,8 @@ from lightning_spectral.experiments.report.routing import routing_section
 from lightning_spectral.experiments.report.stats import group_results, label, load_results
 from lightning_spectral.experiments.report.summary import summary_section
 from lightning_spectral.experiments.report.width import section_width
-from lightning_spectral.experiments.spec import Study, expand, get_dotted
+from lightning_spectral.experiments.runner import study_dir
+from lightning_spectral.experiments.spec import Study, check_name, expand, get_dotted
 
 SECTIONS = {
     "metric_grid": section_metric_grid, "budget": section_budget, "width": section_width,
@@ -93,8 +94,8 @@ def collect(study: Study, out_dir: str | Path, report_dir: str | Path | None = N
     per-epoch mean/std curves), ``runs.csv``, ``summary.csv``, the figures and, in
     ``report/tensorboard``, the same figures as TensorBoard images. With ``docs_dir``
     also writes ``<docs_dir>/<study>.md`` and its figures (PNG and SVG) under ``<docs_dir>/figures/``."""
-    out_dir = Path(out_dir)
-    report_dir = Path(report_dir) if report_dir else out_dir / study.name / "report"
+    out_dir, name = Path(out_dir), check_name(study.name, "the study name")
+    report_dir = Path(report_dir) if report_dir else study_dir(study, out_dir) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(study, out_dir)
     total = len(expand(study))
@@ -144,9 +145,10 @@ def collect(study: Study, out_dir: str | Path, report_dir: str | Path | None = N
         docs = Path(docs_dir)
         (docs / "figures").mkdir(parents=True, exist_ok=True)
         for fig in figures:
-            for name in (fig, Path(fig).with_suffix(".svg").name):
-                if (report_dir / name).exists():
-                    shutil.copyfile(report_dir / name, docs / "figures" / name)
+            for file in (fig, Path(fig).with_suffix(".svg").name):
+                if (report_dir / file).exists():
+                    shutil.copyfile(inside(report_dir, file, what="a figure"),
+                                    inside(docs, "figures", file, what="a page's figure"))
             markdown = markdown.replace(f"]({fig})", f"](figures/{fig})")
-        (docs / f"{study.name}.md").write_text(markdown)
+        inside(docs, f"{name}.md", what="the page").write_text(markdown)
     return report_dir

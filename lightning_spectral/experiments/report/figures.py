@@ -8,6 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lightning_spectral.experiments.files import inside
+from lightning_spectral.experiments.spec import check_name
+
 DPI = 150
 LEGEND_SIZE = 9  # points; smaller legends are unreadable in a page at 150 dpi
 SPAN_FOR_LOG = 20.0  # a positive axis whose values span more than this factor gets a log scale
@@ -53,6 +56,11 @@ def legend(ax, **kwargs) -> None:
     """A readable legend (:data:`LEGEND_SIZE` points), only where something is labelled."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=kwargs.pop("fontsize", LEGEND_SIZE), **kwargs)
+
+
+def figure_path(report_dir: Path, study_name: str, what: str) -> Path:
+    """``<report_dir>/<study>_<what>.png``, proven to lie in ``report_dir`` (every section's figures)."""
+    return inside(report_dir, f"{check_name(study_name, 'the study name')}_{what}.png", what="a figure")
 
 
 def save_figure(fig, path: Path, dpi: int = DPI) -> str:

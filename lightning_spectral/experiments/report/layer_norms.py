@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import legend, pyplot, save_figure
+from lightning_spectral.experiments.report.figures import figure_path, legend, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import fmt, label, mean_std, md_table
 
 
@@ -35,7 +35,7 @@ def section_layer_norms(study, groups, report_dir: Path, opts) -> tuple[str, lis
     ax.set_title("Final spectral norm per layer")
     legend(ax)
     ax.grid(True, alpha=0.3, axis="y")
-    name = save_figure(fig, report_dir / f"{study.name}_layer_norms.png")
+    name = save_figure(fig, figure_path(report_dir, study.name, "layer_norms"))
     header = ["Series", "Test acc %", "Train acc % (eval)", "Train loss", "ms/step", *[f"σ {l}" for l in layers]]
     title = opts.get("title", "Single-lr comparison")
     return f"## {title}\n\n{md_table(header, rows)}\n\n![layer norms]({name})", [name]

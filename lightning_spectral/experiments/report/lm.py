@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_spectral.experiments.files import write_json
-from lightning_spectral.experiments.report.figures import legend, plot_band, pyplot, save_figure
+from lightning_spectral.experiments.report.figures import figure_path, legend, plot_band, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import fmt, md_table, mean_std
 
 LN2 = math.log(2.0)
@@ -207,7 +207,7 @@ def section_lm(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
     axes[1].set_title("Validation loss vs wall time", fontsize=10)
     legend(axes[0])
     legend(axes[1])
-    curves_name = save_figure(fig, report_dir / f"{study.name}_val_loss.png")
+    curves_name = save_figure(fig, figure_path(report_dir, study.name, "val_loss"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, gs in by_method.items():
@@ -221,7 +221,7 @@ def section_lm(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
     ax.set_title("Learning-rate sweep (sweep seed)", fontsize=10)
     ax.grid(True, alpha=0.3)
     legend(ax)
-    sweep_name = save_figure(fig, report_dir / f"{study.name}_lr_sweep_loss.png")
+    sweep_name = save_figure(fig, figure_path(report_dir, study.name, "lr_sweep_loss"))
 
     header = ["Optimizer", "lr", "Seeds", "Val loss (final)", "Val bpb (final)", f"Steps to {target:g}",
               f"Seconds to {target:g}", f"Val loss at {t_equal:.0f} s", "Optimizer % of time", "Seconds (total)"]

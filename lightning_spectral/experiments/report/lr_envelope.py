@@ -8,7 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from lightning_spectral.experiments.report.figures import legend, pyplot, save_figure
+from lightning_spectral.experiments.report.figures import figure_path, legend, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import fmt_g, mean_std, md_table
 
 
@@ -48,7 +48,7 @@ def section_lr_envelope(study, results, report_dir: Path, opts) -> tuple[str, li
     ax.set_title("Learning-rate stability envelope (× = diverged; dashed = max stable lr)")
     legend(ax, loc="upper left", ncol=2)
     ax.grid(True, alpha=0.3)
-    name = save_figure(fig, report_dir / f"{study.name}_envelope.png")
+    name = save_figure(fig, figure_path(report_dir, study.name, "envelope"))
     table = md_table(["Optimizer", "Seeds", "Max stable lr (contiguous from the smallest)", "Largest lr converged (any seed)",
                       "Smallest lr diverged"], rows)
     per_lr_header = ["lr"] + list(by_opt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import legend, pyplot, save_figure
+from lightning_spectral.experiments.report.figures import figure_path, legend, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import fmt, md_table
 
 
@@ -44,7 +44,7 @@ def section_lr_sweep(study, groups, report_dir: Path, opts) -> tuple[str, list[s
     ax.set_title("Learning-rate sweep: test (solid) and train (dashed) accuracy")
     legend(ax)
     ax.grid(True, alpha=0.3)
-    name = save_figure(fig, report_dir / f"{study.name}_lr_sweep.png")
+    name = save_figure(fig, figure_path(report_dir, study.name, "lr_sweep"))
     rows = [[lr, *[table[lr].get(m, "–") for m in methods]] for lr in sorted(table, key=lr_value.__getitem__)]
     return (f"## Learning-rate sweep\n\n![lr sweep]({name})\n\nHeld-out accuracy % (training-set accuracy % in eval "
             f"mode), mean ± std over seeds:\n\n{md_table(['lr', *methods], rows)}"), [name]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import curve, legend, plot_band, pyplot, save_figure, wants_log
+from lightning_spectral.experiments.report.figures import (curve, figure_path, legend, plot_band, pyplot,
+                                                            save_figure, wants_log)
 from lightning_spectral.experiments.report.stats import label
 
 GRID_METRICS = (
@@ -41,7 +42,8 @@ def metric_grid(groups, path: Path, title: str, select=None) -> None:
 
 
 def section_metric_grid(study, groups, report_dir: Path, opts) -> tuple[str, list[str]]:
-    name = f"{study.name}_metrics.png"
-    metric_grid(groups, report_dir / name, opts.get("title", f"{study.name}: per-epoch metrics (mean ± std)"))
+    path = figure_path(report_dir, study.name, "metrics")
+    name = path.name
+    metric_grid(groups, path, opts.get("title", f"{study.name}: per-epoch metrics (mean ± std)"))
     return (f"## Per-epoch metrics\n\nLines are the mean over seeds, bands ± one std.\n\n"
             f"![metrics]({name})"), [name]

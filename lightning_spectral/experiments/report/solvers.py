@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import pyplot, save_figure, wants_log
+from lightning_spectral.experiments.report.figures import figure_path, pyplot, save_figure, wants_log
 from lightning_spectral.experiments.report.stats import fmt, fmt_g, label, md_table
 
 
@@ -42,7 +42,7 @@ def section_solvers(study, groups, report_dir: Path, opts) -> tuple[str, list[st
         if wants_log(means) or (key == "final_solver_inner_residual" and any(m > 0 for m in means)):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3, axis="y")
-    name = save_figure(fig, report_dir / f"{study.name}_solver_cost.png")
+    name = save_figure(fig, figure_path(report_dir, study.name, "solver_cost"))
     rows = [[label(g), fmt(g["stats"].get("final_val_acc"), 100), fmt(g["stats"].get("mean_step_time_ms"), digits=1),
              fmt_g(g["stats"].get("final_solver_inner_iterations")), fmt_g(g["stats"].get("final_solver_inner_residual")),
              _closed_form(g["stats"].get("final_solver_closed_form"))]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lightning_spectral.experiments.report.figures import legend, pyplot, save_figure
+from lightning_spectral.experiments.report.figures import figure_path, legend, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import mean_std, md_table
 
 
@@ -64,7 +64,7 @@ def section_width(study, groups, report_dir: Path, opts) -> tuple[str, list[str]
         legend(ax)
     for ax in axes.flatten():
         ax.grid(True, alpha=0.3)
-    name = save_figure(fig, report_dir / f"{study.name}_width.png")
+    name = save_figure(fig, figure_path(report_dir, study.name, "width"))
     wnames = [f"w={w:g}" for w in widths]
     t1 = md_table(["Optimizer", "lr", *wnames, "Std across widths (pp)", "Max − min (pp)"], rows)
     t2 = md_table(["Optimizer", *[f"best lr @ {n}" for n in wnames]], best_rows)
