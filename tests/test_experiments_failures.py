@@ -202,6 +202,40 @@ def _grids_null(ctx: Context) -> None:
     load_study(path)
 
 
+def _tensorboard_log_of_a_changed_config(ctx: Context) -> None:
+    """A finished run whose config then changes: the rerun's ``version_0`` holds its own events
+    only (one validation point, the new result's loss); the old log is kept aside. A resumed run
+    (same config, from its checkpoint) appends to its log instead."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def losses(log: Path) -> list[float]:
+        events = EventAccumulator(str(log / "version_0"))
+        events.Reload()
+        return [e.value for e in events.Scalars("val/loss")]
+
+    base = {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2, "trainer.limit_val_batches": 0.05,
+            "trainer.accelerator": "cpu", "data.init_args.batch_size": 16}
+    diagnostics = {"sharpness": False, "noise_scale": False, "constraint": False, "spectral": False,
+                   "keep_checkpoints": True}
+    run = ctx.out / "t" / "runs" / "optimizer=SGD__seed=0"
+    results = []
+    for lr in (0.05, 0.01):
+        ctx.study(set=base, diagnostics=diagnostics, grids=[{"optimizer": [{"name": "SGD", "set": {
+            "model.init_args.optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": lr}}}}]}])
+        ctx.cli("--no_collect")
+        results.append(json.loads((run / "result.json").read_text()))
+    stale = sorted(run.glob("tensorboard.stale-*"))
+    assert len(stale) == 1 and len(sorted(run.glob("checkpoints.stale-*"))) == 1
+    assert losses(run / "tensorboard") == pytest.approx([results[1]["final_val_loss"]])
+    assert losses(stale[0]) == pytest.approx([results[0]["final_val_loss"]])
+    (run / "result.json").unlink()  # interrupted after its last checkpoint: resumes, appends, sets nothing aside
+    ctx.cli("--no_collect")
+    assert json.loads((run / "result.json").read_text())["resumed_from"].endswith("last.ckpt")
+    assert sorted(run.glob("tensorboard.stale-*")) == stale
+
+
 ROWS = [
     Row("name-traversal-writes-nothing", _traversal_writes_nothing),
     Row("name-newline-writes-no-script", _newline_name_writes_no_script),
@@ -247,6 +281,7 @@ ROWS = [
         ("grid 0: seeds [3, 3] list 3 more than once",)),
     Row("seeds-repeated-on-the-command-line", lambda c: (c.study(), c.cli("--seeds", "1,1", "--print_runs")),
         CLIError, ("exit 2", "seeds [1, 1] list 1 more than once")),
+    Row("tensorboard-log-of-a-changed-config-set-aside", _tensorboard_log_of_a_changed_config),
     Row("path-inside", _inside),
     Row("sbatch-values-quoted", _sbatch_values_quoted),
     Row("sbatch-control-character", _sbatch_control_character, CLIError,

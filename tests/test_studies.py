@@ -345,6 +345,48 @@ def test_slurm_task_stops_its_run_and_requeues_on_usr1(tmp_path: Path, monkeypat
     assert not last.parent.parent.joinpath("result.json").exists()  # pending: the requeued task resumes it
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_study_and_names_the_runs_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys, signum: str) -> None:
+    """The signal comes during the first run's fit, at the end of its second epoch (SIGTERM stops it
+    at the next batch, SIGINT at once; either way its last checkpoint stays): the study exits 128 + N naming the stopped run and the one not
+    started, the run lock is free, the signal handlers are back; the same command resumes it."""
+    import os
+    import signal
+
+    from lightning_spectral.callbacks import EpochRecorder
+    from lightning_spectral.checkpoint import run_lock
+
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, set={"trainer.max_epochs": 3, "trainer.limit_train_batches": 2,
+                                      "trainer.limit_val_batches": 0.05, "trainer.accelerator": "cpu",
+                                      "data.init_args.batch_size": 16})
+    number, handlers = getattr(signal, signum), [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+    epoch_end = EpochRecorder.on_train_epoch_end
+
+    def signal_in_the_second_epoch(self, trainer, pl_module) -> None:
+        epoch_end(self, trainer, pl_module)
+        if trainer.current_epoch == 1:
+            os.kill(os.getpid(), number)
+
+    monkeypatch.setattr(EpochRecorder, "on_train_epoch_end", signal_in_the_second_epoch)
+    args = ["--config", str(path), "--out_dir", "out"]
+    assert study_main(args) == 128 + number
+    err = capsys.readouterr().err
+    assert f"study interrupted by {signum}; stopped 1 run(s)" in err and "checkpoint: optimizer=SGD__seed=0" in err
+    assert "1 run(s) not started: optimizer=MuonSGD__seed=0" in err and "run the same command again" in err
+    runs = tmp_path / "out" / "tiny" / "runs"
+    assert (runs / "optimizer=SGD__seed=0" / "checkpoints" / "last.ckpt").exists()
+    assert not (runs / "optimizer=SGD__seed=0" / "result.json").exists() and not (runs / "optimizer=MuonSGD__seed=0").exists()
+    with run_lock(runs / "optimizer=SGD__seed=0"):
+        pass
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers
+    monkeypatch.setattr(EpochRecorder, "on_train_epoch_end", epoch_end)
+    assert study_main(args) == 0
+    result = json.loads((runs / "optimizer=SGD__seed=0" / "result.json").read_text())
+    assert result["resumed_from"].endswith("last.ckpt") and result["epochs"] == 3
+
+
 @pytest.mark.slow  # three study processes (≈ 30 s)
 def test_sigterm_to_a_study_then_rerun_equals_the_uninterrupted_study(tmp_path: Path) -> None:
     """SIGTERM (a scheduler's warning) once the run's first epoch is checkpointed: the study exits
@@ -389,6 +431,52 @@ def test_sigterm_to_a_study_then_rerun_equals_the_uninterrupted_study(tmp_path: 
     assert {k: done[k] for k in compared} == {k: full[k] for k in compared}
     for before, after in zip(full["history"], done["history"]):  # every epoch, also those before the stop
         assert {k: v for k, v in before.items() if k not in timing} == {k: v for k, v in after.items() if k not in timing}
+
+
+@pytest.mark.slow  # a study process and its two run processes (≈ 20 s)
+def test_sigterm_to_a_study_with_jobs_stops_and_reaps_its_run_processes(tmp_path: Path) -> None:
+    """``study --jobs 2`` with both runs training: SIGTERM to the parent stops both run processes
+    (each at its next batch, keeping its checkpoint), reaps them, frees their locks and exits 143
+    naming them; no process of the study is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lightning_spectral.checkpoint import run_lock
+
+    path = write_study(tmp_path, set={"trainer.max_epochs": 500, "trainer.limit_train_batches": 2,
+                                      "trainer.limit_val_batches": 0.05, "trainer.accelerator": "cpu",
+                                      "data.init_args.batch_size": 16})
+    study = subprocess.Popen([sys.executable, "-m", "lightning_spectral", "study", "--config", str(path), "--out_dir",
+                              "out", "--jobs", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    runs = tmp_path / "out" / "tiny" / "runs"
+    ids = [r.run_id for r in expand(load_study(path))]
+    deadline = time.time() + 300
+    while not all((runs / i / "checkpoints" / "last.ckpt").exists() for i in ids):
+        assert study.poll() is None and time.time() < deadline, study.communicate()
+        time.sleep(0.1)
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent_of(int(p.name)) == study.pid]
+    assert len(children) == 2
+    study.send_signal(signal.SIGTERM)
+    _, err = study.communicate(timeout=300)
+    assert study.returncode == 143, err[-3000:]
+    assert "study interrupted by SIGTERM; stopped 2 run(s)" in err and all(i in err for i in ids)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+    for i in ids:
+        assert "Received SIGTERM" in (runs / i / "log.txt").read_text()  # each stopped by Lightning at a batch
+        assert (runs / i / "checkpoints" / "last.ckpt").exists() and not (runs / i / "result.json").exists()
+        with run_lock(runs / i):  # free
+            pass
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- lr_stability_scan ------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 → :mod:`~.runner` (each run a fit built by :func:`lightning_spectral.spectral_cli.build_cli`,
 recorded by :class:`lightning_spectral.callbacks.EpochRecorder`) → :mod:`~.report` (tables and
 figures). :mod:`~.provenance` records where each result came from; :mod:`~.check` tells which
-report pages are stale. :func:`lr_stability_scan` lives in :mod:`lightning_spectral.diagnostics` and is
+report pages are stale; :mod:`~.files` proves every path a study writes lies under its output
+directory; :mod:`~.interrupt` stops a study on SIGTERM or SIGINT. :func:`lr_stability_scan` lives in :mod:`lightning_spectral.diagnostics` and is
 re-exported here.
 """
 

@@ -1,7 +1,9 @@
 """``python -m lightning_spectral study --config configs/studies/<name>.yaml [options]``.
 
 Runs the study's pending runs one after the other in this process (``--jobs N``: N at once, each
-in its own process), then collects the report and prints its summary table.
+in its own process), then collects the report and prints its summary table. SIGTERM or SIGINT
+(Ctrl-C) stops every run it started, each keeping its last end-of-epoch checkpoint, and exits
+143 / 130 naming the runs that the same command resumes.
 
     --print_runs        print one shell command per pending run (``--all``: every run) and exit;
                         each is ``... study --config X [same options] --run <id>``, for a scheduler
@@ -43,6 +45,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from lightning_spectral.experiments import interrupt
 from lightning_spectral.experiments.report import collect, group_results, load_results
 from lightning_spectral.experiments.report.summary import summary_section
 from lightning_spectral.experiments.runner import pending_runs, run_commands, run_dir, run_study, study_dir
@@ -231,9 +234,19 @@ def check_main(args: argparse.Namespace) -> int:
 
 def study_main(argv: Sequence[str] | None = None) -> int:
     """Run the ``study`` command; returns the exit status: 0, 1 when a run failed, 2 for a bad
-    study file (its path and the problem on stderr)."""
+    study file (its path and the problem on stderr), 143 / 130 after SIGTERM / SIGINT (every run
+    process stopped and reaped first; the runs to resume on stderr)."""
     argv = list(sys.argv[2:] if argv is None else argv)
     args = parser().parse_args(argv)
+    try:
+        with interrupt.stop_on_signals():
+            return _study(args, argv)
+    except interrupt.StudyInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_status
+
+
+def _study(args: argparse.Namespace, argv: list[str]) -> int:
     if args.jobs < 1:
         print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2

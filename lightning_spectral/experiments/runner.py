@@ -3,7 +3,8 @@
 Layout under ``<out_dir>/<study>/``::
 
     runs/<run_id>/run.yaml        the complete LightningCLI config of the run (``fit --config`` it by hand)
-    runs/<run_id>/tensorboard/    its TensorBoard log (``tensorboard --logdir <out_dir>/<study>/runs``)
+    runs/<run_id>/tensorboard/    its TensorBoard log (``tensorboard --logdir <out_dir>/<study>/runs``);
+                                  an earlier attempt's in tensorboard.stale-<time> when the run restarted
     runs/<run_id>/checkpoints/    last.ckpt while it runs (deleted when it finishes, unless keep_checkpoints),
                                   and config_hash: the config the checkpoints were written for
     runs/<run_id>/.lock           held while a process trains the run
@@ -16,25 +17,31 @@ Layout under ``<out_dir>/<study>/``::
 A run is finished when ``result.json`` exists and records the hash of the current config; a
 changed config makes it pending again. An interrupted run restarts; if it left a checkpoint of
 the same config that loads (``last.ckpt``, else the newest other one) it resumes from there
-(model, optimizer, scheduler, callbacks and the recorded epochs); checkpoints of a changed
-config, and damaged files, are moved aside with a message.
+(model, optimizer, scheduler, callbacks and the recorded epochs) and appends to its TensorBoard
+log; checkpoints of a changed config, and damaged files, are moved aside with a message, and a
+run that starts from scratch moves the earlier attempt's TensorBoard log aside
+(``tensorboard.stale-<UTC time>``), so that ``version_0`` never mixes two configs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
+import signal
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
-from lightning_spectral.checkpoint import resume_checkpoint, run_lock, write_config_marker
+from lightning_spectral.checkpoint import _aside_name, resume_checkpoint, run_lock, write_config_marker
+from lightning_spectral.experiments import interrupt
 from lightning_spectral.experiments.files import inside, write_json
 from lightning_spectral.experiments.provenance import provenance
 from lightning_spectral.experiments.spec import DIAGNOSTIC_DEFAULTS, Run, Study, check_name, config_hash, expand
@@ -175,6 +182,17 @@ def _routing(trainer: Any, model: Any, directory: Path) -> str | None:
     return found[-1].read_text().strip() if found else None
 
 
+def _set_old_logs_aside(logs: Path, log: Callable[[str], None]) -> None:
+    """A run that starts from scratch (a changed config, a forced rerun, a stop before its first
+    checkpoint) moves the TensorBoard log of the earlier attempt aside, beside the checkpoints
+    moved aside, so that ``version_0`` holds this run's events only; a resumed run appends to it."""
+    if logs.is_dir() and any(logs.iterdir()):
+        target = _aside_name(logs, "stale")
+        os.replace(logs, target)
+        log(f"  the TensorBoard log in {logs} is from an earlier attempt of this run; the run restarts with a new "
+            f"one (old one in {target})")
+
+
 class RunConfigError(ValueError):
     """A run's resolved config that the Lightning CLI refuses (an unknown or ill-typed argument)."""
 
@@ -197,6 +215,8 @@ def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[st
         if previous.exists():  # stale result of another config
             previous.unlink()
         resume = resume_checkpoint(directory / "checkpoints", digest, log)
+        if resume is None:
+            _set_old_logs_aside(directory / "tensorboard", log)
         write_config_marker(directory / "checkpoints", digest)
         try:
             cli = build_cli(["--config", str(directory / "run.yaml")], run=False,
@@ -225,9 +245,10 @@ def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[st
             "history": recorder.history,
         }
         _log_hparams(cli.trainer.logger, run, result)
-        if not diagnostics(study)["keep_checkpoints"]:
-            shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-        write_json(previous, result)
+        with interrupt.deferred():  # the result and the removal of the checkpoints go together
+            if not diagnostics(study)["keep_checkpoints"]:
+                shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+            write_json(previous, result)
     return result
 
 
@@ -276,6 +297,8 @@ def run_study(study: Study, out_dir: str | Path, only: list[str] | None = None, 
 
     A run that raises is reported and the others go on; its directory keeps no ``result.json``,
     so the next invocation retries it. Returns ``{"ran", "skipped", "failed"}`` run ids.
+    SIGTERM or SIGINT stops the run in progress (SIGTERM at its next batch) and raises
+    :class:`~lightning_spectral.experiments.interrupt.StudyInterrupted` naming it and the runs not started.
     """
     runs = expand(study)
     if only:
@@ -284,28 +307,45 @@ def run_study(study: Study, out_dir: str | Path, only: list[str] | None = None, 
             raise SystemExit(f"error: unknown run id(s) {sorted(unknown)}; list them with --print_runs")
         runs = [r for r in runs if r.run_id in only]
     done: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": []}
-    for i, run in enumerate(runs, 1):
-        directory = run_dir(study, run, out_dir)
-        if not force and is_finished(directory, run_hash(study, run, out_dir)):
-            done["skipped"].append(run.run_id)
-            continue
-        log(f"[{study.name} {i}/{len(runs)}] {run.run_id}")
-        try:
-            result = execute(study, run, out_dir, log)
-        except Exception as err:  # noqa: BLE001 - keep the grid going; the run stays pending
-            from lightning_spectral.data import DatasetUnavailableError
-
-            if isinstance(err, DatasetUnavailableError):
-                raise
-            log(f"  FAILED: {type(err).__name__}: {err}")
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "error.txt").write_text(traceback.format_exc())
-            done["failed"].append(run.run_id)
-            continue
-        done["ran"].append(run.run_id)
-        acc = result.get("final_val_acc", result.get("max_stable_lr"))
-        log(f"  {result['status']}: {acc if acc is None else f'{acc:.4g}'} in {result['wall_time_s']:.1f}s")
+    current: list[str] = []
+    try:
+        with interrupt.stop_on_signals():
+            for i, run in enumerate(runs, 1):
+                current = [run.run_id]
+                _run_one(study, run, out_dir, force, f"[{study.name} {i}/{len(runs)}]", done, log)
+                current = []
+                interrupt.check()
+    except (interrupt.StudyInterrupted, SIGTERMException) as err:
+        signum = err.signum if isinstance(err, interrupt.StudyInterrupted) else signal.SIGTERM
+        finished = set(done["ran"] + done["skipped"] + done["failed"] + current)
+        raise interrupt.StudyInterrupted(signum, current, [r.run_id for r in runs if r.run_id not in finished]) from None
     return done
+
+
+def _run_one(study: Study, run: Run, out_dir: str | Path, force: bool, tag: str, done: dict[str, list[str]],
+             log: Callable[[str], None]) -> None:
+    """One run of :func:`run_study`, unless it is finished: its id goes to ``done["ran"]``,
+    ``["skipped"]`` or ``["failed"]`` (its traceback in ``error.txt``)."""
+    directory = run_dir(study, run, out_dir)
+    if not force and is_finished(directory, run_hash(study, run, out_dir)):
+        done["skipped"].append(run.run_id)
+        return
+    log(f"{tag} {run.run_id}")
+    try:
+        result = execute(study, run, out_dir, log)
+    except Exception as err:  # noqa: BLE001 - keep the grid going; the run stays pending
+        from lightning_spectral.data import DatasetUnavailableError
+
+        if isinstance(err, DatasetUnavailableError):
+            raise
+        log(f"  FAILED: {type(err).__name__}: {err}")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "error.txt").write_text(traceback.format_exc())
+        done["failed"].append(run.run_id)
+        return
+    done["ran"].append(run.run_id)
+    acc = result.get("final_val_acc", result.get("max_stable_lr"))
+    log(f"  {result['status']}: {acc if acc is None else f'{acc:.4g}'} in {result['wall_time_s']:.1f}s")
 
 
 def run_commands(study: Study, study_args: list[str], out_dir: str | Path, include_finished: bool = False) -> list[str]:

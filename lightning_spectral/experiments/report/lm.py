@@ -24,6 +24,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lightning_spectral.experiments.files import write_json
 from lightning_spectral.experiments.report.figures import figure_path, legend, plot_band, pyplot, save_figure
 from lightning_spectral.experiments.report.stats import fmt, md_table, mean_std
@@ -62,14 +64,9 @@ def first_crossing(xs: list[float], ys: list[float], target: float) -> tuple[flo
 def value_at(xs: list[float], ys: list[float], x: float) -> float:
     """``y`` at ``x`` by linear interpolation between the neighbouring points (``xs``
     increasing); NaN outside ``[xs[0], xs[-1]]``."""
-    if not xs or x < xs[0] or x > xs[-1]:
+    if not xs:
         return math.nan
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            x0, x1 = xs[i - 1], xs[i]
-            w = (x - x0) / (x1 - x0) if x1 > x0 else 1.0
-            return ys[i - 1] + w * (ys[i] - ys[i - 1])
-    return ys[0]  # a single point, x == xs[0]
+    return float(np.interp(x, xs, ys, left=math.nan, right=math.nan))
 
 
 def optimizer_fraction(history: list[dict[str, Any]]) -> float:
