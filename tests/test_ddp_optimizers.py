@@ -19,12 +19,24 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
+
+from lightning_spectral.optim import optimizer_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
 OVERLAYS = sorted((CONFIGS / "optim").glob("*.yaml"))
 MAX_STEPS = 6
+
+
+def _overlay_classes() -> set[str]:
+    return {yaml.safe_load(path.read_text())["model"]["init_args"]["optimizer"]["class_path"].rsplit(".", 1)[-1]
+            for path in OVERLAYS}
+
+
+# Every shipped overlay, and each registry entry no overlay runs, in its test configuration.
+ENTRIES = [entry for entry in optimizer_entries() if entry.cls.__name__ not in _overlay_classes()]
 
 CHECKSUM_MODULE = textwrap.dedent(
     '''
@@ -91,19 +103,23 @@ CHECKSUM_MODULE = textwrap.dedent(
 )
 
 
-def _ids(path: Path | None) -> str:
-    return "sgd" if path is None else path.stem
+def _ids(case) -> str:
+    return "sgd" if case is None else case.stem if isinstance(case, Path) else f"registry:{case.name}"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="2-process gloo DDP through the popen launcher")
-@pytest.mark.parametrize("overlay", [None, *OVERLAYS], ids=_ids)
-def test_ddp_ranks_stay_bit_identical(tmp_path: Path, overlay: Path | None) -> None:
+@pytest.mark.parametrize("overlay", [None, *OVERLAYS, *ENTRIES], ids=_ids)
+def test_ddp_ranks_stay_bit_identical(tmp_path: Path, overlay) -> None:
     (tmp_path / "ddp_checksum.py").write_text(CHECKSUM_MODULE)
     report_path = tmp_path / "checksums.json"
     # Only the test's callback: the diagnostics and ModelCheckpoint are dropped to keep each run short.
     callbacks = json.dumps([{"class_path": "ddp_checksum.ParamChecksum", "init_args": {"path": str(report_path)}}])
-    configs = ["--config", str(QUICKSTART)] + ([] if overlay is None else ["--config", str(overlay)])
+    configs = ["--config", str(QUICKSTART)]
+    if isinstance(overlay, Path):
+        configs += ["--config", str(overlay)]
+    elif overlay is not None:  # a registry entry: its test configuration as the optimizer
+        configs += [f"--model.optimizer={json.dumps(overlay.config())}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")  # two ranks on a small CPU box
     result = subprocess.run(

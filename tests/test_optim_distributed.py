@@ -17,41 +17,36 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_spectral.optim import create_optimizer
+from lightning_spectral.optim import optimizer_entries
 
-CASES = [
-    ("muon", {}),
-    ("muon_sgd", {"inner_solver_type": "dual_ascent", "solver_tangent": True}),
-    ("muon_adamw", {"inner_solver_type": "admm", "lr": 1e-3}),
-    ("manifold_muon", {"mode": "amortized"}),
-    ("spectral_ball", {"mode": "inner"}),
-    ("oblique", {}),
-]
+# Every registry entry in each of its configurations ("name:variant"), on four matrices of shapes it takes.
+CASES = [(f"{entry.name}:{variant}", entry) for entry in optimizer_entries() for variant, _ in entry.configurations()]
 STEPS = 3
+MATRICES = 4
 
 
-def _model() -> nn.Module:
+def _shapes(entry) -> list[tuple[int, ...]]:
+    """Four matrices the entry's rule takes (different costs, so the split is uneven) and a bias."""
+    if entry.every_shape:
+        return [(16, 12), (16, 16), (8, 16), (3, 8), (7,)]
+    return [entry.example_shape] * MATRICES + [(7,)]
+
+
+def _run(distribute: bool, name: str, entry) -> tuple[list, list, list[int]]:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8),
-                         nn.Tanh(), nn.Linear(8, 3))
-
-
-def _run(distribute: bool, optimizer_type: str, kwargs: dict) -> tuple[list, list, list[int]]:
-    model = _model()
-    opt = create_optimizer(model, optimizer_type=optimizer_type, head_as_matrix=True, **{"lr": 0.05, **kwargs})
+    params = [nn.Parameter(torch.randn(shape) / 3) for shape in _shapes(entry)]
+    opt = entry.build(params, name.split(":")[1], lr=0.05)
     opt.distribute_work = distribute
     calls: list[int] = []
     inner = opt._matrix_step
     opt._matrix_step = lambda group, params: (calls.append(len(params)), inner(group, params))
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        x, y = torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()  # same data on every rank: same grads
+        for p in params:  # the same gradients on every rank, as DDP's all-reduce leaves them
+            p.grad = torch.randn(p.shape, generator=g)
         opt.step()
-    state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
-             for p in model.parameters()]
-    return [p.detach().clone() for p in model.parameters()], state, calls
+    state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for p in params]
+    return [p.detach().clone() for p in params], state, calls
 
 
 def _worker(rank: int, port: int, queue) -> None:
@@ -59,9 +54,9 @@ def _worker(rank: int, port: int, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        for name, kwargs in CASES:
-            split_w, split_state, split_calls = _run(True, name, kwargs)
-            full_w, full_state, full_calls = _run(False, name, kwargs)
+        for name, entry in CASES:
+            split_w, split_state, split_calls = _run(True, name, entry)
+            full_w, full_state, full_calls = _run(False, name, entry)
             same_weights = all(torch.equal(a, b) for a, b in zip(split_w, full_w))
             same_state = all(
                 sa.keys() == sb.keys() and all(
@@ -105,5 +100,5 @@ def test_split_work_matches_repeated_work_bit_for_bit(results, name):
         assert same_weights, (name, rank)
         assert same_state, (name, rank)
         assert ranks_equal, name
-        # 4 matrices (the head too: head_as_matrix); each rank ran the matrix rule on its share only
-        assert 0 < split_calls < full_calls == 4, (name, rank, split_calls, full_calls)
+        # each rank ran the matrix rule on its share of the 4 matrices only
+        assert 0 < split_calls < full_calls == MATRICES, (name, rank, split_calls, full_calls)

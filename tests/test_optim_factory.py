@@ -69,3 +69,26 @@ def test_options_reach_build_param_groups():
     assert names == ["matrix", "embedding", "head", "vector"]
     names = [g["name"] for g in create_optimizer(emb, "muon_sgd", lr=0.1, embeddings_as_matrices=True).param_groups]
     assert names == ["matrix", "head", "vector"]
+
+
+@pytest.mark.parametrize("given", ["generator", "named", "groups", "class name"])
+def test_parameters_named_parameters_and_groups_as_timm_create_optimizer_v2_takes(given):
+    """Whatever an optimizer takes, create_optimizer takes (a generator is consumed once): the
+    optimizer equals one built on the same input directly."""
+    net = model()
+    inputs = {
+        "generator": lambda: net.parameters(),
+        "named": lambda: net.named_parameters(),
+        "groups": lambda: [{"params": [net[0].weight, net[2].weight], "matrix": True},
+                           {"params": [net[4].weight, net[0].bias, net[2].bias, net[4].bias], "matrix": False,
+                            "weight_decay": 0.0}],
+        "class name": lambda: net.parameters(),
+    }[given]
+    opt = create_optimizer(inputs(), "Muon" if given == "class name" else "muon", lr=0.02, weight_decay=0.01)
+    direct = Muon(inputs(), lr=0.02, momentum=0.9, weight_decay=0.01)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in direct.param_groups]
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(p) for p in g["params"]] for g in direct.param_groups]
+    with pytest.raises(ValueError, match="head_as_matrix route a model's modules"):
+        create_optimizer(inputs(), "muon", head_as_matrix=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_spectral.optim.base import AUX_ADAMW
 from lightning_spectral.optim.geometric import (
     BlockStiefel,
     DoublyStochastic,
@@ -73,10 +74,15 @@ ON_MANIFOLD = {
 }
 
 
+# The fallback these runs were tuned with (AdamW at 1e-3; the package's default is the auxiliary
+# AdamW, 3e-4 and betas (0.9, 0.95)): the matrices a set cannot hold train with it.
+FALLBACK = dict(fallback_lr=1e-3, fallback_betas=(0.9, 0.999))
+
+
 def train(opt_cls, kwargs, steps=300, model=None):
     model = model or mlp()
     X, y = data()
-    opt = opt_cls(named_params(model), **kwargs)
+    opt = opt_cls(named_params(model), **{**FALLBACK, **kwargs})
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -251,8 +257,8 @@ def test_refuses_when_nothing_fits_or_when_asked(opt_cls):
 @pytest.mark.parametrize(
     "opt_cls, kwargs, match",
     [
-        (Oblique, dict(lr=0.0), "lr must be a positive"),
-        (Oblique, dict(lr=float("nan")), "lr must be a positive"),
+        (Oblique, dict(lr=-1.0), "lr must be >= 0 and finite"),
+        (Oblique, dict(lr=float("nan")), "lr must be >= 0 and finite"),
         (Oblique, dict(momentum=1.0), "momentum must be in"),
         (Oblique, dict(direction="adam"), "direction must be one of"),
         (Oblique, dict(dim="diagonal"), "dim must be one of"),
@@ -371,7 +377,8 @@ def test_unsupported_matrices_get_a_fallback_group_that_schedulers_reach():
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factors[step])
     square = model[2].weight
     reference = nn.Parameter(square.detach().clone())
-    adamw = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.0)
+    # the fallback's defaults, the auxiliary AdamW: betas (0.9, 0.95), eps 1e-8, no weight decay
+    adamw = torch.optim.AdamW([reference], lr=1e-2, betas=AUX_ADAMW["betas"], eps=AUX_ADAMW["eps"], weight_decay=0.0)
     for step in range(4):
         assert fallback["lr"] == pytest.approx(1e-2 * factors[step])
         opt.zero_grad()
@@ -499,10 +506,11 @@ def test_state_dict_of_other_shapes_is_refused_before_anything_changes(opt_cls):
 def test_a_group_of_unsupported_matrices_becomes_a_fallback_group_and_old_layouts_load():
     sq, tall, sq2 = (nn.Parameter(torch.randn(*s)) for s in ((4, 4), (6, 4), (4, 4)))
     groups = [dict(params=[sq, tall], name="a"), dict(params=[sq2], name="b", lr=0.01)]
-    opt = Grassmann(groups, fallback_lr=None)
+    opt = Grassmann(groups)
     assert [(g["name"], g["matrix"], len(g["params"])) for g in opt.param_groups] == [
         ("a", True, 1), ("a_fallback", False, 1), ("b_fallback", False, 1)]
-    assert opt.param_groups[2]["lr"] == 0.01  # fallback_lr=None: the group's own lr
+    # the fallback rule's lr, not group b's (meant for the Grassmann steps)
+    assert opt.param_groups[2]["lr"] == AUX_ADAMW["lr"]
     # the layout before unsupported matrices had groups of their own: ids in the original order
     step = torch.zeros(())
     old = {"state": {0: {"step": step + 3, "exp_avg": torch.ones(4, 4), "exp_avg_sq": torch.ones(4, 4)},

@@ -11,6 +11,7 @@ max |σ_max/R − 1| = 1.2e-7 … 1.5e-7 (both radius modes, both modes; sigma_t
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import math
 import subprocess
@@ -20,9 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_spectral.optim.factory import GEOMETRIC
 from lightning_spectral.optim import (
-    OPTIMIZER_TYPES,
+    OPTIMIZERS as REGISTRY,
     ManifoldMuon,
     Muon,
     MuonAdamW,
@@ -32,6 +32,7 @@ from lightning_spectral.optim import (
     build_param_groups,
     create_optimizer,
     get_inner_solver,
+    optimizer_entries,
 )
 
 
@@ -76,26 +77,11 @@ def loss_of(model, x, y):
         return float(nn.functional.cross_entropy(model(x), y))
 
 
-# Every optimizer of the package, in its main configurations: name -> factory(params_or_model).
-OPTIMIZERS = {
-    "muon": lambda p: Muon(p, lr=0.02, ns_dtype="float32"),
-    "muon_sgd_clip": lambda p: MuonSGD(p, lr=0.05, spectral_budget=0.05),
-    "muon_sgd_dual_tangent": lambda p: MuonSGD(p, lr=0.05, spectral_budget=0.05,
-                                                inner_solver=get_inner_solver("dual_ascent", tangent=True)),
-    "muon_sgd_admm_tangent": lambda p: MuonSGD(p, lr=0.05, spectral_budget=0.05,
-                                                inner_solver=get_inner_solver("admm", tangent=True)),
-    "muon_sgd_qn": lambda p: MuonSGD(p, lr=0.05, spectral_budget=0.05, inner_solver="quasi_newton"),
-    "muon_adamw_fw": lambda p: MuonAdamW(p, lr=1e-2, spectral_budget=0.05,
-                                          inner_solver=get_inner_solver("frank_wolfe", max_iters=3)),
-    "muon_adamw_none": lambda p: MuonAdamW(p, lr=1e-2),
-    "manifold_inner": lambda p: ManifoldMuon(p, lr=0.05, mode="inner"),
-    "manifold_amortized": lambda p: ManifoldMuon(p, lr=0.05, mode="amortized"),
-    "sphere_inner": lambda p: SpectralBall(p, lr=0.05, mode="inner"),
-    "sphere_amortized": lambda p: SpectralBall(p, lr=0.05, mode="amortized"),
-    "ball_inner": lambda p: SpectralBall(p, lr=0.05, constraint="ball", mode="inner"),
-    "ball_amortized": lambda p: SpectralBall(p, lr=0.05, constraint="ball", mode="amortized",
-                                             sigma_tol=1e-5),
-}
+# Every optimizer of the package that takes every matrix, in each configuration its registry entry
+# names: "name:variant" -> factory(params). The geometric ones of restricted shapes are covered on
+# models they fit in tests/test_optim_geometric.py and below through the factory.
+OPTIMIZERS = {f"{entry.name}:{variant}": (lambda p, e=entry, v=variant: e.build(p, v))
+              for entry in optimizer_entries(every_shape=True) for variant, _ in entry.configurations()}
 
 
 def every_matrix(model):
@@ -202,23 +188,26 @@ def test_finite_gradients_whose_norm_overflows_are_not_refused():
 
 # -- (d) bad input ----------------------------------------------------------------------------
 BAD_INPUTS = [
-    lambda p: Muon(p, lr=0.0),
     lambda p: Muon(p, lr=-1.0),
+    lambda p: Muon(p, lr=float("nan")),
+    lambda p: Muon(p, lr=torch.tensor([1e-3, 1e-3])),
     lambda p: Muon(p, ns_schedule="chebyshev"),
     lambda p: Muon(p, ns_steps=0),
     lambda p: Muon(p, ns_dtype="float8"),
     lambda p: Muon(p, adjust_lr="bigger"),
-    lambda p: MuonSGD(p, lr=0.0),
+    lambda p: MuonSGD(p, lr=-0.1),
     lambda p: MuonSGD(p, spectral_budget=0.0),
     lambda p: MuonSGD(p, spectral_budget=-0.1),
     lambda p: MuonSGD(p, spectral_budget=0.1, inner_solver="sinkhorn"),
     lambda p: MuonAdamW(p, lr=-1e-3),
     lambda p: MuonAdamW(p, spectral_budget=0.0),
     lambda p: MuonAdamW(p, spectral_budget=0.1, inner_solver="nope"),
-    lambda p: ManifoldMuon(p, lr=0.0),
+    lambda p: ManifoldMuon(p, lr=-0.1),
+    lambda p: ManifoldMuon(p, fallback_betas=(0.9, 1.0)),
     lambda p: ManifoldMuon(p, mode="exact"),
     lambda p: ManifoldMuon(p, ns_schedule="chebyshev"),
-    lambda p: SpectralBall(p, lr=0.0),
+    lambda p: SpectralBall(p, lr=-0.1),
+    lambda p: SpectralBall(p, fallback="lion"),
     lambda p: SpectralBall(p, mode="exact"),
     lambda p: SpectralBall(p, constraint="cube"),
     lambda p: SpectralBall(p, radius_mode="huge"),
@@ -241,7 +230,7 @@ def test_matrix_group_with_bias_raises(name):
 
 
 @pytest.mark.parametrize("kwargs", [dict(optimizer_type="lbfgs"), dict(inner_solver_type="sinkhorn"),
-                                    dict(lr=0.0), dict(spectral_budget=-1.0)])
+                                    dict(lr=-1.0), dict(spectral_budget=-1.0)])
 def test_create_optimizer_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
         create_optimizer(mlp(), **kwargs)
@@ -417,7 +406,8 @@ def test_spectral_ball_keeps_radius(radius_mode, constraint, mode):
 # -- (i) every optimizer learns ---------------------------------------------------------------
 # The geometric types need square / block-divisible matrices: tests/test_optim_geometric.py covers
 # them on models they fit; here they go through the factory once below.
-CORE_TYPES = [t for t in OPTIMIZER_TYPES if t not in GEOMETRIC]
+CORE_TYPES = [name for name, entry in REGISTRY.items() if entry.every_shape]
+GEOMETRIC = {name: entry.cls for name, entry in REGISTRY.items() if not entry.every_shape}
 ALL_FACTORIES = dict(OPTIMIZERS)
 for _type in CORE_TYPES:
     _kwargs = dict(lr=0.05)
@@ -476,3 +466,54 @@ def test_optim_does_not_import_lightning():
             "or m.startswith(('lightning.', 'pytorch_lightning.'))]; print(bad); assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- (k) the fallback rule: one declaration, torch's own AdamW/SGD ------------------------------------
+def _fallback_run(entry, torch_cls, torch_kwargs, **kwargs):
+    """The entry's fallback on a user-built ``matrix=False`` group (no weight_decay key) against
+    ``torch_cls(**torch_kwargs)`` on a copy, three steps with the same gradients: max |Δ|."""
+    torch.manual_seed(0)
+    weight, bias = nn.Parameter(torch.randn(entry.example_shape)), nn.Parameter(torch.randn(7))
+    reference, start = nn.Parameter(bias.detach().clone()), bias.detach().clone()
+    opt = entry.build([{"params": [weight]}, {"params": [bias], "matrix": False}], **kwargs)
+    ref = torch_cls([reference], **torch_kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        weight.grad = torch.randn(weight.shape, generator=g)
+        bias.grad = torch.randn(bias.shape, generator=g)
+        reference.grad = bias.grad.clone()
+        opt.step()
+        ref.step()
+    assert float((bias - start).abs().max()) > 1e-4  # the fallback moved it
+    return float((bias - reference).abs().max())
+
+
+@pytest.mark.parametrize("name", [e.name for e in optimizer_entries()])
+def test_fallback_defaults_are_torch_adamw_or_the_optimizers_own_rule(name):
+    """A group built without weight_decay: the auxiliary AdamW (lr 3e-4, betas (0.9, 0.95), eps
+    1e-8, no weight decay, as MuonWithAuxAdam's Adam groups) for every optimizer whose matrix rule
+    is not SGD/AdamW itself; MuonSGD's/MuonAdamW's own SGD/AdamW at their own hyperparameters."""
+    entry = REGISTRY[name]
+    if entry.cls is MuonSGD:
+        cls, kw = torch.optim.SGD, dict(lr=0.05, momentum=0.8, weight_decay=1e-2, nesterov=True)
+    elif entry.cls is MuonAdamW:
+        cls, kw = torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05)
+    else:
+        cls, kw = torch.optim.AdamW, dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    own = {k: v for k, v in kw.items() if k in inspect.signature(entry.cls).parameters} if entry.cls.base_rule else {}
+    assert _fallback_run(entry, cls, kw, **own) <= 1e-7
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "sgd"])
+@pytest.mark.parametrize("name", [e.name for e in optimizer_entries()])
+def test_the_seven_fallback_arguments_mean_the_same_everywhere(name, algorithm):
+    entry = REGISTRY[name]
+    given = dict(fallback=algorithm, fallback_lr=0.02, fallback_betas=(0.85, 0.9), fallback_eps=1e-6,
+                 fallback_momentum=0.7, fallback_nesterov=True, fallback_weight_decay=0.03)
+    if algorithm == "adamw":
+        cls, kw = torch.optim.AdamW, dict(lr=0.02, betas=(0.85, 0.9), eps=1e-6, weight_decay=0.03)
+    else:
+        cls, kw = torch.optim.SGD, dict(lr=0.02, momentum=0.7, nesterov=True, weight_decay=0.03)
+    assert _fallback_run(entry, cls, kw, **given) <= 1e-7
+    with pytest.raises(TypeError, match="fallback_beta"):
+        entry.build([nn.Parameter(torch.randn(entry.example_shape))], fallback_beta=(0.9, 0.9))

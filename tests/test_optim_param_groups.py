@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_spectral.optim import Muon, MuonSGD, SpectralBall, build_param_groups
+from lightning_spectral.optim.base import AUX_ADAMW
 from lightning_spectral.optim.param_groups import parameter_roles, routing_table, split_by_rule, unsharded_class
 
 
@@ -131,12 +132,13 @@ def test_routing_table_and_warning():
         warnings.simplefilter("error")
         table = routing_table(opt, model)
     lines = table.splitlines()
-    assert lines[0].split("|")[1:-1] == [" parameter       ", " shape ", " group     ", " rule           ",
-                                         " lr    ", " weight_decay ", " module        "]
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["parameter", "shape", "group", "rule", "lr",
+                                                              "weight_decay", "module"]
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in lines[2:]}
     assert len(rows) == sum(1 for _ in model.parameters())
-    assert rows["embed.weight"] == ["50×16", "embedding", "fallback adamw", "0.001", "0", "Embedding"]
-    assert rows["out.weight"] == ["50×16", "head", "fallback adamw", "0.001", "0", "Linear (head)"]
+    aux_lr = f"{AUX_ADAMW['lr']:.3g}"  # the auxiliary AdamW's defaults: lr 3e-4, no weight decay
+    assert rows["embed.weight"] == ["50×16", "embedding", "fallback adamw", aux_lr, "0", "Embedding"]
+    assert rows["out.weight"] == ["50×16", "head", "fallback adamw", aux_lr, "0", "Linear (head)"]
     assert rows["hidden.0.weight"][:3] == ["32×16", "matrix", "SpectralBall"]
     assert rows["norm.bias"][:2] == ["16", "vector"]
 

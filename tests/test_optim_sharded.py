@@ -36,21 +36,22 @@ TOL = 1e-6
 PARAMS = [((10, 7), 0), ((10, 7), 1), ((12, 6), 1), ((6, 12), 0), ((7,), 0)]
 
 
-def _optimizer(name: str, params) -> torch.optim.Optimizer:
-    if name == "muon":
-        return O.Muon(params, lr=0.05)
-    if name == "muon_sgd":
-        return O.MuonSGD(params, lr=0.05, spectral_budget=0.1, inner_solver=O.get_inner_solver("dual_ascent", tangent=True))
-    if name == "muon_adamw":
-        return O.MuonAdamW(params, lr=1e-2, spectral_budget=0.05, inner_solver="admm")
-    if name == "manifold_muon":
-        return O.ManifoldMuon(params, lr=0.05, mode="amortized")
-    if name == "spectral_ball":
-        return O.SpectralBall(params, lr=0.05, mode="inner")
-    return O.Oblique(params, lr=0.05)
+# Every registry entry that supports DTensor parameters, in each of its configurations ("name:variant");
+# an entry of restricted shapes gets one more matrix of a shape it takes.
+CASES = {f"{entry.name}:{variant}": entry for entry in O.optimizer_entries(sharded=True)
+         for variant, _ in entry.configurations()}
 
 
-OPTIMIZERS = ["muon", "muon_sgd", "muon_adamw", "manifold_muon", "spectral_ball", "oblique"]
+def _optimizer(case: str, params) -> torch.optim.Optimizer:
+    return CASES[case].build(params, case.split(":")[1])
+
+
+def _params(case: str) -> list[tuple[tuple[int, ...], int]]:
+    entry = CASES[case]
+    return PARAMS if entry.every_shape else PARAMS + [(entry.example_shape, 1)]
+
+
+OPTIMIZERS = list(CASES)
 
 
 def _free_port() -> int:
@@ -76,21 +77,22 @@ def _max_diff(a: torch.Tensor, b) -> float:
 
 
 def _dtensor_cases(mesh, rank: int, tmp: str) -> dict:
-    """Every optimizer on PARAMS as DTensors against plain tensors; checkpoint round trip."""
+    """Every optimizer on PARAMS (and a shape it takes) as DTensors against plain tensors; checkpoint round trip."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     out = {}
     for name in OPTIMIZERS:
+        spec = _params(name)
         torch.manual_seed(0)
-        full = [torch.randn(shape) for shape, _ in PARAMS]
+        full = [torch.randn(shape) for shape, _ in spec]
         ref = [nn.Parameter(t.clone()) for t in full]
-        sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(dim)])) for t, (_, dim) in zip(full, PARAMS)]
+        sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(dim)])) for t, (_, dim) in zip(full, spec)]
         ref_opt, opt = _optimizer(name, ref), _optimizer(name, sharded)
         ref_opt.distribute_work = False  # the plain reference: all the work on this rank
         g = torch.Generator().manual_seed(1)
         for _ in range(STEPS):
-            grads = [torch.randn(shape, generator=g) for shape, _ in PARAMS]
-            for p, q, grad, (_, dim) in zip(ref, sharded, grads, PARAMS):
+            grads = [torch.randn(shape, generator=g) for shape, _ in spec]
+            for p, q, grad, (_, dim) in zip(ref, sharded, grads, spec):
                 p.grad = grad.clone()
                 q.grad = distribute_tensor(grad.clone(), mesh, [Shard(dim)])
             ref_opt.step()
@@ -107,13 +109,13 @@ def _dtensor_cases(mesh, rank: int, tmp: str) -> dict:
                             for b in sharded for v in opt.state[b].values()
                             if isinstance(v, torch.Tensor) and v.shape == b.shape)
         # Checkpoint: save, load with weights_only=True into a fresh optimizer, one more step on both.
-        path = os.path.join(tmp, f"{name}_{rank}.pt")
+        path = os.path.join(tmp, f"{name.replace(':', '_')}_{rank}.pt")
         torch.save(opt.state_dict(), path)
         fresh_params = [nn.Parameter(distribute_tensor(p.detach().full_tensor(), mesh, p.placements)) for p in sharded]
         fresh = _optimizer(name, fresh_params)
         fresh.load_state_dict(torch.load(path, weights_only=True))
-        grads = [torch.randn(shape, generator=g) for shape, _ in PARAMS]
-        for p, q, r, grad, (_, dim) in zip(ref, sharded, fresh_params, grads, PARAMS):
+        grads = [torch.randn(shape, generator=g) for shape, _ in spec]
+        for p, q, r, grad, (_, dim) in zip(ref, sharded, fresh_params, grads, spec):
             p.grad = grad.clone()
             q.grad = distribute_tensor(grad.clone(), mesh, [Shard(dim)])
             r.grad = distribute_tensor(grad.clone(), mesh, [Shard(dim)])

@@ -21,16 +21,12 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning_spectral.data import DigitsDataModule
 from lightning_spectral.models import MLP
 from lightning_spectral.module import SpectralModule
-from lightning_spectral.optim import DualAscentSolver, ManifoldMuon, Muon, MuonSGD, Oblique, SpectralBall
+from lightning_spectral.optim import optimizer_entries
 
-OPTIMIZERS = {
-    "muon": lambda groups: Muon(groups, lr=0.02),
-    "muon_sgd": lambda groups: MuonSGD(groups, lr=0.05, spectral_budget=0.1, inner_solver=DualAscentSolver(tangent=True)),
-    "manifold_muon": lambda groups: ManifoldMuon(groups, lr=0.05, mode="amortized"),
-    "spectral_ball": lambda groups: SpectralBall(groups, lr=0.05, mode="amortized"),
-    "oblique": lambda groups: Oblique(groups, lr=0.05),
-}
-CONSTRAINED = ("manifold_muon", "spectral_ball", "oblique")
+# Every optimizer of the registry in its test configuration (a new entry is covered here at once).
+ENTRIES = {entry.name: entry for entry in optimizer_entries()}
+OPTIMIZERS = {name: (lambda groups, e=entry: e.build(groups)) for name, entry in ENTRIES.items()}
+CONSTRAINED = tuple(name for name, entry in ENTRIES.items() if entry.constrained)
 
 
 class PoisonedLoss(torch.nn.Module):

@@ -530,6 +530,7 @@ def test_lr_scan_on_a_network_is_reproducible() -> None:
 def test_lr_scan_builds_the_optimizer_with_the_runs_routing() -> None:
     from lightning_spectral.experiments.build import build_optimizer
     from lightning_spectral.models import SmallCNN
+    from lightning_spectral.optim.base import AUX_ADAMW
 
     net = SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=0.25)
     spec = {"class_path": "lightning_spectral.optim.ManifoldMuon", "init_args": {}}
@@ -538,6 +539,6 @@ def test_lr_scan_builds_the_optimizer_with_the_runs_routing() -> None:
         optimizer = build_optimizer({"model": {"init_args": {"optimizer": spec, **init}}}, net, lr=0.05)
         return next(g for g in optimizer.param_groups if any(p is net.fc2.weight for p in g["params"]))
 
-    assert head_group({})["matrix"] is False and head_group({})["lr"] == 1e-3  # the fallback rule
+    assert head_group({})["matrix"] is False and head_group({})["lr"] == AUX_ADAMW["lr"]  # the fallback rule
     assert head_group({"head_as_matrix": True})["matrix"] is True
     assert head_group({"head": [], "exclude": []})["matrix"] is True  # no head: the last Linear is a matrix

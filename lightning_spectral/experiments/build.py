@@ -10,13 +10,18 @@ from torch import nn
 
 from lightning_spectral.data import data_arguments
 from lightning_spectral.optim.param_groups import build_param_groups
+from lightning_spectral.optim.registry import find_optimizer
 
 
 def resolve(class_path: str) -> Any:
-    """Import ``a.b.C``; a bare name is looked up in the package's models, optim, data, then ``torch.optim``."""
+    """Import ``a.b.C``; a bare name is an optimizer of the registry (its class name or short name,
+    ``MuonSGD`` / ``muon_sgd``), else looked up in the package's models, optim, data, then ``torch.optim``."""
     if "." in class_path:
         module, _, name = class_path.rpartition(".")
         return getattr(importlib.import_module(module), name)
+    entry = find_optimizer(class_path)
+    if entry is not None:
+        return entry.cls
     for module in ("lightning_spectral.models", "lightning_spectral.optim", "lightning_spectral.data", "torch.optim"):
         mod = importlib.import_module(module)
         if hasattr(mod, class_path):

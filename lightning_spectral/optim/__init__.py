@@ -1,7 +1,7 @@
 """Spectral-norm optimizers in pure PyTorch (no Lightning import): msign, Muon, MuonSGD and
 MuonAdamW with five inner solvers, manifold Muon, the spectral sphere/ball, the geometric
-variants (Oblique, SL, Symplectic, L1-/Block-Stiefel, Doubly-Stochastic, Grassmann), and the
-factory."""
+variants (Oblique, SL, Symplectic, L1-/Block-Stiefel, Doubly-Stochastic, Grassmann), the table
+of them all (:mod:`.registry`) and the factory."""
 
 from .base import MatrixOptimizer, NonFiniteGradientError
 from .budgeted import MuonAdamW, MuonSGD
@@ -24,6 +24,7 @@ from .manifold import ManifoldMuon, SpectralBall
 from .msign import SCHEDULES, msign, msign_svd
 from .muon import Muon
 from .param_groups import build_param_groups, routing_table
+from .registry import OPTIMIZERS, OptimizerEntry, find_optimizer, optimizer_entries, register
 from .solvers import (
     SOLVER_REGISTRY,
     ADMMSolver,
@@ -39,7 +40,8 @@ from .solvers import (
 __all__ = [
     "ADMMSolver", "BlockStiefel", "DoublyStochastic", "GeometricOptimizer", "Grassmann", "L1Stiefel", "Oblique",
     "SLMuon", "Symplectic", "sinkhorn", "symplectic_form", "DirectionInfo", "DualAscentSolver", "FrankWolfeSolver", "InnerSolver", "ManifoldMuon",
-    "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "NonFiniteGradientError", "OPTIMIZER_TYPES",
+    "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "NonFiniteGradientError", "OPTIMIZERS", "OPTIMIZER_TYPES",
+    "OptimizerEntry", "find_optimizer", "optimizer_entries", "register",
     "QuasiNewtonDualSolver", "SCHEDULES", "SOLVER_REGISTRY", "SolveInfo", "SpectralBall", "SpectralClipSolver",
     "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd", "routing_table",
     "orthogonal_direction", "spectral_ball_direction", "spectral_clip", "stiefel_amortized", "stiefel_direction",

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,15 +36,26 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from .geometry.base import record_inner
-from .param_groups import MATRIX_KEY, split_by_rule
+from .param_groups import MATRIX_KEY, named_group, split_group
 from .sharded import full_matrix, is_sharded
 
-__all__ = ["FALLBACKS", "LR_ADJUSTMENTS", "MODES", "MatrixOptimizer", "NonFiniteGradientError", "ON_CONSTRAINT_TOL",
-           "check_mode", "check_positive", "check_unit_interval", "describe_param", "ema_momentum", "lr_scale",
-           "record_inner"]
+__all__ = ["AUX_ADAMW", "FALLBACKS", "FALLBACK_ARGUMENTS", "LR_ADJUSTMENTS", "MODES", "MatrixOptimizer",
+           "NonFiniteGradientError", "ON_CONSTRAINT_TOL", "check_group_values", "check_mode", "check_positive",
+           "check_unit_interval", "describe_param", "ema_momentum", "fallback_rule", "lr_scale", "record_inner"]
 
 
 FALLBACKS = ("adamw", "sgd")
+# The rule for the parameters outside the matrix rule: the same keywords in every optimizer of the
+# package (MatrixOptimizer's docstring says what each means and what ``None`` stands for).
+FALLBACK_ARGUMENTS = ("fallback", "fallback_lr", "fallback_betas", "fallback_eps", "fallback_momentum",
+                      "fallback_nesterov", "fallback_weight_decay")
+# The fallback's values where the optimizer's matrix rule is not itself SGD or AdamW: the auxiliary
+# AdamW of Jordan et al.'s MuonWithAuxAdam (github.com/KellerJordan/Muon, muon.py), except eps,
+# torch.optim.AdamW's 1e-8; SGD's momentum and Nesterov flag are torch's common choices.
+AUX_ADAMW = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0}
+# A fallback argument's group key (what torch's AdamW/SGD functional cores read from the group).
+_FALLBACK_KEYS = {"lr": "lr", "betas": "betas", "eps": "eps", "momentum": "fallback_momentum",
+                  "nesterov": "fallback_nesterov", "weight_decay": "weight_decay"}
 # Constrained optimizers move their weights onto the constraint set when they are built, except
 # weights already within this distance of it: Lightning builds the optimizer *after* restoring a
 # checkpoint's weights, and re-projecting those would perturb a resumed run in the last bits.
@@ -81,6 +92,69 @@ def first_nonfinite(named: Iterable[tuple[Any, torch.Tensor]]) -> Any:
     if all(bool(flag) for flag in finite_flags(t for _, t in named).values()):
         return None
     return next((key for key, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
+def fallback_rule(owner: str, base_rule: Optional[str], defaults: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """The group keys of the fallback rule from the seven :data:`FALLBACK_ARGUMENTS` (``given``):
+    each ``None`` is the optimizer's own value (``defaults``) when the fallback is its
+    ``base_rule``, else :data:`AUX_ADAMW`'s; a learning rate or weight decay the fallback shares
+    with the optimizer is left out, so its groups take the optimizer's (torch's group defaults)."""
+    unknown = set(given) - set(FALLBACK_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"{owner}: unknown fallback arguments {sorted(unknown)}; they are {FALLBACK_ARGUMENTS}")
+    algorithm = given.get("fallback") or base_rule or "adamw"
+    if algorithm not in FALLBACKS:
+        raise ValueError(f"{owner}: fallback must be one of {FALLBACKS} (or None), got {given.get('fallback')!r}")
+    inherit = algorithm == base_rule
+    rule: dict[str, Any] = {"algorithm": algorithm}
+    for name, key in _FALLBACK_KEYS.items():
+        value = given.get(f"fallback_{name}")
+        if value is None and inherit and name in defaults:
+            if name in ("lr", "weight_decay"):
+                continue
+            value = defaults[name]
+        rule[key] = AUX_ADAMW[name] if value is None else value
+    betas = rule["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{owner}: fallback_betas must be two numbers (beta1, beta2), got {betas!r}")
+    rule["betas"] = tuple(betas)
+    check_unit_interval(owner, fallback_beta1=betas[0], fallback_beta2=betas[1],
+                        fallback_momentum=rule["fallback_momentum"])
+    check_positive(owner, fallback_eps=rule["eps"])
+    check_group_values(owner, {k: rule[k] for k in ("lr", "weight_decay") if k in rule}, prefix="fallback_")
+    return rule
+
+
+def check_group_values(owner: str, settings: dict[str, Any], where: str = "", prefix: str = "") -> None:
+    """``lr`` (a float or a one-element tensor, as torch allows) and ``weight_decay`` of a group or
+    of the defaults: finite and ``>= 0``."""
+    for name in ("lr", "weight_decay"):
+        if name not in settings:
+            continue
+        value = settings[name]
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{owner}{where}: Tensor {prefix}{name} must be 1-element, got shape {tuple(value.shape)}")
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{owner}{where}: {prefix}{name} must be >= 0 and finite, got {settings[name]!r}")
+
+
+def _refuse_unsupported(owner: str, group: dict[str, Any], index: int, i: int, p: torch.Tensor) -> None:
+    """Parameters no rule of the package takes, named: complex tensors and FSDP1 flat shards."""
+    if p.is_complex():
+        raise ValueError(
+            f"{owner} does not support complex parameters: {describe_param(group, index, i)} is {p.dtype}. The "
+            "matrix rules (msign, the constraint sets) are defined for real matrices (torch.optim.Muon refuses them too). "
+            "Optimize torch.view_as_real(p) as a real parameter, or give this one to another optimizer."
+        )
+    if getattr(p, "_fsdp_flattened", False):
+        raise ValueError(
+            f"{owner}: the parameters are FSDP1 flat shards (FullyShardedDataParallel, Lightning's FSDPStrategy), "
+            "1-D slices that cut matrices at arbitrary offsets, so no matrix rule can see its matrix. Shard with "
+            "FSDP2 instead (torch.distributed.fsdp.fully_shard, Lightning's ModelParallelStrategy), whose DTensor "
+            "parameters these optimizers gather, or use DDP."
+        )
 
 
 def check_positive(owner: str, **values: float) -> None:
@@ -141,12 +215,26 @@ class MatrixOptimizer(torch.optim.Optimizer):
     Subclasses implement :meth:`_matrix_step` (and optionally :meth:`_constraint_distance`, and
     :meth:`_state_shapes` for state tensors not shaped like their parameter).
 
-    Fallback arguments (for groups with ``matrix=False``; a group's own keys win):
-        fallback: ``"adamw"`` or ``"sgd"``.
-        fallback_lr: its learning rate (``None``: the optimizer's ``lr``).
+    Every group is routed when it is added, at construction or later through
+    :meth:`add_param_group` alike (:func:`~lightning_spectral.optim.param_groups.split_group`):
+    ``matrix``/``use_muon`` keys decide, else ``ndim``; a ``matrix=False`` group takes the fallback
+    rule's keys it does not set itself.
+
+    Fallback arguments (the rule for every non-matrix group; the same seven in every optimizer of
+    the package, :data:`FALLBACK_ARGUMENTS`; a group's own keys win). ``None`` means: the
+    optimizer's own hyperparameter of that name where the fallback *is* the optimizer's base rule
+    (:attr:`base_rule`: MuonSGD's SGD, MuonAdamW's AdamW, so that their fallback is the same rule
+    without the budget), else :data:`AUX_ADAMW`, the auxiliary AdamW of Jordan et al.'s
+    ``MuonWithAuxAdam`` (lr 3e-4, betas (0.9, 0.95), no weight decay):
+        fallback: ``"adamw"`` or ``"sgd"`` (``None``: the base rule, else ``"adamw"``).
+        fallback_lr: its learning rate.
         fallback_betas, fallback_eps: AdamW's.
         fallback_momentum, fallback_nesterov: SGD's.
-        fallback_weight_decay: its weight decay (``None``: the optimizer's ``weight_decay``).
+        fallback_weight_decay: its weight decay. A group the user builds without ``weight_decay``
+            takes it: 0 for an auxiliary AdamW (biases, norms, embeddings and the head are not
+            decayed, as in ``MuonWithAuxAdam``), the optimizer's ``weight_decay`` where the
+            fallback is its base rule (as ``torch.optim.SGD``/``AdamW`` treat every group). A
+            matrix group without one takes the optimizer's ``weight_decay`` (torch's rule).
         check_finite: what a step whose gradients hold NaN/Inf does.
             ``True`` (default): raise :class:`NonFiniteGradientError` before any weight changes
             (one fused reduction and one host sync per step).
@@ -159,60 +247,78 @@ class MatrixOptimizer(torch.optim.Optimizer):
             :class:`NonFiniteGradientError` (naming how many steps were skipped) at the first of:
             :meth:`raise_if_nonfinite`; :meth:`state_dict` (so no checkpoint is written past a
             skipped step without an error); every :attr:`lazy_check_every`-th ``step()`` (one
-            sync there, raised before that step changes anything); reading :attr:`nonfinite_steps` gives the count without raising.
+            sync there, raised before that step changes anything); reading
+            :attr:`nonfinite_steps` gives the count without raising.
             ``False``: no check (NaN/Inf reach the weights).
     """
+
+    # The algorithm the matrix rule is built on, when the fallback can be that same rule ("sgd", "adamw").
+    base_rule: Optional[str] = None
 
     def __init__(
         self,
         params: Iterable[Any],
         defaults: dict[str, Any],
         *,
-        fallback: str = "adamw",
+        fallback: Optional[str] = None,
         fallback_lr: Optional[float] = None,
-        fallback_betas: tuple[float, float] = (0.9, 0.999),
-        fallback_eps: float = 1e-8,
-        fallback_momentum: float = 0.9,
-        fallback_nesterov: bool = False,
+        fallback_betas: Optional[tuple[float, float]] = None,
+        fallback_eps: Optional[float] = None,
+        fallback_momentum: Optional[float] = None,
+        fallback_nesterov: Optional[bool] = None,
         fallback_weight_decay: Optional[float] = None,
         check_finite: bool | str = True,
     ):
         owner = type(self).__name__
         if check_finite not in CHECK_FINITE:
             raise ValueError(f"{owner}: check_finite must be True, False or 'lazy', got {check_finite!r}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"{owner}: fallback must be one of {FALLBACKS}, got {fallback!r}")
-        check_positive(owner, lr=defaults["lr"], fallback_eps=fallback_eps)
-        if fallback_lr is not None:
-            check_positive(owner, fallback_lr=fallback_lr)
-        check_unit_interval(owner, fallback_beta1=fallback_betas[0], fallback_beta2=fallback_betas[1],
-                            fallback_momentum=fallback_momentum)
-        if defaults.get("weight_decay", 0.0) < 0:
-            raise ValueError(f"{owner}: weight_decay must be >= 0, got {defaults['weight_decay']!r}")
+        check_group_values(owner, defaults)
         if "adjust_lr" in defaults and defaults["adjust_lr"] not in LR_ADJUSTMENTS:
             raise ValueError(f"{owner}: adjust_lr must be one of {LR_ADJUSTMENTS}, got {defaults['adjust_lr']!r}")
         self.check_finite = check_finite
-        groups = split_by_rule(params)
-        if any(getattr(p, "_fsdp_flattened", False) for group in groups for p in group["params"]):
-            raise ValueError(
-                f"{owner}: the parameters are FSDP1 flat shards (FullyShardedDataParallel, Lightning's FSDPStrategy), "
-                "1-D slices that cut matrices at arbitrary offsets, so no matrix rule can see its matrix. Shard with "
-                "FSDP2 instead (torch.distributed.fsdp.fully_shard, Lightning's ModelParallelStrategy), whose DTensor "
-                "parameters these optimizers gather, or use DDP."
-            )
-        for group in groups:
-            if group[MATRIX_KEY]:
-                continue
-            group.setdefault("algorithm", fallback)
-            if fallback_lr is not None:
-                group.setdefault("lr", fallback_lr)
-            if fallback_weight_decay is not None:
-                group.setdefault("weight_decay", fallback_weight_decay)
-            group.setdefault("betas", tuple(fallback_betas))
-            group.setdefault("eps", fallback_eps)
-            group.setdefault("fallback_momentum", fallback_momentum)
-            group.setdefault("fallback_nesterov", fallback_nesterov)
-        super().__init__(groups, defaults)
+        self.fallback_rule = fallback_rule(owner, self.base_rule, defaults, fallback=fallback, fallback_lr=fallback_lr,
+                                           fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+                                           fallback_momentum=fallback_momentum, fallback_nesterov=fallback_nesterov,
+                                           fallback_weight_decay=fallback_weight_decay)
+        self._groups_added = 0
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, routed like the groups given at construction:
+        split into matrix and fallback parts (:func:`~lightning_spectral.optim.param_groups.split_group`,
+        then :meth:`_route`), the fallback parts completed by :attr:`fallback_rule`, every part
+        checked (:meth:`_prepare_group`) before torch adds it."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        index, owner = self._groups_added, type(self).__name__
+        self._groups_added += 1
+        group = named_group(param_group)
+        for i, p in enumerate(group["params"]):
+            _refuse_unsupported(owner, group, index, i, p)
+        for part in self._route(split_group(group, index), index):
+            if part[MATRIX_KEY]:
+                self._prepare_group(part)
+            else:
+                for key, value in self.fallback_rule.items():
+                    part.setdefault(key, value)
+            check_group_values(owner, {**self.defaults, **part}, where=f" (param group {part.get('name', index)})")
+            super().add_param_group(part)
+
+    def _route(self, parts: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+        """The groups a new group's matrix and fallback parts become (a constrained optimizer moves
+        matrices its set cannot hold to the fallback here); ``index`` counts the groups added."""
+        return parts
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        """Check or complete a matrix group before torch adds it (its own keys; the defaults follow)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, groups) and this optimizer's own attributes (the finite check,
+        the fallback rule, a solver), so that ``copy.deepcopy`` and pickling keep them; torch's
+        hook tables stay out, as torch leaves them out."""
+        state = super().__getstate__()
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")})
+        return state
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,12 +339,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
             self._lazy_steps += 1
             if self.lazy_check_every and self._lazy_steps % self.lazy_check_every == 0:
                 self.raise_if_nonfinite()
-            with _autocast_disabled():
+            with _autocast_disabled(), _float_lrs(self.param_groups):
                 self._masked_update()
             return loss
         if self.check_finite:
             self._check_finite()
-        with _autocast_disabled():
+        with _autocast_disabled(), _float_lrs(self.param_groups):
             self._update()
         return loss
 
@@ -420,28 +526,54 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, after checking that every state tensor has
-        the shape this optimizer needs for its parameter (a checkpoint of another model would
-        otherwise load and fail at the first step); hyperparameters added since the checkpoint
-        was written keep the values they have here."""
+        """``torch.optim.Optimizer.load_state_dict``, after checking what it would take on trust:
+        every group's ``lr`` and ``weight_decay`` (finite, ``>= 0``: a negative lr turns descent
+        into ascent), every state tensor finite (a NaN momentum buffer turns the weights NaN at the
+        first step) and of the shape this optimizer needs for its parameter (a checkpoint of another
+        model would load and fail at the first step). Each refusal names the group or the tensor,
+        and nothing is changed. A matrix group's settings pass :meth:`_prepare_group` (torch.optim.Muon's
+        keys are read as this package's); settings added since the checkpoint was written keep
+        the values they have here."""
+        owner = f"{type(self).__name__}.load_state_dict"
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         here = [(index, i) for index, g in enumerate(self.param_groups) for i in range(len(g["params"]))]
         for key, (index, i) in zip(saved, here):
             group = self.param_groups[index]
             expected = self._state_shapes(group, group["params"][i])
             for name, value in state_dict["state"].get(key, {}).items():
-                if name in expected and isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(expected[name]):
+                where = f"the state '{name}' of {self.param_name(index, i)}"
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{owner}: {where} is {value}: the state was saved after a non-finite step. "
+                                     "Load an earlier checkpoint.")
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if name in expected and tuple(value.shape) != tuple(expected[name]):
                     raise ValueError(
-                        f"{type(self).__name__}.load_state_dict: the state '{name}' of {self.param_name(index, i)} "
-                        f"has shape {tuple(value.shape)}, but this parameter needs {tuple(expected[name])}: the "
-                        "checkpoint was written for another model (or another parameter order). Load this model's "
-                        "checkpoint, or build the model and optimizer the checkpoint was written with."
+                        f"{owner}: {where} has shape {tuple(value.shape)}, but this parameter needs "
+                        f"{tuple(expected[name])}: the checkpoint was written for another model (or another parameter "
+                        "order). Load this model's checkpoint, or build the model and optimizer the checkpoint was "
+                        "written with."
                     )
+                if value.is_floating_point() and first_nonfinite([(0, value)]) is not None:
+                    raise ValueError(
+                        f"{owner}: {where} holds NaN or Inf: the state was saved after a non-finite step, and "
+                        "its first step here would make the weights non-finite. Load an earlier checkpoint."
+                    )
+        groups = []
+        for index, (group, current) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            group = dict(group)
+            check_group_values(owner, group, where=f" (param group {group.get('name', index)} of the state dict)")
+            if group.get(MATRIX_KEY, current[MATRIX_KEY]):
+                self._prepare_group(group)
+            groups.append(group)
         current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        super().load_state_dict(dict(state_dict, param_groups=groups + list(state_dict["param_groups"][len(groups):])))
         for group, before in zip(self.param_groups, current):
             for name, value in before.items():
                 group.setdefault(name, value)
+        for state in self.state.values():  # a step counter saved as a number, as torch's AdamW reads it
+            if isinstance(state, dict) and "step" in state and not isinstance(state["step"], torch.Tensor):
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
 
     def _state_shapes(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, tuple[int, ...]]:
         """Shapes of the state tensors of ``p`` that have one (momentum and Adam moments: ``p``'s)."""
@@ -473,6 +605,21 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _constraint_distance(self, group: dict[str, Any], p: torch.Tensor, state: dict) -> Optional[float]:
         return None
+
+
+@contextlib.contextmanager
+def _float_lrs(groups: list[dict[str, Any]]) -> Iterator[None]:
+    """Tensor learning rates (and the ``initial_lr`` schedulers record) read as floats for the update,
+    as ``torch.optim.Muon`` reads them (one host sync where such a tensor lives on a GPU), then put
+    back: a scheduler keeps writing into the tensor."""
+    tensors = [(g, key, g[key]) for g in groups for key in ("lr", "initial_lr") if isinstance(g.get(key), torch.Tensor)]
+    for group, key, value in tensors:
+        group[key] = float(value)
+    try:
+        yield
+    finally:
+        for group, key, value in tensors:
+            group[key] = value
 
 
 def _autocast_disabled() -> contextlib.ExitStack:

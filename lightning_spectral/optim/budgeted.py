@@ -35,12 +35,12 @@ def resolve_solver(inner_solver: Union[InnerSolver, str, None]) -> InnerSolver:
 class BudgetedOptimizer(MatrixOptimizer):
     """Shared part of MuonSGD/MuonAdamW: the budget, the solver and its bookkeeping."""
 
-    def __init__(self, params, defaults, inner_solver, **fallback):
+    def __init__(self, params, defaults, inner_solver, **kwargs):
         budget = defaults["spectral_budget"]
         if budget is not None:
             check_positive(type(self).__name__, spectral_budget=budget)
         self.inner_solver = resolve_solver(inner_solver)
-        super().__init__(params, defaults, **fallback)
+        super().__init__(params, defaults, **kwargs)
 
     def _constrain(self, group: dict[str, Any], p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         budget = group["spectral_budget"]
@@ -71,8 +71,11 @@ class MuonSGD(BudgetedOptimizer):
 
     ``d = g + wd·W`` (coupled L2, inside the budget, as ``torch.optim.SGD``), ``b ← μ b + (1 −
     dampening) d`` (``b₀ = d``), ``d ← d + μ b`` with Nesterov else ``b``; ``Δ = −lr·d``;
-    ``W ← W + solver(W, Δ, η)``. Non-matrix tensors take the same SGD step unconstrained
-    (``fallback="sgd"``), or AdamW with ``fallback="adamw"``.
+    ``W ← W + solver(W, Δ, η)``. Non-matrix tensors take the same SGD step unconstrained: the
+    fallback (``**kwargs``: the fallback arguments and ``check_finite`` of
+    :class:`~lightning_spectral.optim.base.MatrixOptimizer`) is this same SGD by default, at this
+    optimizer's lr, momentum, Nesterov flag and weight decay; ``fallback="adamw"`` makes it the
+    auxiliary AdamW.
 
     Args:
         spectral_budget: ``η``; ``None`` disables the solver (plain SGD).
@@ -80,6 +83,8 @@ class MuonSGD(BudgetedOptimizer):
             name (``"dual_ascent"``…) or ``None`` (``SpectralClipSolver()``).
         budget_follows_lr: scale ``η`` by ``lr/initial_lr`` (see the module docstring).
     """
+
+    base_rule = "sgd"
 
     def __init__(
         self,
@@ -92,19 +97,14 @@ class MuonSGD(BudgetedOptimizer):
         nesterov: bool = False,
         dampening: float = 0.0,
         budget_follows_lr: bool = True,
-        fallback: str = "sgd",
-        fallback_lr: Optional[float] = None,
-        fallback_weight_decay: Optional[float] = None,
-        check_finite: bool | str = True,
+        **kwargs: Any,
     ):
         check_unit_interval("MuonSGD", momentum=momentum)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("MuonSGD: Nesterov momentum requires momentum > 0 and dampening = 0")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, spectral_budget=spectral_budget,
                         nesterov=nesterov, dampening=dampening, budget_follows_lr=budget_follows_lr)
-        super().__init__(params, defaults, inner_solver, fallback=fallback, fallback_lr=fallback_lr,
-                         fallback_momentum=momentum, fallback_nesterov=nesterov,
-                         fallback_weight_decay=fallback_weight_decay, check_finite=check_finite)
+        super().__init__(params, defaults, inner_solver, **kwargs)
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         mu, wd = group["momentum"], group["weight_decay"]
@@ -126,8 +126,12 @@ class MuonAdamW(BudgetedOptimizer):
 
     ``W ← (1 − lr·wd) W`` (decoupled, outside the budget), ``m, v`` Adam moments,
     ``Δ = −lr · m̂ / (√v̂ + ε)`` with bias corrections ``m̂ = m/(1−β₁ᵗ)``, ``v̂ = v/(1−β₂ᵗ)``;
-    ``W ← W + solver(W, Δ, η)``. Non-matrix tensors take the plain AdamW step.
+    ``W ← W + solver(W, Δ, η)``. Non-matrix tensors take the plain AdamW step: the fallback
+    (``**kwargs``, as :class:`MuonSGD`) is this same AdamW by default, at this optimizer's lr,
+    betas, eps and weight decay.
     """
+
+    base_rule = "adamw"
 
     def __init__(
         self,
@@ -139,18 +143,13 @@ class MuonAdamW(BudgetedOptimizer):
         spectral_budget: Optional[float] = None,
         inner_solver: Union[InnerSolver, str, None] = None,
         budget_follows_lr: bool = True,
-        fallback: str = "adamw",
-        fallback_lr: Optional[float] = None,
-        fallback_weight_decay: Optional[float] = None,
-        check_finite: bool | str = True,
+        **kwargs: Any,
     ):
         check_unit_interval("MuonAdamW", beta1=betas[0], beta2=betas[1])
         check_positive("MuonAdamW", eps=eps)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         spectral_budget=spectral_budget, budget_follows_lr=budget_follows_lr)
-        super().__init__(params, defaults, inner_solver, fallback=fallback, fallback_lr=fallback_lr,
-                         fallback_betas=betas, fallback_eps=eps, fallback_weight_decay=fallback_weight_decay,
-                         check_finite=check_finite)
+        super().__init__(params, defaults, inner_solver, **kwargs)
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]

@@ -1,29 +1,24 @@
-"""``create_optimizer``: one call from a model and a type name to an optimizer, over the group rules of
-:mod:`.param_groups`."""
+"""``create_optimizer``: one call from a model (or its parameters) and a type name to an optimizer,
+over the table of :mod:`.registry` and the group rules of :mod:`.param_groups`."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .budgeted import MuonAdamW, MuonSGD
-from .geometric import BlockStiefel, DoublyStochastic, Grassmann, L1Stiefel, Oblique, SLMuon, Symplectic
-from .manifold import ManifoldMuon, SpectralBall
-from .muon import Muon
 from .param_groups import build_param_groups
+from .registry import OPTIMIZERS, find_optimizer
 from .solvers import get_inner_solver
 
-GEOMETRIC = {
-    "oblique": Oblique, "sl_muon": SLMuon, "symplectic": Symplectic, "l1_stiefel": L1Stiefel,
-    "block_stiefel": BlockStiefel, "doubly_stochastic": DoublyStochastic, "grassmann": Grassmann,
-}
-OPTIMIZER_TYPES = ("sgd", "adamw", "muon", "muon_sgd", "muon_adamw", "manifold_muon", "spectral_ball", *GEOMETRIC)
+OPTIMIZER_TYPES = tuple(OPTIMIZERS)
+"""The ``optimizer_type`` names, in the registry's order (read when this module is imported; the
+registry itself, :data:`~lightning_spectral.optim.registry.OPTIMIZERS`, also holds later entries)."""
 
 
 def create_optimizer(
-    model: nn.Module,
+    model: Union[nn.Module, Iterable[Any]],
     optimizer_type: str = "muon_sgd",
     inner_solver_type: str = "spectral_clip",
     lr: float = 0.1,
@@ -37,44 +32,54 @@ def create_optimizer(
     exclude: Sequence[str] = (),
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """Build an optimizer for ``model``:
+    """Build an optimizer:
     ``create_optimizer(model, optimizer_type="muon_sgd", inner_solver_type="dual_ascent", lr=0.1, ...)``.
 
-    Parameters are grouped by :func:`~lightning_spectral.optim.param_groups.build_param_groups`
+    ``model`` is an ``nn.Module``, or what any optimizer takes: an iterable of parameters, of
+    ``(name, parameter)`` pairs or of group dicts (as timm's ``create_optimizer_v2``).
+    ``optimizer_type`` is a name of :data:`~lightning_spectral.optim.registry.OPTIMIZERS`
+    (``"muon"``, ``"muon_sgd"``, ``"oblique"``...) or its class name (``"MuonSGD"``).
+
+    A module's parameters are grouped by :func:`~lightning_spectral.optim.param_groups.build_param_groups`
     (``head``, ``head_as_matrix``, ``embeddings_as_matrices`` and ``exclude`` go there): the
     matrix rule takes the hidden matrices; embeddings, the output head (by default the last
     ``nn.Linear``), biases and norms take the fallback rule, with no weight decay on biases and
-    norms. For ``"sgd"``/``"adamw"`` the groups only change the weight decay of biases and
-    norms. ``inner_solver_type="none"`` or
-    ``spectral_budget=None`` turns the budget off. Keyword arguments starting with ``solver_``
-    go to the solver (``solver_tangent=True``, ``solver_max_iters=50``); the rest go to the
-    optimizer's constructor (``nesterov``, ``betas``, ``mode``, ``fallback_lr``…). The manifold
-    optimizers ignore ``momentum``/``weight_decay`` unless they take them (pass ``momentum=`` in
-    ``kwargs`` for ManifoldMuon/SpectralBall); their projection keeps the norms bounded.
+    norms. Parameters or groups are passed on as they are (the optimizer splits a group without a
+    ``matrix`` key by ``ndim``). For ``"sgd"``/``"adamw"`` the groups only change the weight decay
+    of biases and norms.
+
+    Each class is given those of ``lr``, ``momentum``, ``weight_decay`` and ``spectral_budget``
+    (with the solver) its registry entry lists (``factory_args``): the manifold optimizers take
+    only ``lr`` (pass ``momentum=`` in ``kwargs`` for ManifoldMuon/SpectralBall), the geometric
+    ones ``lr`` and ``momentum``. ``inner_solver_type="none"`` or ``spectral_budget=None`` turns
+    the budget off. Keyword arguments starting with ``solver_`` go to the solver
+    (``solver_tangent=True``, ``solver_max_iters=50``); the rest go to the optimizer's
+    constructor (``nesterov``, ``betas``, ``mode``, ``fallback_lr``…).
     """
-    if optimizer_type not in OPTIMIZER_TYPES:
-        raise ValueError(f"unknown optimizer_type {optimizer_type!r}; choose one of {OPTIMIZER_TYPES}")
+    entry = find_optimizer(optimizer_type)
+    if entry is None:
+        raise ValueError(f"unknown optimizer_type {optimizer_type!r}; choose one of {tuple(OPTIMIZERS)} "
+                         "(or one of their class names)")
     solver_kwargs = {k[len("solver_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("solver_")}
-    groups = build_param_groups(model, exclude, head=head, head_as_matrix=head_as_matrix,
-                                embeddings_as_matrices=embeddings_as_matrices)
     if inner_solver_type == "none" or spectral_budget is None:
         solver, spectral_budget = None, None
     else:
         solver = get_inner_solver(inner_solver_type, **solver_kwargs)
-    if optimizer_type == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
-    if optimizer_type == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
-    if optimizer_type == "muon":
-        return Muon(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
-    if optimizer_type == "muon_sgd":
-        return MuonSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                       spectral_budget=spectral_budget, inner_solver=solver, **kwargs)
-    if optimizer_type == "muon_adamw":
-        return MuonAdamW(groups, lr=lr, weight_decay=weight_decay, spectral_budget=spectral_budget,
-                         inner_solver=solver, **kwargs)
-    if optimizer_type == "manifold_muon":
-        return ManifoldMuon(groups, lr=lr, **kwargs)
-    if optimizer_type == "spectral_ball":
-        return SpectralBall(groups, lr=lr, **kwargs)
-    return GEOMETRIC[optimizer_type](groups, lr=lr, momentum=momentum, **kwargs)
+    if isinstance(model, nn.Module):
+        groups: Any = build_param_groups(model, exclude, head=head, head_as_matrix=head_as_matrix,
+                                         embeddings_as_matrices=embeddings_as_matrices)
+    else:
+        routing = dict(head=head, head_as_matrix=head_as_matrix, embeddings_as_matrices=embeddings_as_matrices,
+                       exclude=tuple(exclude))
+        given = [k for k, v in routing.items() if v not in (None, False, ())]
+        if given:
+            raise ValueError(f"create_optimizer: {', '.join(given)} route a model's modules, but it was given "
+                             "parameters; pass the nn.Module, or build the groups yourself")
+        if isinstance(model, torch.Tensor):
+            raise TypeError("create_optimizer: pass a model, an iterable of parameters or of groups, not one tensor")
+        groups = list(model)
+    common: dict[str, Any] = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    args = {k: common[k] for k in entry.factory_args if k in common}
+    if "spectral_budget" in entry.factory_args:
+        args.update(spectral_budget=spectral_budget, inner_solver=solver)
+    return entry.cls(groups, **args, **kwargs)

@@ -56,12 +56,11 @@ from typing import Any, Iterable, Optional
 import torch
 
 from . import geometry as geo
-from .base import (ON_CONSTRAINT_TOL, MatrixOptimizer, check_positive, check_unit_interval, describe_param,
-                   ema_momentum, msign_cost)
+from .base import ON_CONSTRAINT_TOL, MatrixOptimizer, check_positive, check_unit_interval, describe_param, ema_momentum, msign_cost
 from .geometry import sinkhorn, symplectic_form
 from .linalg import as_matrix
 from .msign import check_schedule, msign
-from .param_groups import MATRIX_KEY, split_by_rule
+from .param_groups import MATRIX_KEY
 from .sharded import whole
 
 __all__ = ["BlockStiefel", "DoublyStochastic", "GeometricOptimizer", "Grassmann", "L1Stiefel", "Oblique", "SLMuon",
@@ -106,17 +105,9 @@ class GeometricOptimizer(MatrixOptimizer):
         defaults: dict[str, Any],
         *,
         unsupported: Optional[str] = "fallback",
-        fallback: str = "adamw",
-        fallback_lr: Optional[float] = 1e-3,
-        fallback_betas: tuple[float, float] = (0.9, 0.999),
-        fallback_eps: float = 1e-8,
-        fallback_momentum: float = 0.9,
-        fallback_nesterov: bool = False,
-        fallback_weight_decay: Optional[float] = 0.0,
-        check_finite: bool | str = True,
+        **kwargs: Any,
     ):
         owner = type(self).__name__
-        check_positive(owner, lr=defaults["lr"])
         check_unit_interval(owner, momentum=defaults["momentum"])
         if "direction" in defaults and defaults["direction"] not in self._directions:
             raise ValueError(f"{owner}: direction must be one of {self._directions}, got {defaults['direction']!r}")
@@ -126,15 +117,22 @@ class GeometricOptimizer(MatrixOptimizer):
             defaults = dict(defaults, unsupported=unsupported)
         check_schedule(defaults.get("ns_schedule", "jordan"), defaults.get("ns_steps", 5))
         defaults = dict(defaults, weight_decay=0.0)
-        rule = dict(algorithm=fallback, betas=tuple(fallback_betas), eps=fallback_eps,
-                    fallback_momentum=fallback_momentum, fallback_nesterov=fallback_nesterov,
-                    weight_decay=fallback_weight_decay or 0.0)
-        groups = self._route(split_by_rule(params), defaults, dict(rule, lr=fallback_lr))
-        super().__init__(groups, defaults, fallback=fallback, fallback_lr=fallback_lr,
-                         fallback_betas=fallback_betas, fallback_eps=fallback_eps,
-                         fallback_momentum=fallback_momentum, fallback_nesterov=fallback_nesterov,
-                         fallback_weight_decay=fallback_weight_decay, check_finite=check_finite)
-        self._project_onto_sets()
+        # Where each group came from (see _route), the matrices that fit the set, and those that did not.
+        self._sources: list[tuple[int, list[int], bool]] = []
+        self._supported, self._unfit = 0, []
+        super().__init__(params, defaults, **kwargs)
+        if self._supported == 0:
+            detail = "; ".join(self._unfit[:4]) + ("; ..." if len(self._unfit) > 4 else "")
+            raise ValueError(f"{owner}: no matrix parameter fits the manifold, so nothing would be constrained "
+                             f"({detail or 'there are no matrix parameters'})")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Routed as at construction (matrices the set cannot hold go to a ``<name>_fallback`` group),
+        and the new matrices moved onto their set, as the constructor moves the first ones."""
+        start = len(self.param_groups)
+        super().add_param_group(param_group)
+        for index in range(start, len(self.param_groups)):
+            self._project_group(index)
 
     # -- hooks ----------------------------------------------------------------------------
     @staticmethod
@@ -154,25 +152,26 @@ class GeometricOptimizer(MatrixOptimizer):
         return group["lr"]
 
     # -- the skeleton ---------------------------------------------------------------------
-    def _route(self, groups: list[dict[str, Any]], defaults: dict[str, Any],
-               rule: dict[str, Any]) -> list[dict[str, Any]]:
+    def _route(self, parts: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
         """Move each matrix the set cannot hold into a fallback group right after its own (or
-        raise, with ``unsupported="error"``); refuse meta tensors and an optimizer with nothing
-        to constrain. ``self._sources[k]`` says where group ``k`` came from: ``(index of the
-        group it was split from, positions there, whether it is the fallback part)``."""
-        owner, out, sources, supported, seen = type(self).__name__, [], [], 0, []
-        for index, group in enumerate(groups):
-            if not group[MATRIX_KEY]:
-                out.append(group)
-                sources.append((index, list(range(len(group["params"]))), False))
+        raise, with ``unsupported="error"``); refuse meta tensors. ``self._sources[k]`` says where
+        group ``k`` came from: ``(index of the part it was split from, positions there, whether it
+        is the fallback part)``, the parts counted over every group added (the layout of
+        checkpoints written before unsupported matrices had groups of their own)."""
+        owner, out = type(self).__name__, []
+        for part in parts:
+            source = len({k for k, _, _ in self._sources})
+            if not part[MATRIX_KEY]:
+                out.append(part)
+                self._sources.append((source, list(range(len(part["params"]))), False))
                 continue
-            settings = {**defaults, **group}
+            settings = {**self.defaults, **part}
             geometry = self.geometry(settings)
             keep, off = [], []
-            for i, p in enumerate(group["params"]):
+            for i, p in enumerate(part["params"]):
                 if p.is_meta:
                     raise ValueError(
-                        f"{owner}: {describe_param(group, index, i)} is on the meta device, but the optimizer "
+                        f"{owner}: {describe_param(part, index, i)} is on the meta device, but the optimizer "
                         "moves every matrix onto its constraint set when it is built and needs its values. "
                         "Materialise and initialise the model first (e.g. model.to_empty(device=...) then its "
                         "reset_parameters()), then build the optimizer."
@@ -181,55 +180,52 @@ class GeometricOptimizer(MatrixOptimizer):
                 if reason is None:
                     keep.append(i)
                     continue
-                off.append(i)
-                seen.append(f"{describe_param(group, index, i)}: {reason}")
                 if settings.get("unsupported") == "error":
                     raise ValueError(
-                        f"{owner}: {describe_param(group, index, i)} cannot be kept on the manifold ({reason}). "
+                        f"{owner}: {describe_param(part, index, i)} cannot be kept on the manifold ({reason}). "
                         "Pass unsupported='fallback' to train such matrices with the fallback rule, or put "
                         "them in a group with matrix=False."
                     )
-            supported += len(keep)
-            names = group.get("param_names")
+                off.append(i)
+                self._unfit.append(f"{describe_param(part, index, i)}: {reason}")
+            self._supported += len(keep)
+            names = part.get("param_names")
             if keep:
-                kept = dict(group, params=[group["params"][i] for i in keep])
+                kept = dict(part, params=[part["params"][i] for i in keep])
                 if names:
                     kept["param_names"] = [names[i] for i in keep]
                 out.append(kept)
-                sources.append((index, keep, False))
+                self._sources.append((source, keep, False))
             if off:
-                fallback = dict(rule, lr=rule["lr"] if rule["lr"] is not None else settings["lr"])
-                fallback.update(params=[group["params"][i] for i in off], name=f"{group.get('name', 'matrix')}_fallback")
-                fallback[MATRIX_KEY] = False
+                fallback = {"params": [part["params"][i] for i in off], "name": f"{part.get('name', 'matrix')}_fallback",
+                            MATRIX_KEY: False}
                 if names:
                     fallback["param_names"] = [names[i] for i in off]
                 out.append(fallback)
-                sources.append((index, off, True))
-        if supported == 0:
-            detail = "; ".join(seen[:4]) + ("; ..." if len(seen) > 4 else "")
-            raise ValueError(f"{owner}: no matrix parameter fits the manifold, so nothing would be constrained "
-                             f"({detail or 'there are no matrix parameters'})")
-        self._sources = sources
+                self._sources.append((source, off, True))
+            if not keep and not off:
+                out.append(part)
+                self._sources.append((source, [], False))
         return out
 
     @torch.no_grad()
-    def _project_onto_sets(self) -> None:
-        """Start on the set (once, when the optimizer is built), unless already there (see
+    def _project_group(self, index: int) -> None:
+        """Start on the set (when a group is added), unless already there (see
         :data:`~lightning_spectral.optim.base.ON_CONSTRAINT_TOL`)."""
-        for index, group in enumerate(self.param_groups):
-            if not group[MATRIX_KEY]:
-                continue
-            geometry = self.geometry(group)
-            for i, param in enumerate(group["params"]):
-                with whole(self.state, param) as p:  # a DTensor shard: its full matrix
-                    W = as_matrix(p).float()
-                    X = geometry.view(W)
-                    if not geometry.contains(X, ON_CONSTRAINT_TOL):
-                        try:
-                            X = geometry.project(X, self.state[p])
-                        except ValueError as error:
-                            raise ValueError(f"{type(self).__name__}: {self.param_name(index, i)}: {error}") from None
-                        p.copy_(geometry.unview(X, W.shape).view_as(p))
+        group = self.param_groups[index]
+        if not group[MATRIX_KEY]:
+            return
+        geometry = self.geometry(group)
+        for i, param in enumerate(group["params"]):
+            with whole(self.state, param) as p:  # a DTensor shard: its full matrix
+                W = as_matrix(p).float()
+                X = geometry.view(W)
+                if not geometry.contains(X, ON_CONSTRAINT_TOL):
+                    try:
+                        X = geometry.project(X, self.state[p])
+                    except ValueError as error:
+                        raise ValueError(f"{type(self).__name__}: {self.param_name(index, i)}: {error}") from None
+                    p.copy_(geometry.unview(X, W.shape).view_as(p))
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         geometry = self.geometry(group)

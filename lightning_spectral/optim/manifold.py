@@ -52,6 +52,8 @@ class ManifoldMuon(GeometricOptimizer):
         inner_tol, inner_max_iters: inner mode's tangency tolerance and evaluation cap.
         retraction_tol: the retraction's bound on ``max |σᵢ(W) − 1|`` after each step.
         adjust_lr: per-shape step scale ``s`` (:func:`~lightning_spectral.optim.base.lr_scale`).
+        **kwargs: the fallback arguments and ``check_finite`` of
+            :class:`~lightning_spectral.optim.base.MatrixOptimizer` (the auxiliary AdamW).
     """
 
     def __init__(
@@ -70,10 +72,7 @@ class ManifoldMuon(GeometricOptimizer):
         adjust_lr: str = "none",
         dual_steps: int = 1,
         dual_memory: int = 3,
-        fallback: str = "adamw",
-        fallback_lr: Optional[float] = 1e-3,
-        fallback_weight_decay: Optional[float] = 0.0,
-        check_finite: bool | str = True,
+        **kwargs: Any,
     ):
         check_mode(mode, "ManifoldMuon")
         check_unit_interval("ManifoldMuon", momentum=momentum)
@@ -85,8 +84,7 @@ class ManifoldMuon(GeometricOptimizer):
                         inner_tol=inner_tol, inner_max_iters=int(inner_max_iters), ns_steps=ns_steps,
                         ns_schedule=ns_schedule, retraction_tol=retraction_tol, adjust_lr=adjust_lr,
                         dual_steps=dual_steps, dual_memory=dual_memory)
-        super().__init__(params, defaults, unsupported=None, fallback=fallback, fallback_lr=fallback_lr,
-                         fallback_weight_decay=fallback_weight_decay, check_finite=check_finite)
+        super().__init__(params, defaults, unsupported=None, **kwargs)
 
     @staticmethod
     def geometry(group):
@@ -139,6 +137,7 @@ class SpectralBall(GeometricOptimizer):
         dual_lr: amortized ``λ ← λ − dual_lr·⟨Θ, Φ⟩`` (normalised-gradient units).
         inner_tol, inner_max_iters: inner root finding: ``|⟨Θ, Φ⟩| ≤ inner_tol``, evaluation cap.
         sigma_tol: relative accuracy of ``σ₁`` after each step (the sphere's constraint error).
+        **kwargs: as :class:`ManifoldMuon`.
     """
 
     def __init__(
@@ -157,10 +156,7 @@ class SpectralBall(GeometricOptimizer):
         ns_steps: Optional[int] = None,
         ns_schedule: Optional[str] = None,
         sigma_tol: float = 1e-6,
-        fallback: str = "adamw",
-        fallback_lr: Optional[float] = 1e-3,
-        fallback_weight_decay: Optional[float] = 0.0,
-        check_finite: bool | str = True,
+        **kwargs: Any,
     ):
         check_mode(mode, "SpectralBall")
         if constraint not in ("sphere", "ball"):
@@ -177,8 +173,7 @@ class SpectralBall(GeometricOptimizer):
                         radius_mode=radius_mode, radius_scale=radius_scale, mode=mode, dual_lr=dual_lr,
                         inner_tol=inner_tol, inner_max_iters=int(inner_max_iters), ns_steps=ns_steps,
                         ns_schedule=ns_schedule, sigma_tol=sigma_tol)
-        super().__init__(params, defaults, unsupported=None, fallback=fallback, fallback_lr=fallback_lr,
-                         fallback_weight_decay=fallback_weight_decay, check_finite=check_finite)
+        super().__init__(params, defaults, unsupported=None, **kwargs)
 
     @staticmethod
     def geometry(group):

@@ -116,9 +116,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def check_schedule(schedule: str, steps: int) -> None:
-    """Fail early on an unknown schedule name or a non-positive step count."""
-    if schedule not in SCHEDULES and schedule != "svd":
+def check_schedule(schedule: str | Sequence[Coefficients], steps: int) -> None:
+    """Fail early on an unknown schedule name or a non-positive step count (a schedule may also be
+    given as its ``(a, b, c)`` triples, one per step, the last repeated)."""
+    if not isinstance(schedule, str):
+        if not schedule or any(len(triple) != 3 for triple in schedule):
+            raise ValueError(f"an msign schedule given by its coefficients needs (a, b, c) triples, got {schedule!r}")
+    elif schedule not in SCHEDULES and schedule != "svd":
         raise ValueError(
             f"unknown msign schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or 'svd' (exact)"
         )
@@ -156,7 +160,7 @@ def uses_gram(shape: Sequence[int], steps: int, dtype: torch.dtype, method: str 
 def msign(
     G: torch.Tensor,
     steps: int = 5,
-    schedule: str = "jordan",
+    schedule: str | Sequence[Coefficients] = "jordan",
     dtype: torch.dtype | None = None,
     eps: float = 1e-7,
     method: str = "auto",
@@ -166,7 +170,8 @@ def msign(
     Args:
         G: a matrix or a stack of matrices.
         steps: Newton–Schulz steps (ignored by ``schedule="svd"``).
-        schedule: a key of :data:`SCHEDULES`, or ``"svd"`` for the exact answer.
+        schedule: a key of :data:`SCHEDULES`, ``"svd"`` for the exact answer, or the
+            coefficients themselves (``(a, b, c)`` triples, one per step, the last repeated).
         dtype: compute dtype (default: ``G``'s). The result has ``G``'s dtype. The Gram form
             computes in float32 at least.
         eps: added to the Frobenius norm so ``msign(0) = 0``.
@@ -179,7 +184,8 @@ def msign(
     if schedule == "svd":
         return msign_svd(G)
     check_schedule(schedule, steps)
-    coefficients = [SCHEDULES[schedule][min(k, len(SCHEDULES[schedule]) - 1)] for k in range(steps)]
+    table = SCHEDULES[schedule] if isinstance(schedule, str) else tuple(schedule)
+    coefficients = [table[min(k, len(table) - 1)] for k in range(steps)]
     out_dtype = G.dtype
     lead = G.shape[:-2]
     compute = dtype or G.dtype
@@ -194,7 +200,7 @@ def msign(
         X = X.mT
     low_precision = X.dtype not in (torch.float32, torch.float64)
     norm = torch.linalg.matrix_norm(X.float() if low_precision else X, keepdim=True).to(X.dtype)
-    X = X / (norm * INPUT_SAFETY[schedule] + eps)
+    X = X / (norm * (INPUT_SAFETY[schedule] if isinstance(schedule, str) else 1.0) + eps)
     if gram:
         X = _gram_chain(_gram_chain(X, coefficients[:GRAM_RESYNC]), coefficients[GRAM_RESYNC:])
     else:

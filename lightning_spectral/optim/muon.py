@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from .base import MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, lr_scale
+from .base import LR_ADJUSTMENTS, MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, lr_scale
 from .linalg import as_matrix
 from .msign import SCHEDULES, check_schedule, msign, resolve_dtype
 
-# torch.optim.Muon's ``adjust_lr_fn`` names -> this package's ``adjust_lr`` names.
-TORCH_ADJUST_LR = {"original": "original", "match_rms_adamw": "match_rms_adamw", "spectral_unclamped": "spectral"}
+# torch.optim.Muon's ``adjust_lr_fn`` names -> this package's ``adjust_lr`` names; ``"none"`` (no
+# scaling) has no torch name, and torch's step scales by 1 for any name it does not know.
+TORCH_ADJUST_LR = {"original": "original", "match_rms_adamw": "match_rms_adamw", "spectral_unclamped": "spectral",
+                   "none": "none"}
 
 
 class Muon(MatrixOptimizer):
@@ -30,13 +33,12 @@ class Muon(MatrixOptimizer):
     Args:
         params: parameters or groups (see :mod:`.param_groups`); non-matrix tensors go to the
             fallback (AdamW at ``fallback_lr`` by default).
-        lr: step size of the matrix rule.
+        lr: step size of the matrix rule (a float or a one-element tensor, ``>= 0``).
         weight_decay: decoupled, ``W ← (1 − lr·wd) W`` (the unscaled lr, as torch does).
         momentum: EMA coefficient ``β``: ``m ← β m + (1 − β) g``.
         nesterov: use ``β m + (1 − β) g`` instead of ``m``.
-        ns_coefficients: one ``(a, b, c)`` quintic for every step (torch's name); ``None`` means
-            Jordan's ``(3.4445, −4.7750, 2.0315)``. Any other value must be one of the
-            constant schedules of :data:`~lightning_spectral.optim.msign.SCHEDULES`.
+        ns_coefficients: one ``(a, b, c)`` quintic for every step (torch's name), any three
+            finite numbers; ``None`` means Jordan's ``(3.4445, −4.7750, 2.0315)``.
         eps: added to ‖G‖_F before the Newton–Schulz normalisation.
         ns_steps: Newton–Schulz steps.
         adjust_lr_fn: torch's name for the per-shape step scale: ``None``/``"original"``
@@ -50,12 +52,19 @@ class Muon(MatrixOptimizer):
         adjust_lr: this package's name for the step scale (``"original"``, ``"match_rms_adamw"``,
             ``"spectral"``, ``"none"``, see :func:`~lightning_spectral.optim.base.lr_scale`); give
             this or ``adjust_lr_fn``.
+        **kwargs: the fallback arguments and ``check_finite`` of
+            :class:`~lightning_spectral.optim.base.MatrixOptimizer` (the auxiliary AdamW).
+
+    Every group carries both names of each setting, torch's (``ns_coefficients``,
+    ``adjust_lr_fn``) and this package's (``ns_schedule``, ``adjust_lr``), reconciled from
+    whichever a group dict or a loaded state dict sets (:func:`torch_keys`), so a
+    ``torch.optim.Muon`` state dict loads with its settings and ours loads into torch's.
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
@@ -67,26 +76,30 @@ class Muon(MatrixOptimizer):
         ns_schedule: Optional[str] = None,
         ns_dtype: str = "auto",
         adjust_lr: Optional[str] = None,
-        fallback: str = "adamw",
-        fallback_lr: Optional[float] = 3e-4,
-        fallback_betas: tuple[float, float] = (0.9, 0.95),
-        fallback_eps: float = 1e-8,
-        fallback_momentum: float = 0.9,
-        fallback_weight_decay: Optional[float] = None,
-        check_finite: bool | str = True,
+        **kwargs: Any,
     ):
-        check_positive("Muon", lr=lr, eps=eps)
+        check_positive("Muon", eps=eps)
         check_unit_interval("Muon", momentum=momentum)
-        ns_schedule = _schedule_name(ns_coefficients, ns_schedule)
-        check_schedule(ns_schedule, ns_steps)
-        adjust_lr = _adjust_lr_name(adjust_lr_fn, adjust_lr)
         resolve_dtype(ns_dtype, torch.device("cpu"))
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eps=eps,
-                        ns_steps=ns_steps, ns_schedule=ns_schedule, ns_dtype=ns_dtype, adjust_lr=adjust_lr)
-        super().__init__(params, defaults, fallback=fallback, fallback_lr=fallback_lr,
-                         fallback_betas=fallback_betas, fallback_eps=fallback_eps,
-                         fallback_momentum=fallback_momentum, fallback_weight_decay=fallback_weight_decay,
-                         check_finite=check_finite)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, eps=eps,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype)
+        given = dict(ns_coefficients=ns_coefficients, ns_schedule=ns_schedule, adjust_lr=adjust_lr)
+        if adjust_lr_fn is not None:  # the argument's None is "not given" (a group's None is torch's "original")
+            given["adjust_lr_fn"] = adjust_lr_fn
+        defaults.update(torch_keys(given))
+        defaults.setdefault("ns_schedule", "jordan")
+        defaults.setdefault("ns_coefficients", SCHEDULES["jordan"][0])
+        defaults.setdefault("adjust_lr", "original")
+        defaults.setdefault("adjust_lr_fn", None)
+        check_ns_steps(defaults["ns_schedule"], ns_steps)
+        super().__init__(params, defaults, **kwargs)
+
+    def _prepare_group(self, group: dict[str, Any]) -> None:
+        # torch.optim.Muon's keys and this package's in a group dict (or a loaded state dict) agree.
+        group.update(torch_keys(group))
+        if "ns_steps" in group or "ns_schedule" in group:
+            check_ns_steps(group.get("ns_schedule", self.defaults["ns_schedule"]),
+                           group.get("ns_steps", self.defaults["ns_steps"]))
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
@@ -98,7 +111,7 @@ class Muon(MatrixOptimizer):
         for shape, items in by_shape.items():
             stacked = items[0][1] if len(items) == 1 else torch.stack([m for _, m in items])
             dtype = resolve_dtype(group["ns_dtype"], stacked.device)
-            ortho = msign(stacked, group["ns_steps"], group["ns_schedule"], dtype=dtype, eps=group["eps"])
+            ortho = msign(stacked, group["ns_steps"], schedule_of(group), dtype=dtype, eps=group["eps"])
             step = -lr * lr_scale(shape, group["adjust_lr"])
             for i, (p, _) in enumerate(items):
                 o = ortho if len(items) == 1 else ortho[i]
@@ -107,39 +120,59 @@ class Muon(MatrixOptimizer):
                 p.add_(o.view_as(p), alpha=step)
 
 
-def _schedule_name(ns_coefficients: Optional[Sequence[float]], ns_schedule: Optional[str]) -> str:
-    """The :data:`SCHEDULES` key for torch's ``ns_coefficients`` and/or this package's ``ns_schedule``."""
-    if ns_coefficients is None:
-        return "jordan" if ns_schedule is None else ns_schedule
-    try:
-        triple = tuple(float(c) for c in ns_coefficients)
-    except (TypeError, ValueError):
-        triple = ()
-    if len(triple) != 3:
-        raise ValueError(f"Muon: ns_coefficients must be three numbers (a, b, c), got {ns_coefficients!r}")
-    matches = [name for name, steps in SCHEDULES.items() if steps == (triple,)]
-    if not matches:
-        constant = {name: steps[0] for name, steps in SCHEDULES.items() if len(steps) == 1}
-        raise ValueError(
-            f"Muon: ns_coefficients={triple} is not a schedule of lightning_spectral.optim.msign.SCHEDULES "
-            f"(constant ones: {constant}); pass one of those, or ns_schedule= with a per-step schedule "
-            f"name ({sorted(SCHEDULES)})"
-        )
-    if ns_schedule is not None and ns_schedule not in matches:
-        raise ValueError(f"Muon: ns_coefficients={triple} and ns_schedule={ns_schedule!r} disagree; give one of them")
-    return matches[0]
+def schedule_of(group: dict[str, Any]) -> str | tuple[tuple[float, float, float], ...]:
+    """What :func:`~lightning_spectral.optim.msign.msign` runs for a group: its schedule's name, or
+    its one ``ns_coefficients`` triple when that is not a named schedule."""
+    return group["ns_schedule"] or (tuple(group["ns_coefficients"]),)
 
 
-def _adjust_lr_name(adjust_lr_fn: Optional[str], adjust_lr: Optional[str]) -> str:
-    """This package's ``adjust_lr`` from torch's ``adjust_lr_fn`` and/or ``adjust_lr`` (default ``"original"``)."""
-    if adjust_lr_fn is None:
-        return "original" if adjust_lr is None else adjust_lr
-    if adjust_lr_fn not in TORCH_ADJUST_LR:
-        raise ValueError(
-            f"Muon: adjust_lr_fn must be None or one of {sorted(TORCH_ADJUST_LR)} (torch.optim.Muon's names), "
-            f"got {adjust_lr_fn!r}; adjust_lr= takes this package's names"
-        )
-    name = TORCH_ADJUST_LR[adjust_lr_fn]
-    if adjust_lr is not None and adjust_lr != name:
-        raise ValueError(f"Muon: adjust_lr_fn={adjust_lr_fn!r} and adjust_lr={adjust_lr!r} disagree; give one of them")
-    return name
+def check_ns_steps(schedule: Optional[str], steps: int) -> None:
+    check_schedule(schedule or "jordan", steps)
+
+
+def torch_keys(group: dict[str, Any]) -> dict[str, Any]:
+    """The two pairs of keys that say the same thing, torch.optim.Muon's and this package's,
+    reconciled from those the group sets (a ``None`` counts as unset, except torch's
+    ``adjust_lr_fn=None``, its ``"original"``):
+
+    - ``ns_coefficients`` (one ``(a, b, c)`` triple, or ``None`` for a schedule that changes per
+      step) and ``ns_schedule`` (a :data:`SCHEDULES` key or ``"svd"``, or ``None`` for a triple
+      that is not one of them);
+    - ``adjust_lr_fn`` (torch's names, ``"none"`` for no scaling) and ``adjust_lr``.
+
+    Raises:
+        ValueError: the two keys of a pair disagree, or one names nothing known.
+    """
+    out: dict[str, Any] = {}
+    coefficients, schedule = group.get("ns_coefficients"), group.get("ns_schedule")
+    if coefficients is not None:
+        try:
+            triple = tuple(float(c) for c in coefficients)
+        except (TypeError, ValueError):
+            triple = ()
+        if len(triple) != 3 or not all(math.isfinite(c) for c in triple):
+            raise ValueError(f"Muon: ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}")
+        named = next((name for name, steps in SCHEDULES.items() if steps == (triple,)), None)
+        if schedule is not None and schedule != named:
+            raise ValueError(f"Muon: ns_coefficients={triple} and ns_schedule={schedule!r} disagree; give one of them")
+        out.update(ns_coefficients=triple, ns_schedule=named)
+    elif schedule is not None:
+        check_schedule(schedule, 1)
+        steps = SCHEDULES.get(schedule, ())
+        out.update(ns_schedule=schedule, ns_coefficients=steps[0] if len(steps) == 1 else None)
+    fn, ours = group.get("adjust_lr_fn"), group.get("adjust_lr")
+    if "adjust_lr_fn" in group:
+        name = "original" if fn is None else TORCH_ADJUST_LR.get(fn)
+        if name is None:
+            raise ValueError(
+                f"Muon: Adjust learning rate function {fn} is not supported: adjust_lr_fn must be None or one of "
+                f"{sorted(TORCH_ADJUST_LR)} (torch.optim.Muon's names); adjust_lr= takes this package's names"
+            )
+        if ours is not None and ours != name:
+            raise ValueError(f"Muon: adjust_lr_fn={fn!r} and adjust_lr={ours!r} disagree; give one of them")
+        out.update(adjust_lr=name, adjust_lr_fn=fn)
+    elif ours is not None:
+        if ours not in LR_ADJUSTMENTS:
+            raise ValueError(f"Muon: adjust_lr must be one of {LR_ADJUSTMENTS}, got {ours!r}")
+        out.update(adjust_lr=ours, adjust_lr_fn={v: k for k, v in TORCH_ADJUST_LR.items()}[ours])
+    return out

@@ -150,52 +150,80 @@ def build_param_groups(
     return groups
 
 
-def split_by_rule(params: Iterable[Any]) -> list[dict[str, Any]]:
-    """Normalise ``params`` (tensors, ``(name, tensor)`` pairs or group dicts) into groups
-    that each carry ``"matrix"``: ``"use_muon"`` is read as ``"matrix"``, and a group with
-    neither key is split by ``ndim``.
+def named_group(group: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``group`` whose ``params`` is a list of tensors, the names of ``(name, tensor)``
+    pairs moved to ``param_names`` (torch.optim's rules and messages)."""
+    group = dict(group)
+    params = group["params"]
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                        "tensors in sets will change between runs. Please use a list instead.")
+    else:
+        params = list(params)
+    names = [p[0] for p in params if isinstance(p, tuple)]
+    if names:
+        if len(names) != len(params):
+            raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+        group["param_names"] = names
+        params = [p[1] for p in params]
+    group["params"] = params
+    return group
+
+
+def split_group(group: dict[str, Any], index: int = 0) -> list[dict[str, Any]]:
+    """The parts of one group (tensors in ``params``, see :func:`named_group`) that each carry
+    ``"matrix"``: ``"use_muon"`` is read as ``"matrix"``, and a group with neither key is split by
+    ``ndim`` (an empty group stays one, with ``matrix=False``).
 
     Raises:
         ValueError: a group marked ``matrix=True`` holds a tensor with fewer than two
             dimensions (a matrix rule cannot take a bias or a scalar), or has ``matrix`` and
             ``use_muon`` keys that disagree.
     """
-    groups = _as_groups(params)
-    out: list[dict[str, Any]] = []
-    for index, group in enumerate(groups):
-        if USE_MUON_KEY in group:
-            flag = bool(group[USE_MUON_KEY])
-            if MATRIX_KEY in group and bool(group[MATRIX_KEY]) != flag:
-                raise ValueError(
-                    f"param group {index} has matrix={group[MATRIX_KEY]!r} and use_muon={group[USE_MUON_KEY]!r}: "
-                    "they mean the same thing (the matrix rule); keep one of them"
-                )
-            group[MATRIX_KEY] = flag
-        if MATRIX_KEY in group:
-            if group[MATRIX_KEY]:
-                for i, p in enumerate(group["params"]):
-                    if not is_matrix(p):
-                        name = _name_of(group, i)
-                        key = USE_MUON_KEY if USE_MUON_KEY in group else MATRIX_KEY
-                        raise ValueError(
-                            f"param group {index} is marked {key}=True but {name} has shape "
-                            f"{tuple(p.shape)}: the matrix rule needs tensors with ndim >= 2. "
-                            f"Move it to a group with {key}=False (the AdamW/SGD fallback), "
-                            f"or leave out the '{key}' key to split by ndim."
-                        )
-            out.append(group)
+    group = dict(group)
+    if USE_MUON_KEY in group:
+        flag = bool(group[USE_MUON_KEY])
+        if MATRIX_KEY in group and bool(group[MATRIX_KEY]) != flag:
+            raise ValueError(
+                f"param group {index} has matrix={group[MATRIX_KEY]!r} and use_muon={group[USE_MUON_KEY]!r}: "
+                "they mean the same thing (the matrix rule); keep one of them"
+            )
+        group[MATRIX_KEY] = flag
+    if MATRIX_KEY in group:
+        if group[MATRIX_KEY]:
+            for i, p in enumerate(group["params"]):
+                if not is_matrix(p):
+                    key = USE_MUON_KEY if USE_MUON_KEY in group else MATRIX_KEY
+                    raise ValueError(
+                        f"param group {index} is marked {key}=True but {_name_of(group, i)} has shape "
+                        f"{tuple(p.shape)}: the matrix rule needs tensors with ndim >= 2. "
+                        f"Move it to a group with {key}=False (the AdamW/SGD fallback), "
+                        f"or leave out the '{key}' key to split by ndim."
+                    )
+        return [group]
+    if not group["params"]:
+        return [dict(group, **{MATRIX_KEY: False})]
+    parts = []
+    for flag in (True, False):
+        keep = [i for i, p in enumerate(group["params"]) if is_matrix(p) == flag]
+        if not keep:
             continue
-        for flag in (True, False):
-            keep = [i for i, p in enumerate(group["params"]) if is_matrix(p) == flag]
-            if not keep:
-                continue
-            sub = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            sub["params"] = [group["params"][i] for i in keep]
-            if "param_names" in group:
-                sub["param_names"] = [group["param_names"][i] for i in keep]
-            sub[MATRIX_KEY] = flag
-            out.append(sub)
-    if not out:
+        part = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        part["params"] = [group["params"][i] for i in keep]
+        if "param_names" in group:
+            part["param_names"] = [group["param_names"][i] for i in keep]
+        part[MATRIX_KEY] = flag
+        parts.append(part)
+    return parts
+
+
+def split_by_rule(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Normalise ``params`` (tensors, ``(name, tensor)`` pairs or group dicts) into the groups a
+    package optimizer would hold before its own routing (:func:`split_group` on each)."""
+    out = [part for index, group in enumerate(_as_groups(params)) for part in split_group(group, index)]
+    if not any(g["params"] for g in out):
         raise ValueError("optimizer got an empty parameter list")
     return out
 
@@ -293,29 +321,18 @@ def _fmt(value: Any) -> str:
 
 
 def _as_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """torch.optim.Optimizer's reading of ``params``: one group of tensors (or of ``(name, tensor)``
+    pairs), or a list of group dicts; each through :func:`named_group`."""
     if isinstance(params, torch.Tensor):
         raise TypeError(
-            "params should be an iterable of tensors or dicts, not a single tensor: "
-            "pass [tensor] or model.parameters()"
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got a single "
+            f"{torch.typename(params)}: pass [tensor] or model.parameters()"
         )
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list")
-    if all(isinstance(x, dict) for x in items):
-        groups = []
-        for g in items:
-            g = dict(g)
-            plist = g["params"]
-            plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
-            if plist and all(isinstance(x, tuple) for x in plist):
-                g["param_names"] = [n for n, _ in plist]
-                plist = [p for _, p in plist]
-            g["params"] = plist
-            groups.append(g)
-        return groups
-    if all(isinstance(x, tuple) for x in items):
-        return [{"params": [p for _, p in items], "param_names": [n for n, _ in items]}]
-    return [{"params": items}]
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    return [named_group(g) for g in groups]
 
 
 def _name_of(group: dict[str, Any], i: int) -> str:
