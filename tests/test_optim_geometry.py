@@ -187,7 +187,14 @@ def test_special_linear_projection_fixes_sign_and_rank_and_refuses_zero():
     flipped = torch.diag(torch.tensor([-2.0, 1.0, 1.0]))
     singular = torch.outer(torch.arange(1.0, 4.0), torch.ones(3))
     for X in (flipped, singular):
-        assert geometry.distance(geometry.project(X)) <= 1e-5
+        P = geometry.project(X)
+        # The projection is exact in float64; storing it in float32 moves each entry by at most
+        # eps/2 relative, which moves log det P by |tr(P⁻¹ δP)| ≤ ‖P⁻¹‖₂ √n ‖δP‖_F (first order).
+        # The lifted singular matrix has condition number 1e3, so its bound is ~1e-4, the rotation's ~1e-7.
+        P64 = P.double()
+        bound = 0.5 * torch.finfo(torch.float32).eps * math.sqrt(3) * float(P64.norm()) / float(
+            torch.linalg.svdvals(P64)[-1])
+        assert geometry.distance(P) <= 2 * bound
     with pytest.raises(ValueError, match="zero matrix.*nonzero"):
         geometry.project(torch.zeros(3, 3))
 
