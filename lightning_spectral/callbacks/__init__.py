@@ -13,6 +13,7 @@ from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
 from lightning_spectral.callbacks.noise_scale import GradientNoiseScaleMonitor
 from lightning_spectral.callbacks.sharpness import SharpnessMonitor
 from lightning_spectral.callbacks.spectral import SpectralNormMonitor
+from lightning_spectral.callbacks.update_size import UpdateSizeMonitor
 
 __all__ = [
     "ConstraintMonitor",
@@ -21,4 +22,5 @@ __all__ = [
     "GradientNoiseScaleMonitor",
     "SharpnessMonitor",
     "SpectralNormMonitor",
+    "UpdateSizeMonitor",
 ]

@@ -28,12 +28,14 @@ from lightning_spectral.diagnostics.spectral import (
     stable_rank,
     weight_matrix,
 )
+from lightning_spectral.diagnostics.update_size import UpdateSizeTracker, promised_update_norm
 
 __all__ = [
     "GradientNoiseScale",
     "HessianVectorProduct",
     "MetricsLogger",
     "SpectralNormTracker",
+    "UpdateSizeTracker",
     "compute_singular_values",
     "compute_spectral_norms",
     "conv_operator_norm",
@@ -46,6 +48,7 @@ __all__ = [
     "isolated",
     "noise_components",
     "power_iteration",
+    "promised_update_norm",
     "spectral_layers",
     "stable_rank",
     "weight_matrix",

@@ -42,12 +42,19 @@ class BudgetedOptimizer(MatrixOptimizer):
         self.inner_solver = resolve_solver(inner_solver)
         super().__init__(params, defaults, **kwargs)
 
-    def _constrain(self, group: dict[str, Any], p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def budget(group: dict[str, Any]) -> Optional[float]:
+        """The bound ``η_t`` on ``‖ΔW‖₂`` of a matrix group's next step (``None``: unbudgeted):
+        ``spectral_budget``, times ``lr/initial_lr`` when it follows the schedule."""
         budget = group["spectral_budget"]
+        if budget is not None and group["budget_follows_lr"] and group.get("initial_lr"):
+            budget = budget * float(group["lr"]) / float(group["initial_lr"])
+        return budget
+
+    def _constrain(self, group: dict[str, Any], p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        budget = self.budget(group)
         if budget is None:
             return delta
-        if group["budget_follows_lr"] and group.get("initial_lr"):
-            budget = budget * group["lr"] / group["initial_lr"]
         state = self.state[p]
         step = self.inner_solver(p, delta, budget, state=state)
         info = self.inner_solver.last_info
