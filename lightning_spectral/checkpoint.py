@@ -3,7 +3,7 @@
 * :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the destination
   directory, flushes and fsyncs it, then renames it over the old one (``os.replace``): a
   ``kill -9`` at any moment leaves either the old or the new file, never a truncated one,
-  wherever ``TMPDIR`` is. It loads with ``torch.load(weights_only=True)`` only (local and
+  wherever ``TMPDIR`` is; the file's mode follows the umask, as every file Lightning writes. It loads with ``torch.load(weights_only=True)`` only (local and
   ``http(s)://`` paths alike), so a crafted checkpoint cannot run code, and checks the CRC-32 of
   every record of a local file first, so a truncated or bit-flipped file is named as such.
   :class:`~lightning_spectral.module.SpectralModule` installs it on its trainer
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import tempfile
+import secrets
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -88,14 +88,28 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file ``.<name>.<pid>.<random>.tmp`` beside ``path``, opened for writing. Created with
+    mode 0o666 less the umask, as ``open(path, "wb")`` would (``tempfile.mkstemp`` makes 0o600,
+    which nobody else on a shared project directory could read)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
 def atomic_write(path: _PATH, write: Callable[[BinaryIO], Any]) -> None:
     """``write(f)`` into a binary file that becomes ``path`` whole or not at all: temporary file in
-    the same directory (the same filesystem, so the rename is atomic), flush, fsync,
-    ``os.replace``, fsync of the directory. The temporary file is removed if the write fails."""
+    the same directory (the same filesystem, so the rename is atomic; its mode follows the umask),
+    flush, fsync, ``os.replace``, fsync of the directory. The temporary file is removed if the
+    write fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -63,6 +63,22 @@ def test_atomic_write_goes_beside_the_destination(tmp_path: Path, monkeypatch: p
     assert list(path.parent.iterdir()) == [path] and not list(other.iterdir())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """A checkpoint gets the mode of every other file Lightning writes with ``open`` (hparams.yaml,
+    config.yaml, event files: 0o666 less the umask, 0o644 under the usual 0o022), written new or
+    over an older one (the temporary file was 0o600)."""
+    previous = os.umask(umask)
+    try:
+        for _ in range(2):  # a new file, then a replaced one
+            AtomicCheckpointIO().save_checkpoint(_lightning_checkpoint(1), tmp_path / "ckpt" / "last.ckpt")
+        (tmp_path / "hparams.yaml").write_text("lr: 0.1\n")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "ckpt" / "last.ckpt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "hparams.yaml").stat().st_mode & 0o777
+
+
 def test_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.ckpt"
     atomic_torch_save(_lightning_checkpoint(1), path)

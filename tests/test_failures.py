@@ -298,6 +298,17 @@ def _empty_last_falls_back(ctx) -> None:
     assert len(list(directory.glob("last.ckpt.corrupt-*"))) == 1
 
 
+def _mode_follows_umask(ctx) -> None:
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        atomic_torch_save({"state_dict": {}}, ctx.tmp / "shared.ckpt")
+    finally:
+        os.umask(previous)
+    assert (ctx.tmp / "shared.ckpt").stat().st_mode & 0o777 == 0o640  # was 0o600 (mkstemp's)
+
+
 def _locked(ctx) -> None:
     with run_lock(ctx.tmp / "run"), run_lock(ctx.tmp / "run"):
         pass
@@ -400,6 +411,7 @@ ROWS = [
         ValueError, ("not a Lightning checkpoint",)),
     Row("ckpt-stale-config-restarts", _stale_config),
     Row("ckpt-empty-last-falls-back", _empty_last_falls_back),
+    Row("ckpt-mode-follows-umask", _mode_follows_umask),
     Row("run-locked", _locked, RunLockedError, ("in use by pid",)),
     # Study files
     Row("study-grid-for-grids", lambda c: load_study(c.study(grid=[{}])), StudySpecError,
