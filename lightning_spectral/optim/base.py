@@ -10,18 +10,10 @@ non-finite gradient before touching any weight, then updates every group: one
 State is only tensors and plain Python values in ``self.state[p]``, so ``state_dict()`` loads
 with ``torch.load(weights_only=True)``.
 
-Under ``torch.distributed`` (DDP: every rank holds the same all-reduced gradients) the matrix
-work is split: each matrix has one owner rank (greedy by its msign cost, ``m·n·min(m, n)``),
-only the owner runs the matrix rule on it, and the owners then broadcast the new weights and
-the matrix's whole optimizer state. Every rank ends the step with bit-identical weights and
-state (rank 0's checkpoint is complete) while the msign/inner-solve time falls with the number
-of ranks. The price is a broadcast of the matrices and their state (1–3× their size) per step,
-on top of DDP's gradient all-reduce. Set ``optimizer.distribute_work = False`` to repeat the
-work on every rank instead.
-
-Parameters sharded as ``DTensor`` (FSDP2, Lightning's ``ModelParallelStrategy``) take their
-matrix step on the gathered full matrix and keep their shard of the result (:mod:`.sharded`);
-their fallback steps run on the shards.
+Under ``torch.distributed`` the matrix work is split across the ranks, and parameters sharded
+as ``DTensor`` (FSDP2) take their matrix step on whole matrices: :mod:`.distributed`, which
+runs :meth:`MatrixOptimizer._matrix_step` where each matrix's update is computed. The fallback
+steps run on every rank (on the shards of a sharded parameter).
 """
 
 from __future__ import annotations
@@ -37,7 +29,8 @@ from torch.optim.sgd import sgd
 
 from .geometry.base import record_inner
 from .param_groups import MATRIX_KEY, named_group, split_group
-from .sharded import full_matrix, is_sharded
+from .distributed import step_matrices
+from .sharded import is_sharded
 
 __all__ = ["AUX_ADAMW", "FALLBACKS", "FALLBACK_ARGUMENTS", "LR_ADJUSTMENTS", "MODES", "MatrixOptimizer",
            "NonFiniteGradientError", "ON_CONSTRAINT_TOL", "check_group_values", "check_mode", "check_positive",
@@ -413,69 +406,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 value.copy_(torch.where(flag.to(value.device), value, old))
 
     def _update(self) -> None:
-        owners = self._owners()
+        matrices = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if group[MATRIX_KEY]:
-                for p in [p for p in params if is_sharded(p)]:
-                    with full_matrix(self.state, p) as full:
-                        self._matrix_step(group, [full])
-                params = [p for p in params if not is_sharded(p)]
-                if owners is not None:
-                    params = [p for p in params if owners[p] == dist.get_rank()]
-            if not params:
-                continue
-            if group[MATRIX_KEY]:
-                self._matrix_step(group, params)
-            else:
+            if params and group[MATRIX_KEY]:
+                matrices.append((group, params))
+            elif params:
                 self._fallback_step(group, params)
-        if owners is not None:
-            self._broadcast_owned(owners)
+        step_matrices(self, matrices)
 
+    # Split the matrix work across the ranks of torch.distributed (:mod:`.distributed`); ``False``
+    # repeats it on every rank.
     distribute_work = True
-
-    def _owners(self) -> Optional[dict[torch.Tensor, int]]:
-        """Owner rank of every matrix with a gradient, or ``None`` when the work is not split.
-        Greedy longest-processing-time assignment on ``m·n·min(m, n)``: the same on every rank
-        (it depends on the shapes and the parameter order only)."""
-        if not (self.distribute_work and dist.is_available() and dist.is_initialized()):
-            return None
-        world = dist.get_world_size()
-        if world == 1:
-            return None
-        matrices = [p for g in self.param_groups if g[MATRIX_KEY] for p in g["params"]
-                    if p.grad is not None and not is_sharded(p)]
-        if not matrices:
-            return None
-        load = [0] * world
-        owners: dict[torch.Tensor, int] = {}
-        for index in sorted(range(len(matrices)), key=lambda i: -msign_cost(matrices[i])):
-            rank = min(range(world), key=load.__getitem__)
-            owners[matrices[index]] = rank
-            load[rank] += msign_cost(matrices[index])
-        return owners
-
-    def _broadcast_owned(self, owners: dict[torch.Tensor, int]) -> None:
-        """From each owner: its matrices and their state. The layout (state keys, shapes, plain
-        values) goes first as a small object, so ranks that never held a state can allocate it."""
-        me = dist.get_rank()
-        for owner in range(dist.get_world_size()):
-            params = [p for p in owners if owners[p] == owner]
-            layout = [_state_layout(self.state[p]) for p in params] if me == owner else None
-            box = [layout]
-            dist.broadcast_object_list(box, src=owner)
-            tensors = []
-            for p, entries in zip(params, box[0]):
-                state = self.state[p]
-                tensors.append(p.data)
-                for key, spec in entries.items():
-                    if spec[0] == "value":
-                        state[key] = spec[1]
-                        continue
-                    if me != owner:
-                        state[key] = torch.empty(spec[1], dtype=spec[2], device=torch.device(spec[3]))
-                    tensors.append(state[key])
-            _broadcast_tensors(tensors, owner, params[0].device if params else None)
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         raise NotImplementedError
@@ -635,34 +577,8 @@ def _autocast_disabled() -> contextlib.ExitStack:
     return stack
 
 
-def msign_cost(p: torch.Tensor) -> int:
-    """``m·n·min(m, n)`` of the ``m × n`` matrix view of ``p``: how an msign's work grows."""
-    rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
-    return rows * cols * min(rows, cols)
-
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """``flag`` or-reduced over all ranks (one all-reduce, staged on ``device``: NCCL sends no CPU tensors)."""
     box = torch.tensor([int(flag)], device=device)
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return bool(box.item())
-
-
-def _state_layout(state: dict) -> dict[str, tuple]:
-    return {key: ("tensor", tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else ("value", v)
-            for key, v in state.items()}
-
-
-def _broadcast_tensors(tensors: list[torch.Tensor], src: int, device: Optional[torch.device]) -> None:
-    """Broadcast in place, one flat buffer per dtype, staged on ``device`` (the parameters'
-    device: NCCL cannot send CPU tensors such as scalar step counters)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for dtype, group in by_dtype.items():
-        flat = torch.cat([t.reshape(-1).to(device) for t in group])
-        dist.broadcast(flat, src=src)
-        offset = 0
-        for t in group:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()

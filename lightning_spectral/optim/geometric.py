@@ -56,9 +56,9 @@ from typing import Any, Iterable, Optional
 import torch
 
 from . import geometry as geo
-from .base import ON_CONSTRAINT_TOL, MatrixOptimizer, check_positive, check_unit_interval, describe_param, ema_momentum, msign_cost
+from .base import ON_CONSTRAINT_TOL, MatrixOptimizer, check_positive, check_unit_interval, describe_param, ema_momentum
 from .geometry import sinkhorn, symplectic_form
-from .linalg import as_matrix
+from .linalg import as_matrix, msign_cost
 from .msign import check_schedule, msign
 from .param_groups import MATRIX_KEY
 from .sharded import whole

@@ -19,6 +19,12 @@ def as_matrix(p: torch.Tensor) -> torch.Tensor:
     return p if p.ndim == 2 else p.reshape(p.shape[0], -1)
 
 
+def msign_cost(p: torch.Tensor) -> int:
+    """``m·n·min(m, n)`` of the ``m × n`` matrix view of ``p``: how an msign's work grows."""
+    rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
+    return rows * cols * min(rows, cols)
+
+
 def sym(M: torch.Tensor) -> torch.Tensor:
     """Symmetric part ``(M + Mᵀ)/2``."""
     return 0.5 * (M + M.mT)
