@@ -3,9 +3,12 @@
 * :class:`AtomicCheckpointIO` writes a checkpoint to a temporary file in the destination
   directory, flushes and fsyncs it, then renames it over the old one (``os.replace``): a
   ``kill -9`` at any moment leaves either the old or the new file, never a truncated one,
-  wherever ``TMPDIR`` is; the file's mode follows the umask, as every file Lightning writes. It loads with ``torch.load(weights_only=True)`` only (local and
-  ``http(s)://`` paths alike), so a crafted checkpoint cannot run code, and checks the CRC-32 of
-  every record of a local file first, so a truncated or bit-flipped file is named as such.
+  wherever ``TMPDIR`` is; the file's mode follows the umask, as every file Lightning writes.
+  It loads through :func:`load_checkpoint_safely`, the package's one loader (also that of
+  ``SpectralModule.load_from_checkpoint``): ``torch.load(weights_only=True)`` only, of local
+  paths, ``file://`` and ``http(s)://`` URLs alike, so a crafted checkpoint cannot run code; the
+  CRC-32 of every record is checked first, so a truncated or bit-flipped file is named as such
+  (torch's legacy format, which has no checksums, is accepted when whole).
   :class:`~lightning_spectral.module.SpectralModule` installs it on its trainer
   (:func:`use_atomic_checkpoint_io`) unless a custom ``CheckpointIO`` is configured.
 * :func:`validate_checkpoint` says why a file cannot be resumed from (``None`` if it can);
@@ -19,14 +22,18 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
+import pickletools
 import secrets
 import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import torch
 from lightning.fabric.utilities.types import _PATH
@@ -45,11 +52,6 @@ class UnsafeCheckpointError(RuntimeError):
 
 class RunLockedError(RuntimeError):
     """Another process holds the lock of a run directory."""
-
-
-def _is_local(path: _PATH) -> bool:
-    """A path on this machine (no ``scheme://``, or ``file://``)."""
-    return "://" not in str(path) or str(path).startswith("file://")
 
 
 def _fsync_directory(directory: str) -> None:
@@ -123,38 +125,103 @@ def atomic_write(path: _PATH, write: Callable[[BinaryIO], Any]) -> None:
     _fsync_directory(str(path.parent))
 
 
-def archive_problem(path: _PATH) -> Optional[str]:
-    """Why the local file ``path`` is not an intact PyTorch zip archive (every record's CRC-32
-    checked: truncation and flipped bits show), or ``None``."""
-    path = Path(path)
-    if not path.is_file():
-        return "no such file"
-    size = path.stat().st_size
-    if size == 0:
-        return "empty file (0 bytes)"
-    if not zipfile.is_zipfile(path):
-        return f"not a PyTorch checkpoint archive ({size} bytes; truncated or another format)"
+def local_path(path: _PATH) -> Optional[Path]:
+    """The file a local path or a ``file://`` URL names; ``None`` for another URL (``https://``, ``s3://``)."""
+    text = str(path)
+    if text.startswith("file://"):
+        return Path(url2pathname(urlsplit(text).path))
+    return None if "://" in text else Path(path)
+
+
+def _legacy_problem(f: BinaryIO) -> Optional[str]:
+    """Why ``f`` (at its start) is not a whole checkpoint of torch's legacy format
+    (``torch.save(..., _use_new_zipfile_serialization=False)``), or ``None``. That format has no
+    checksums: five pickles (the magic number, the protocol version, the system info, the object,
+    the storage keys; read as opcodes, none executed) must end before the file does, then the
+    tensor data follows, whose truncation ``torch.load`` reports itself."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"damaged archive: {err}"
-    return f"damaged record {bad!r} (CRC-32 mismatch)" if bad is not None else None
-
-
-def load_checkpoint_safely(path: _PATH, map_location: Any = None) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (local or remote), checking a local archive's
-    CRCs first; raise :class:`CorruptCheckpointError` or :class:`UnsafeCheckpointError` naming ``path``."""
-    from lightning.fabric.utilities.cloud_io import _load
-
-    if _is_local(path):
-        problem = archive_problem(path)
-        if problem == "no such file":
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        if problem is not None:
-            raise CorruptCheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
+        magic = [arg for op, arg, _ in pickletools.genops(f) if op.name.startswith(("LONG", "INT"))]
+    except ValueError:
+        magic = None
+    if magic != [torch.serialization.MAGIC_NUMBER]:
+        return "another format"
     try:
-        return _load(path, map_location=map_location, weights_only=True)
+        for _ in range(4):
+            for _ in pickletools.genops(f):
+                pass
+    except ValueError as err:
+        return f"truncated legacy-format checkpoint ({err})"
+    return None
+
+
+def archive_problem(source: _PATH | BinaryIO) -> Optional[str]:
+    """Why ``source`` (a local path or a binary file) is not an intact PyTorch checkpoint, or
+    ``None``: a zip archive (``torch.save``'s format) with every record's CRC-32 checked, so that
+    truncation and flipped bits show; or a whole file of torch's legacy format
+    (:func:`_legacy_problem`; it has no checksums)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            return "no such file"
+        with open(path, "rb") as f:
+            return archive_problem(f)
+    f = source
+    size = f.seek(0, os.SEEK_END)
+    try:
+        if size == 0:
+            return "empty file (0 bytes)"
+        if zipfile.is_zipfile(f):
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    bad = archive.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+                return f"damaged archive: {err}"
+            return f"damaged record {bad!r} (CRC-32 mismatch)" if bad is not None else None
+        f.seek(0)
+        legacy = _legacy_problem(f)
+        if legacy == "another format":
+            return f"not a PyTorch checkpoint archive ({size} bytes; truncated or another format)"
+        return legacy
+    finally:
+        f.seek(0)
+
+
+def _checked_source(path: _PATH | BinaryIO) -> _PATH | BinaryIO:
+    """What ``torch.load`` reads the checkpoint ``path`` from once its integrity is checked
+    (:func:`archive_problem`): a local file's path (``file://`` URLs too), a remote file's bytes in
+    memory (any URL ``fsspec`` opens; nothing is written to disk), a binary file object as given.
+    Raises ``FileNotFoundError`` or :class:`CorruptCheckpointError` naming ``path``."""
+    if not isinstance(path, (str, Path)):
+        source: _PATH | BinaryIO = path
+    elif (source := local_path(path)) is None:
+        import fsspec
+
+        try:
+            with fsspec.open(str(path), "rb") as f:
+                source = io.BytesIO(f.read())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Checkpoint file not found: {path}") from None
+    problem = archive_problem(source)
+    if problem == "no such file":
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    if problem is not None:
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be loaded: {problem}")
+    return source
+
+
+def load_checkpoint_safely(path: _PATH | BinaryIO, map_location: Any = None) -> dict[str, Any]:
+    """The one loader of every checkpoint the package reads: ``torch.load(weights_only=True)`` of
+    a local path, a ``file://`` or remote (``http(s)://``, any ``fsspec`` URL) file or a binary
+    file object, once its integrity is checked (:func:`_checked_source`). Raises
+    ``FileNotFoundError``, :class:`CorruptCheckpointError` or :class:`UnsafeCheckpointError`
+    naming ``path``."""
+    return _deserialize(_checked_source(path), path, map_location)
+
+
+def _deserialize(source: _PATH | BinaryIO, path: Any, map_location: Any) -> dict[str, Any]:
+    """``torch.load(source, weights_only=True)``, its errors naming ``path``."""
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"checkpoint {path} holds objects other than tensors and plain values, refused (it is loaded with "
@@ -165,15 +232,26 @@ def load_checkpoint_safely(path: _PATH, map_location: Any = None) -> dict[str, A
         raise CorruptCheckpointError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
 
 
+def checkpoint_bytes(path: _PATH | BinaryIO) -> io.BytesIO:
+    """The bytes of the checkpoint ``path`` once :func:`load_checkpoint_safely` has accepted them,
+    for a loader that reads a file object itself (Lightning's ``load_from_checkpoint``, with
+    ``weights_only=True``): both read these same bytes."""
+    source = _checked_source(path)
+    data = source.read_bytes() if isinstance(source, Path) else source.read()
+    _deserialize(io.BytesIO(data), path, "cpu")
+    return io.BytesIO(data)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """:class:`~lightning.pytorch.plugins.io.TorchCheckpointIO` with atomic local writes and
     ``weights_only=True`` loads (see the module docstring). Remote writes go through Lightning's
     own ``fsspec`` path."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None or not _is_local(path):
+        local = local_path(path)
+        if storage_options is not None or local is None:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, local)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Optional[Callable] = lambda storage, loc: storage,

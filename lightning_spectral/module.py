@@ -13,13 +13,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_spectral.checkpoint import use_atomic_checkpoint_io
+from lightning_spectral.checkpoint import checkpoint_bytes, use_atomic_checkpoint_io
 from lightning_spectral.optim.base import first_nonfinite
 from lightning_spectral.optim.param_groups import build_param_groups, routing_table, unsharded_class
 from lightning_spectral.signals import SigtermNotice
@@ -223,6 +224,16 @@ class ManualOptimizationModule(LightningModule):
         self._consecutive_skips = 0
         self._resumed: dict[str, Any] = {}  # what on_load_checkpoint read, for configure_optimizers
         self._overrides: list[tuple] = []  # (group index or None for the scheduler, name, key, checkpoint's, requested)
+
+    @_restricted_classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = None, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, the file read through the package's one loader
+        (:func:`~lightning_spectral.checkpoint.checkpoint_bytes`): local paths, ``file://`` and
+        ``http(s)://`` URLs alike are checked for damage and loaded with ``weights_only=True``,
+        whatever ``weights_only`` asks, so that a crafted checkpoint cannot run code."""
+        return super().load_from_checkpoint(checkpoint_bytes(checkpoint_path), map_location, hparams_file, strict,
+                                            weights_only=True, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -25,12 +25,14 @@ from lightning_spectral.checkpoint import (
     RunLockedError,
     UnsafeCheckpointError,
     atomic_torch_save,
+    load_checkpoint_safely,
     resume_checkpoint,
     run_lock,
     validate_checkpoint,
     write_config_marker,
 )
 from lightning_spectral.data import DigitsDataModule
+from lightning_spectral.lm_module import LanguageModule
 from lightning_spectral.models import SmallCNN
 from lightning_spectral.module import SpectralModule
 
@@ -166,26 +168,104 @@ class _Payload:
         return open, (str(self.marker), "w")
 
 
-def test_crafted_pickle_is_refused_locally_and_over_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    marker = tmp_path / "payload_ran"
-    evil = tmp_path / "serve" / "evil.ckpt"
-    evil.parent.mkdir()
-    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload(marker)}}, evil)
-    with pytest.raises(UnsafeCheckpointError, match="evil.ckpt holds objects other than tensors"):
-        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)  # asked for, refused anyway
-    assert not marker.exists()
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(evil.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+@pytest.fixture
+def served(tmp_path: Path):
+    """A directory and the ``http://`` URL of a local server of it (a thread)."""
+    directory = tmp_path / "serve"
+    directory.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/evil.ckpt"
-        with pytest.raises(UnsafeCheckpointError, match="refused"):
-            AtomicCheckpointIO().load_checkpoint(url)
+        yield directory, f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
-    assert not marker.exists()
+        server.server_close()
+
+
+def _addresses(path: Path, url: str) -> dict[str, str | Path]:
+    return {"path": path, "file-url": path.resolve().as_uri(), "http": f"{url}/{path.name}"}
+
+
+LOADERS = {
+    "checkpoint-io": lambda where: AtomicCheckpointIO().load_checkpoint(where, weights_only=False),  # refused anyway
+    "load-checkpoint-safely": load_checkpoint_safely,
+    "SpectralModule.load_from_checkpoint": lambda where: SpectralModule.load_from_checkpoint(where, net=_net()),
+    "LanguageModule.load_from_checkpoint": lambda where: LanguageModule.load_from_checkpoint(where, net=_net()),
+}
+
+
+def _net() -> SmallCNN:
+    return SmallCNN(num_classes=10, in_channels=1, image_size=8, width_mult=0.25)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_crafted_pickle_is_refused_by_every_loader_local_and_remote(tmp_path: Path, served, monkeypatch,
+                                                                     legacy: bool) -> None:
+    """A checkpoint whose unpickling would create a file, in torch's zip and legacy formats, read
+    from a path, a ``file://`` URL and an ``http://`` URL by each loader of the package: refused,
+    the payload never ran, nothing was downloaded to disk. (Lightning's load_from_checkpoint over
+    http(s) defaults to ``weights_only=False``: the payload ran.)"""
+    directory, url = served
+    marker = tmp_path / "payload_ran"
+    evil = directory / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": _Payload(marker)}}, evil,
+               _use_new_zipfile_serialization=not legacy)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for where in _addresses(evil, url).values():
+        for name, load in LOADERS.items():
+            with pytest.raises(UnsafeCheckpointError, match="evil.ckpt holds objects other than tensors"):
+                load(where)
+            assert not marker.exists(), (name, where)
+        assert "refused" in validate_checkpoint(where)
+    assert not (tmp_path / "torch_home").exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_valid_checkpoints_load_from_a_path_a_file_url_and_http(tmp_path: Path, served, legacy: bool) -> None:
+    """A Lightning checkpoint in the zip or the legacy format (``_use_new_zipfile_serialization=False``)
+    loads through every loader from each address, with the weights it was saved with (the legacy
+    one was reported as truncated, a ``file://`` URL as missing)."""
+    import lightning
+
+    directory, url = served
+    module = SpectralModule(_net(), 10)
+    saved = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+             "pytorch-lightning_version": lightning.__version__}
+    path = directory / "good.ckpt"
+    torch.save(saved, path, _use_new_zipfile_serialization=not legacy)
+    for where in _addresses(path, url).values():
+        assert validate_checkpoint(where) is None, where
+        assert torch.equal(AtomicCheckpointIO().load_checkpoint(where)["state_dict"]["net.fc1.weight"],
+                           module.net.fc1.weight)
+        loaded = SpectralModule.load_from_checkpoint(where, net=_net())
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        load_checkpoint_safely(f"{url}/missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        load_checkpoint_safely((directory / "missing.ckpt").resolve().as_uri())
+
+
+def test_a_file_url_is_written_to_its_file(tmp_path: Path) -> None:
+    AtomicCheckpointIO().save_checkpoint(_lightning_checkpoint(5), (tmp_path / "last.ckpt").as_uri())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.99])
+def test_truncated_legacy_checkpoints_are_named(tmp_path: Path, cut: float) -> None:
+    """The legacy format has no checksums: a cut inside its pickles or inside the tensor data is
+    named as damage, never taken for an unsafe file."""
+    path = tmp_path / "legacy.ckpt"
+    torch.save(_lightning_checkpoint(3), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(CorruptCheckpointError, match="legacy.ckpt cannot be loaded"):
+        load_checkpoint_safely(path)
 
 
 def _damaged(tmp_path: Path, kind: str) -> Path:

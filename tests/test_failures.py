@@ -225,6 +225,19 @@ def _crafted(ctx) -> Path:
     return path
 
 
+def _legacy_copy(ctx, name: str = "legacy.ckpt") -> Path:
+    """The shared last.ckpt in torch's legacy (non-zip) format."""
+    path = ctx.tmp / name
+    torch.save(torch.load(ctx.last, weights_only=True), path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def _truncated_legacy(ctx) -> Path:
+    path = _legacy_copy(ctx, "cut-legacy.ckpt")
+    path.write_bytes(path.read_bytes()[:500])
+    return path
+
+
 def _poisoned_save(ctx) -> None:
     model = module()
     fit = trainer(ctx)
@@ -404,6 +417,12 @@ ROWS = [
     Row("ckpt-crafted-pickle", lambda c: c.fit_from(_crafted(c)), UnsafeCheckpointError,
         ("crafted.ckpt", "weights_only=True")),
     Row("ckpt-missing", lambda c: c.fit_from(c.tmp / "missing.ckpt"), FileNotFoundError, ("missing.ckpt",)),
+    Row("ckpt-crafted-load-from-checkpoint-file-url", lambda c: SpectralModule.load_from_checkpoint(
+        _crafted(c).as_uri(), net=net()), UnsafeCheckpointError, ("crafted.ckpt", "weights_only=True")),
+    Row("ckpt-legacy-format-resumes", lambda c: c.fit_from(_legacy_copy(c))),
+    Row("ckpt-file-url-resumes", lambda c: c.fit_from(c.last.as_uri())),
+    Row("ckpt-legacy-truncated", lambda c: c.fit_from(_truncated_legacy(c)), CorruptCheckpointError,
+        ("cut-legacy.ckpt", "truncated legacy-format checkpoint")),
     Row("ckpt-not-lightning", lambda c: (torch.save({"w": torch.ones(1)}, c.tmp / "w.pt"),
                                          print(validate_checkpoint(c.tmp / "w.pt")),
                                          None if validate_checkpoint(c.tmp / "w.pt") is None else
