@@ -202,7 +202,7 @@ def test_step_convention_histograms_and_values(tmp_path):
     assert sorted({t for t, _ in logger.histograms}) == ["singular_values/net.0", "singular_values/net.4"]
     assert sorted({s for _, s in logger.histograms}) == [0, 3]
     step0 = {k: v for s, m in logger.scalars if s == 0 for k, v in m.items()}
-    assert step0["sharpness/2_over_lr"] == pytest.approx(2 / 0.1)
+    assert step0["sharpness/threshold/SGD"] == pytest.approx((2 + 2 * 0.9) / 0.1)  # heavy ball, β = 0.9
 
     ref = Net()
     ref.load_state_dict(first["state"])

@@ -214,6 +214,17 @@ class DiagnosticCallback(Callback):
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn(f"{type(self).__name__}: the Trainer has no logger; values are kept in `last_metrics` only.")
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The first diagnostic callback writes the layout of all of them (TensorBoard reads one per run).
+        first = next(c for c in trainer.callbacks if isinstance(c, DiagnosticCallback))
+        if first is self:
+            write_layout(trainer, pl_module)
+
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """``{chart title: [tag regex, ...]}``: the multi-line charts of this callback's values in the
+        TensorBoard layout (:func:`write_layout`); none by default."""
+        return {}
+
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int
     ) -> Mapping[str, float]:
@@ -284,3 +295,25 @@ def histogram_writers(trainer: pl.Trainer) -> list[Callable[..., Any]]:
     writers = (getattr(logger.experiment, "add_histogram", None) for logger in trainer.loggers)
     return [w for w in writers if callable(w)]
 
+
+
+#: The category of the TensorBoard custom-scalars layout that holds the diagnostics' charts.
+LAYOUT_CATEGORY = "diagnostics"
+
+
+def write_layout(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+    """The charts of every :class:`DiagnosticCallback` of ``trainer`` as one TensorBoard custom-scalars
+    layout (category :data:`LAYOUT_CATEGORY`, each chart a ``Multiline`` of tag regexes, matched from
+    the start of a tag), written on global rank 0 to each logger whose experiment has
+    ``add_custom_scalars`` (``TensorBoardLogger``'s ``SummaryWriter``). Returns the charts."""
+    charts: dict[str, list[str]] = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, DiagnosticCallback):
+            charts.update(callback.charts(trainer, pl_module))
+    if charts and trainer.is_global_zero:
+        layout = {LAYOUT_CATEGORY: {title: ["Multiline", tags] for title, tags in charts.items()}}
+        for logger in trainer.loggers:
+            add = getattr(getattr(logger, "experiment", None), "add_custom_scalars", None)
+            if callable(add):
+                add(layout)
+    return charts

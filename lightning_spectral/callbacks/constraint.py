@@ -36,6 +36,7 @@ class ConstraintMonitor(DiagnosticCallback):
         self._reporters: list[tuple[int, Any]] = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._reporters = [
             (i, opt) for i, opt in enumerate(trainer.optimizers) if callable(getattr(opt, "constraint_report", None))
         ]

@@ -133,6 +133,7 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
             check_loss_protocol(type(self).__name__, pl_module, self.loss_fn)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         model = trainer.strategy.model
         refuse_sharded(type(self).__name__, trainer, pl_module,
                        "its 'split' mode takes per-slice gradients on rank 0 alone, and there is no DDP comm hook")

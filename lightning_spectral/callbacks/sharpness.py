@@ -1,7 +1,8 @@
-"""``SharpnessMonitor``: the top Hessian eigenvalue of the training loss, beside ``2/lr``."""
+"""``SharpnessMonitor``: the top Hessian eigenvalue of the training loss, beside each rule's stability threshold."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,10 +19,11 @@ from lightning_spectral.callbacks._base import (
 )
 from lightning_spectral.diagnostics._utils import LossFn, isolated, trainable_parameters
 from lightning_spectral.diagnostics.sharpness import HessianVectorProduct, hessian_top_eigenvalue
+from lightning_spectral.diagnostics.stability import StabilityRule, adam_inverse_preconditioner, stability_rule
 
 
 class SharpnessMonitor(DiagnosticCallback):
-    r"""Log :math:`\lambda_{\max}` of the loss Hessian on the current training batch, and ``2/lr``.
+    r"""Log :math:`\lambda_{\max}` of the loss Hessian on the current training batch, beside each rule's threshold.
 
     Hessian-vector products by double backward on the unwrapped module, with
     ``torch.autograd.grad`` (``.grad`` untouched), in fp32, RNG forked, in eval mode by default
@@ -29,11 +31,23 @@ class SharpnessMonitor(DiagnosticCallback):
     buffers). Under DDP rank 0 measures its local batch. Needs double backward, so not through
     ``torch.compile``. Refused (on every rank, at fit start) with DTensor-sharded parameters.
 
-    Keys: ``sharpness/lambda_max``, ``sharpness/hvp_count`` and ``sharpness/2_over_lr`` (one per
-    param group, ``sharpness/2_over_lr/<name>``, when there are several). Plain gradient descent
-    is stable while :math:`\lambda_{\max}<2/\eta`; with heavy-ball momentum :math:`\beta` the
-    threshold is :math:`(2+2\beta)/\eta`, and for adaptive methods it applies to the
-    preconditioned Hessian.
+    Keys: ``sharpness/lambda_max``, ``sharpness/hvp_count``, and per *rule* (the parameter groups
+    that share an optimizer, an update rule and its hyperparameters, named by their group names
+    joined with ``+``, e.g. ``matrix+head+vector``; an unnamed group by its optimizer's class):
+
+    - SGD-family groups (``torch.optim.SGD``, a package optimizer's SGD fallback, an unbudgeted
+      MuonSGD): ``sharpness/threshold/<rule>``, the largest stable :math:`\lambda_{\max}`:
+      :math:`2/\eta` without momentum, :math:`(2+2\beta)/\eta` with heavy-ball momentum,
+      :math:`(2+2\beta)/((1+2\beta)\eta)` with Nesterov (less any coupled weight decay, see
+      :mod:`lightning_spectral.diagnostics.stability`);
+    - Adam-family groups (``Adam``, ``AdamW``, AdamW fallbacks, an unbudgeted MuonAdamW), with
+      ``preconditioned=True``: ``sharpness/preconditioned/<rule>``, :math:`\lambda_{\max}(P^{-1}H)`
+      over the rule's parameters (the others held fixed; :math:`P` of the latest Adam step, from
+      ``exp_avg_sq``), and ``sharpness/threshold/<rule>`` :math:`(2+2\beta_1)/((1-\beta_1)\eta)`
+      (Cohen et al. 2022); nothing before the first step;
+    - every other rule (Muon, budgets, manifolds): nothing; no threshold is known for them.
+
+    The TensorBoard layout (:meth:`charts`) draws each rule's sharpness and threshold on one chart.
 
     Args:
         every_n_steps: measure every N optimizer steps (default 100), or
@@ -45,8 +59,10 @@ class SharpnessMonitor(DiagnosticCallback):
             ``criterion(module(x), y)``, else (automatic optimization) the loss its ``training_step``
             returns, see :func:`~lightning_spectral.callbacks._base.batch_loss`.
         eval_mode: measure in eval mode (default) or in train mode with buffers restored.
-        warm_start: start from the previous top eigenvector (kept in memory, not checkpointed).
+        warm_start: start from the previous top eigenvectors (kept in memory, not checkpointed).
         seed: seed of the first start vector (the global RNG is not used).
+        preconditioned: also measure each Adam-family rule's preconditioned sharpness (one more
+            eigenvalue solve per rule, on the same Hessian-vector products).
     """
 
     default_every_n_steps = 100
@@ -63,6 +79,7 @@ class SharpnessMonitor(DiagnosticCallback):
         eval_mode: bool = True,
         warm_start: bool = True,
         seed: int = 0,
+        preconditioned: bool = True,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         check_choice("method", method, ("power", "lanczos"))
@@ -78,7 +95,8 @@ class SharpnessMonitor(DiagnosticCallback):
         self.eval_mode = eval_mode
         self.warm_start = warm_start
         self.seed = seed
-        self._vector: Tensor | None = None
+        self.preconditioned = preconditioned
+        self._vectors: dict[str, Tensor] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -88,38 +106,91 @@ class SharpnessMonitor(DiagnosticCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_sharded(type(self).__name__, trainer, pl_module,
                        "its Hessian-vector products run a forward and double backward on rank 0 alone")
+        super().on_fit_start(trainer, pl_module)
+
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """One chart per rule with a threshold: its sharpness (raw or preconditioned) and the threshold."""
+        out = {}
+        for name, (_, rule, _) in stability_rules(trainer).items():
+            if rule.kind == "adam" and not self.preconditioned:
+                continue
+            sharpness = "sharpness/lambda_max" if rule.kind == "sgd" else f"sharpness/preconditioned/{name}"
+            out[f"sharpness vs stability threshold: {name}"] = [
+                re.escape(sharpness) + "$", re.escape(f"sharpness/threshold/{name}") + "$"]
+        return out
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:
         if not trainer.is_global_zero:
             return {}
         params = trainable_parameters(pl_module)
+        rules = stability_rules(trainer)
+        metrics: dict[str, float] = {}
         with isolated(pl_module, self.eval_mode):
             hvp = HessianVectorProduct(batch_loss(pl_module, batch, self.loss_fn), params)
-            v0 = self._vector
-            if v0 is None or v0.shape != hvp.grad.shape:
-                generator = torch.Generator().manual_seed(self.seed + step)
-                v0 = torch.randn(hvp.numel, generator=generator).to(hvp.grad)
-            lam, vector, used = hessian_top_eigenvalue(hvp, v0, self.method, self.max_iter, self.tol)
-        self._vector = vector if self.warm_start else None
-        return {"sharpness/lambda_max": lam, "sharpness/hvp_count": float(used), **two_over_lr(trainer)}
+            lam, used = self._top(hvp, hvp.numel, "", step, hvp.grad)
+            metrics["sharpness/lambda_max"] = lam
+            measured = set(params)
+            for name, (optimizer, rule, members) in rules.items():
+                members = [p for p in members if p in measured]
+                if rule.kind == "adam" and members:
+                    if not self.preconditioned:
+                        continue
+                    inverse = adam_inverse_preconditioner(optimizer, members, rule)
+                    if inverse is None:  # no Adam step yet
+                        continue
+                    preconditioned, more = self._top(_block(hvp, params, members, inverse.to(hvp.grad)),
+                                                     inverse.numel(), name, step, hvp.grad)
+                    used += more
+                    metrics[f"sharpness/preconditioned/{name}"] = preconditioned
+                metrics[f"sharpness/threshold/{name}"] = rule.threshold
+        metrics["sharpness/hvp_count"] = float(used)
+        return metrics
+
+    def _top(self, matvec: Any, numel: int, key: str, step: int, like: Tensor) -> tuple[float, int]:
+        """The top eigenvalue of ``matvec`` (warm-started from the vector kept under ``key``)."""
+        v0 = self._vectors.get(key)
+        if v0 is None or v0.numel() != numel:
+            generator = torch.Generator().manual_seed(self.seed + step)
+            v0 = torch.randn(numel, generator=generator).to(like)
+        lam, vector, used = hessian_top_eigenvalue(matvec, v0, self.method, self.max_iter, self.tol)
+        if self.warm_start:
+            self._vectors[key] = vector
+        return lam, used
 
 
-def two_over_lr(trainer: pl.Trainer) -> dict[str, float]:
-    """``sharpness/2_over_lr`` for each param group with a positive lr (named like ``LearningRateMonitor``)."""
-    groups = [
-        (i, j, group)
-        for i, optimizer in enumerate(trainer.optimizers)
-        for j, group in enumerate(optimizer.param_groups)
-    ]
-    out = {}
-    for i, j, group in groups:
-        lr = float(group.get("lr", 0.0))
-        if lr <= 0:
-            continue
-        if len(groups) == 1:
-            key = "sharpness/2_over_lr"
-        else:
-            name = group.get("name", f"pg{j}")
-            key = f"sharpness/2_over_lr/{f'opt{i}-' if len(trainer.optimizers) > 1 else ''}{name}"
-        out[key] = 2.0 / lr
-    return out
+def _block(hvp: HessianVectorProduct, params: list[Tensor], members: list[Tensor], inverse: Tensor) -> Any:
+    r"""``x ↦ S H_{bb} S x`` with :math:`S = P^{-1/2}` on the block ``b`` of ``members`` (the rest of the
+    vector zero): symmetric, with the eigenvalues of :math:`P^{-1}H_{bb}`."""
+    offsets, start = {}, 0
+    for p in params:
+        offsets[p] = (start, p.numel())
+        start += p.numel()
+    index = torch.cat([torch.arange(offsets[p][0], offsets[p][0] + offsets[p][1]) for p in members]).to(inverse.device)
+    scale = inverse.sqrt()
+
+    def matvec(x: Tensor) -> Tensor:
+        full = torch.zeros(hvp.numel, dtype=x.dtype, device=x.device)
+        full[index] = scale * x
+        return scale * hvp(full)[index]
+
+    return matvec
+
+
+def stability_rules(trainer: pl.Trainer) -> dict[str, tuple[torch.optim.Optimizer, StabilityRule, list[Tensor]]]:
+    """``{rule name: (optimizer, rule, trainable parameters)}``: the parameter groups with a known threshold
+    (:func:`~lightning_spectral.diagnostics.stability.stability_rule`), those of one optimizer that share a
+    rule merged, named by their group names joined with ``+`` (an unnamed group: its optimizer's class,
+    ``-pg<j>`` added when the optimizer has several groups; ``opt<i>-`` first with several optimizers)."""
+    merged: dict[tuple[int, StabilityRule], tuple[list[str], list[Tensor]]] = {}
+    for i, optimizer in enumerate(trainer.optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            rule = stability_rule(optimizer, group)
+            members = [p for p in group["params"] if p.requires_grad]
+            if rule is None or not members:
+                continue
+            name = group.get("name") or (type(optimizer).__name__ if len(optimizer.param_groups) == 1
+                                         else f"{type(optimizer).__name__}-pg{j}")
+            names, params = merged.setdefault((i, rule), ([], []))
+            names.append(f"opt{i}-{name}" if len(trainer.optimizers) > 1 else str(name))
+            params.extend(members)
+    return {"+".join(names): (trainer.optimizers[i], rule, params) for (i, rule), (names, params) in merged.items()}

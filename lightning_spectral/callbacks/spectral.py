@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -79,6 +80,14 @@ class SpectralNormMonitor(DiagnosticCallback):
         self.max_layers = max_layers
         self.tracker = SpectralNormTracker(max_iter=max_iter, tol=tol, seed=seed, max_layers=max_layers,
                                            blocks=blocks)
+
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """The layers' spectral norms on one chart (and their stable ranks on another)."""
+        names = [re.escape(name) + "$" for name, _ in spectral_layers(pl_module, max_layers=self.max_layers)]
+        out = {"spectral norm per layer": [f"spectral_norm/{name}" for name in names]}
+        if self.log_stable_rank:
+            out["stable rank per layer"] = [f"stable_rank/{name}" for name in names]
+        return out
 
     @torch.no_grad()
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:

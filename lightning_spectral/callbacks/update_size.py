@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -73,6 +74,12 @@ class UpdateSizeMonitor(DiagnosticCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_sharded(type(self).__name__, trainer, pl_module,
                        "it copies each full weight matrix before the step on rank 0")
+        super().on_fit_start(trainer, pl_module)
+
+    def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
+        """One chart per metric, a line per layer."""
+        names = [re.escape(name) + "$" for name in self._weights(pl_module)]
+        return {f"update {key} per layer": [f"update/{key}/{name}" for name in names] for key in UPDATE_METRICS}
 
     def _weights(self, pl_module: nn.Module) -> dict[str, Tensor]:
         return {name: module.weight for name, module in spectral_layers(pl_module, max_layers=self.max_layers)
