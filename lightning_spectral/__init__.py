@@ -2,6 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from lightning_spectral.config_policy import register_config_function
+
+__all__ = ["register_config_function"]
+
 try:
     __version__ = version("lightning_spectral")
 except PackageNotFoundError:  # running from a source tree that was not installed

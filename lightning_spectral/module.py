@@ -21,9 +21,14 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_spectral.checkpoint import checkpoint_bytes, use_atomic_checkpoint_io
+from lightning_spectral.config_policy import enforce_in_jsonargparse
 from lightning_spectral.optim.base import first_nonfinite
 from lightning_spectral.optim.param_groups import build_param_groups, routing_table, unsharded_class
 from lightning_spectral.signals import SigtermNotice
+
+# What a config may name (lightning_spectral.config_policy), for the CLI and studies (which import this
+# module) and for load_from_checkpoint, which rebuilds a CLI-trained module from its saved config.
+enforce_in_jsonargparse()
 
 
 class CosineSchedule(LRScheduler):

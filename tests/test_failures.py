@@ -6,7 +6,11 @@ bad inputs, each row asserting the error type and that the message names the pro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -133,6 +137,7 @@ from lightning_spectral.checkpoint import (  # noqa: E402
     validate_checkpoint,
     write_config_marker,
 )
+from lightning_spectral.config_policy import ConfigObjectRefused  # noqa: E402
 from lightning_spectral.data import DigitsDataModule  # noqa: E402
 from lightning_spectral.experiments.spec import StudySpecError, expand, load_study  # noqa: E402
 from lightning_spectral.models import SmallCNN  # noqa: E402
@@ -524,6 +529,38 @@ ROWS = [
         CLIError, ("bad.yaml is not valid YAML",)),
     Row("cli-unknown-net", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART), "--model.init_args.net=NoNet"),
         CLIError, ("Networks of the package: MLP, SmallCNN",)),
+    # What a config or a study file may run: classes of the expected kind; functions only when registered
+    Row("config-optimizer-os-system-yaml", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART), "--config",
+                                                                str(_write(c, "evil.yaml", yaml.safe_dump(
+                                                                    {"model": {"init_args": {"optimizer": OS_SYSTEM}}})))),
+        CLIError, ("'os.system' is a built-in function, not a class", "register_config_function")),
+    Row("config-optimizer-os-system-command-line", lambda c: _cli_error(
+        c, "fit", "--config", str(QUICKSTART), f"--model.init_args.optimizer={json.dumps(OS_SYSTEM)}"),
+        CLIError, ("'os.system' is a built-in function, not a class",)),
+    Row("config-optimizer-returns-optimizer", lambda c: _cli_error(
+        c, "fit", "--config", str(QUICKSTART), "--model.init_args.optimizer=ls_payload.sgd"),
+        CLIError, ("'ls_payload.sgd' is a function, not a class", "may name any class of the kind its key expects")),
+    Row("config-scheduler-os-system", lambda c: _cli_error(
+        c, "fit", "--config", str(QUICKSTART), f"--model.init_args.scheduler={json.dumps(OS_SYSTEM)}"),
+        CLIError, ("'os.system' is a built-in function, not a class",)),
+    Row("config-scheduler-function", lambda c: _cli_error(
+        c, "fit", "--config", str(QUICKSTART), "--model.init_args.scheduler=ls_payload.scheduler"),
+        CLIError, ("'ls_payload.scheduler' is a function, not a class",)),
+    Row("config-net-function", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART),
+                                                    "--model.init_args.net=ls_payload.net"),
+        CLIError, ("'ls_payload.net' is a function, not a class",)),
+    Row("config-callback-function", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART),
+                                                         "--trainer.callbacks+=ls_payload.callback"),
+        CLIError, ("'ls_payload.callback' is a function, not a class",)),
+    Row("study-variant-os-system", lambda c: _study_run_error(c, {"model.init_args.optimizer": OS_SYSTEM}),
+        CLIError, ("'os.system' is a built-in function, not a class", "its config does not parse")),
+    Row("study-variant-scheduler-os-system", lambda c: _study_run_error(c, {"model.init_args.scheduler": OS_SYSTEM}),
+        CLIError, ("'os.system' is a built-in function, not a class",)),
+    Row("lr-scan-optimizer-os-system", lambda c: _scan_build(c, "optimizer", OS_SYSTEM), ConfigObjectRefused,
+        ("'os.system' is a built-in function, not a class",)),
+    Row("lr-scan-data-other-class", lambda c: _scan_build(c, "data", {"class_path": "subprocess.Popen", "init_args": {
+        "args": ["touch", str(c.tmp / "ran")]}}), ConfigObjectRefused,
+        ("'subprocess.Popen' is a class, but not a lightning.pytorch.core.datamodule.LightningDataModule",)),
     Row("cli-bad-nonfinite-policy", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART),
                                                          "--model.init_args.nonfinite=maybe",
                                                          "--trainer.max_epochs=0"),
@@ -536,22 +573,88 @@ def _write(ctx, name: str, text: str) -> Path:
     return ctx.tmp / name
 
 
-def _cli_error(ctx, *args: str) -> None:
-    import contextlib
-    import io
-    import os
+OS_SYSTEM = {"class_path": "os.system", "init_args": {"command": "touch ran"}}  # run, it would write ./ran
+PAYLOAD = textwrap.dedent(
+    '''
+    """Written by tests/test_failures.py: functions of the right return type that configs name; each writes ./ran."""
+    from pathlib import Path
 
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from torch import nn
+
+
+    def sgd(params, lr: float = 0.1) -> torch.optim.Optimizer:
+        Path("ran").touch()
+        return torch.optim.SGD(params, lr=lr)
+
+
+    def scheduler(optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        Path("ran").touch()
+        return torch.optim.lr_scheduler.ConstantLR(optimizer)
+
+
+    def net() -> nn.Module:
+        Path("ran").touch()
+        return nn.Flatten()
+
+
+    def callback() -> Callback:
+        Path("ran").touch()
+        return Callback()
+    '''
+)
+
+
+@contextlib.contextmanager
+def _in(ctx):
+    """In ``ctx.tmp``, with ``ls_payload`` (:data:`PAYLOAD`) importable."""
+    _write(ctx, "ls_payload.py", PAYLOAD)
+    cwd = os.getcwd()
+    os.chdir(ctx.tmp)
+    sys.path.insert(0, str(ctx.tmp))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(ctx.tmp))
+        sys.modules.pop("ls_payload", None)
+        os.chdir(cwd)
+
+
+def _cli_error(ctx, *args: str) -> None:
     from lightning_spectral.cli import cli_main
 
-    stderr, cwd = io.StringIO(), os.getcwd()
-    os.chdir(ctx.tmp)
-    try:
-        with contextlib.redirect_stderr(stderr):
-            cli_main([*args, "--trainer.enable_progress_bar=false"])
-    except SystemExit as err:
-        raise CLIError(f"exit {err.code}: {stderr.getvalue()}") from None
-    finally:
-        os.chdir(cwd)
+    stderr = io.StringIO()
+    with _in(ctx):
+        try:
+            with contextlib.redirect_stderr(stderr):
+                cli_main([*args, "--trainer.enable_progress_bar=false"])
+        except SystemExit as err:
+            raise CLIError(f"exit {err.code}: {stderr.getvalue()}") from None
+
+
+def _study_run_error(ctx, variant: dict) -> None:
+    """One run of a study whose variant sets ``variant``, through the study runner."""
+    from lightning_spectral.experiments.runner import RunConfigError, execute_train
+
+    study = load_study(ctx.study(grids=_axis([{"name": "evil", "set": variant}])))
+    stderr = io.StringIO()
+    with _in(ctx), contextlib.redirect_stderr(stderr):
+        try:
+            execute_train(study, expand(study)[0], ctx.tmp / "out", log=lambda _: None)
+        except RunConfigError as err:
+            raise CLIError(f"{err}\n{stderr.getvalue()}") from None
+
+
+def _scan_build(ctx, key: str, spec: dict) -> None:
+    """The lr scan's builder (no jsonargparse) on a config whose ``key`` is ``spec``."""
+    from lightning_spectral.experiments.build import build_data, build_optimizer
+
+    with _in(ctx):
+        if key == "data":
+            build_data({"data": spec})
+        else:
+            build_optimizer({"model": {"init_args": {"optimizer": spec}}}, net(), 0.1)
 
 
 def _symplectic_from_zero() -> None:

@@ -144,6 +144,8 @@ def print_summary(study: Any, out_dir: str) -> None:
 
 def prepare_data_main(study: Any) -> int:
     """``--prepare_data``: each distinct data module of the study's runs, ``prepare_data()`` once."""
+    from lightning.pytorch import LightningDataModule
+
     from lightning_spectral.experiments.build import instantiate
 
     seen: set[str] = set()
@@ -152,7 +154,7 @@ def prepare_data_main(study: Any) -> int:
         if key in seen or not run.config.get("data"):
             continue
         seen.add(key)
-        data = instantiate(run.config["data"])
+        data = instantiate(run.config["data"], kind=LightningDataModule)
         print(f"prepare_data: {type(data).__name__}", flush=True)
         data.prepare_data()
     return 0
