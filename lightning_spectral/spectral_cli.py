@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 import lightning_spectral.callbacks  # noqa: F401
 import lightning_spectral.models  # noqa: F401
 import lightning_spectral.optim  # noqa: F401
+from lightning_spectral.callbacks.hparams import HParamsSummary, flat_hparams
 from lightning_spectral.checkpoint import load_checkpoint_safely
 from lightning_spectral.config_files import resolve_config_args
 from lightning_spectral.data import DataDescription, DataShapeError, data_arguments
@@ -79,6 +80,18 @@ class SpectralCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+
+    def before_fit(self) -> None:
+        """Every fit gets an HParams entry (:class:`~lightning_spectral.callbacks.HParamsSummary`, with the
+        data module's config and ``batch_size`` as the studies name it), unless its config adds one."""
+        if any(isinstance(c, HParamsSummary) for c in self.trainer.callbacks):
+            return
+        data = self.config[self.subcommand].get("data")
+        data = data.as_dict() if isinstance(data, Namespace) else data
+        settings = dict(flat_hparams("data", data)) if isinstance(data, dict) else {}
+        if "data/batch_size" in settings:
+            settings["batch_size"] = settings["data/batch_size"]
+        self.trainer.callbacks.append(HParamsSummary(settings))
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the config's model arguments by a ``ckpt_path``'s, which would

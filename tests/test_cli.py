@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_spectral.module import SpectralModule
 
@@ -187,6 +188,13 @@ def test_quickstart_trains_and_the_checkpoint_reproduces_it(tmp_path: Path, run_
     logged = last_logged(run_dir, "val/acc")
     assert logged > 0.6  # chance is 0.1; 15 epochs reach about 0.99 (README)
     assert last_logged(run_dir, "lr/matrix") > 0
+    events = EventAccumulator(str(run_dir))  # every fit's HParams entry: resolved settings, final metrics
+    events.Reload()
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info.hparams
+    assert (start["optimizer"].string_value, start["scheduler"].string_value) == ("SGD", "CosineSchedule")
+    assert start["batch_size"].number_value == 64 and start["model/net"].string_value == "SmallCNN"
+    assert last_logged(run_dir, "hparams/final_val_acc") == logged
 
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["hyper_parameters"]["net"]["init_args"]["in_channels"] == 1  # linked from the data

@@ -10,6 +10,7 @@ optimization) the tensor or ``{"loss": ...}`` its ``training_step`` returns. The
 from lightning_spectral.callbacks._base import DiagnosticCallback
 from lightning_spectral.callbacks.constraint import ConstraintMonitor
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
+from lightning_spectral.callbacks.hparams import HParamsSummary
 from lightning_spectral.callbacks.noise_scale import GradientNoiseScaleMonitor
 from lightning_spectral.callbacks.sharpness import SharpnessMonitor
 from lightning_spectral.callbacks.spectral import SpectralNormMonitor
@@ -20,6 +21,7 @@ __all__ = [
     "DiagnosticCallback",
     "EpochRecorder",
     "GradientNoiseScaleMonitor",
+    "HParamsSummary",
     "SharpnessMonitor",
     "SpectralNormMonitor",
     "UpdateSizeMonitor",

@@ -40,6 +40,7 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
+from lightning_spectral.callbacks.hparams import hparam_value
 from lightning_spectral.checkpoint import _aside_name, resume_checkpoint, run_lock, write_config_marker
 from lightning_spectral.experiments import interrupt
 from lightning_spectral.experiments.files import inside, write_json
@@ -147,15 +148,15 @@ HPARAM_METRICS = ("final_val_acc", "best_val_acc", "final_val_loss", "final_trai
 
 def hyperparameters(run: Run) -> dict[str, Any]:
     """What TensorBoard's HParams view compares a run by: its axis labels, seed, optimizer class
-    and arguments, batch size and epochs (scalars only; other values as text)."""
+    and arguments, batch size and epochs (scalars only; other values as text, as
+    :class:`~lightning_spectral.callbacks.HParamsSummary` writes them for a single fit)."""
     optimizer = run.config.get("model", {}).get("init_args", {}).get("optimizer") or {}
     optimizer = {"class_path": optimizer} if isinstance(optimizer, str) else optimizer
     params: dict[str, Any] = {f"axis/{k}": v for k, v in run.axes.items()}
     params["seed"] = run.seed
     params["optimizer"] = str(optimizer.get("class_path", "?")).rsplit(".", 1)[-1]
     for key, value in (optimizer.get("init_args") or {}).items():
-        params[f"optimizer/{key}"] = value if isinstance(value, (int, float, str, bool)) else yaml.safe_dump(
-            value, default_flow_style=True).strip()
+        params[f"optimizer/{key}"] = hparam_value(value)
     params["batch_size"] = run.config.get("data", {}).get("init_args", {}).get("batch_size")
     params["max_epochs"] = run.config.get("trainer", {}).get("max_epochs")
     return {k: v for k, v in params.items() if v is not None}
