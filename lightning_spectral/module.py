@@ -1,5 +1,5 @@
-"""The LightningModules' common training step (manual optimization, non-finite policy, resume
-checks, routing report) and the image classifier built on it."""
+"""The LightningModules' common training step (manual optimization, non-finite policy, routing
+report) and the image classifier built on it; the resume checks are :mod:`lightning_spectral.resume`'s."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -23,7 +22,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_spectral.checkpoint import checkpoint_bytes, use_atomic_checkpoint_io
 from lightning_spectral.config_policy import enforce_in_jsonargparse
 from lightning_spectral.optim.base import first_nonfinite
-from lightning_spectral.optim.param_groups import build_param_groups, routing_table, unsharded_class
+from lightning_spectral.optim.param_groups import build_param_groups, routing_table
+from lightning_spectral.resume import CheckpointMismatchError  # noqa: F401 (its import path before resume.py)
+from lightning_spectral.resume import META_KEY, ResumeCheck, checkpoint_metadata
 from lightning_spectral.signals import SigtermNotice
 
 # What a config may name (lightning_spectral.config_policy), for the CLI and studies (which import this
@@ -91,45 +92,8 @@ class CosineSchedule(LRScheduler):
 
 
 NONFINITE_POLICIES = ("raise", "skip")
-# Entries of an optimizer's parameter group that describe the grouping or belong to the
-# scheduler; every other plain entry (lr, weight decay, momentum, budget, ...) was asked for.
-_GROUP_BOOKKEEPING = frozenset({"params", "param_names", "name", "matrix", "initial_lr"})
-
-
 class NonFiniteStepError(FloatingPointError):
     """A NaN/Inf loss, gradient or weight stopped training before it reached the weights or a checkpoint."""
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint holds another network or optimizer than the one requested."""
-
-
-def _qualname(obj: Any) -> str:
-    """The import path of ``obj``'s class; a module sharded by FSDP2 is named by its own class."""
-    cls = unsharded_class(obj) if isinstance(obj, nn.Module) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def optimizer_mismatch(ckpt_path: Any, saved: str, requested: str) -> CheckpointMismatchError:
-    """The error for resuming a checkpoint trained with optimizer class ``saved`` with ``requested``."""
-    return CheckpointMismatchError(
-        f"the checkpoint {ckpt_path} was trained with {saved}, the requested optimizer is {requested}: its state "
-        "cannot be restored into another optimizer. Start a new run, or resume with the checkpoint's optimizer.")
-
-
-def _plain(value: Any) -> Any:
-    """A config value (jsonargparse ``Namespace``, dicts, lists) as plain dicts and lists."""
-    if callable(getattr(value, "as_dict", None)):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _group_hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in group.items() if k not in _GROUP_BOOKKEEPING and not torch.is_tensor(v)}
 
 
 class ManualOptimizationModule(LightningModule):
@@ -157,12 +121,12 @@ class ManualOptimizationModule(LightningModule):
     own check (``check_finite=True``) is switched off rather than repeated. No checkpoint is
     written from non-finite weights.
 
-    Resuming (``ckpt_path``) with another network, ``exclude``, head/embedding routing or
-    optimizer class than the checkpoint's raises :class:`CheckpointMismatchError` with the
-    differences; changed optimizer hyperparameters (learning rate, weight decay, budget, ...)
-    are applied to the restored optimizer and listed in a warning. Checkpoints carry the
-    network and optimizer classes and the skipped-step count under the key
-    ``"spectral_module"``, whatever the subclass.
+    Resuming (``ckpt_path``) follows :class:`~lightning_spectral.resume.ResumeCheck`: another
+    network, ``exclude``, head/embedding routing or optimizer class than the checkpoint's raises
+    :class:`~lightning_spectral.resume.CheckpointMismatchError` with the differences; changed
+    optimizer hyperparameters (learning rate, weight decay, budget, ...) are applied to the
+    restored optimizer and listed in a warning. Checkpoints carry the network and optimizer
+    classes and the skipped-step count under the key ``"spectral_module"``, whatever the subclass.
 
     Args:
         net: the network; ``forward`` is ``net(x)``.
@@ -227,8 +191,7 @@ class ManualOptimizationModule(LightningModule):
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps = 0
         self._consecutive_skips = 0
-        self._resumed: dict[str, Any] = {}  # what on_load_checkpoint read, for configure_optimizers
-        self._overrides: list[tuple] = []  # (group index or None for the scheduler, name, key, checkpoint's, requested)
+        self._resume = ResumeCheck()
 
     @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
@@ -284,7 +247,7 @@ class ManualOptimizationModule(LightningModule):
             # fp16's GradScaler, which never lets a non-finite step reach the optimizer): the
             # package optimizer's own check would repeat the same reduction and host sync.
             optimizer.check_finite = False
-        self._compare_with_checkpoint(optimizer)
+        self._resume.on_optimizer(self, optimizer)
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)
@@ -330,7 +293,7 @@ class ManualOptimizationModule(LightningModule):
             (Path(directory) / "routing.md").write_text(table + "\n", encoding="utf-8")
 
     def on_train_start(self) -> None:
-        self._apply_overrides()
+        self._resume.on_train_start(self)
 
     def _training_loss(self, batch: Any) -> tuple[torch.Tensor, Any]:
         """The mean loss of ``batch`` to differentiate, and what :meth:`_on_step_taken` needs
@@ -371,7 +334,7 @@ class ManualOptimizationModule(LightningModule):
             if not self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
                 raise NonFiniteStepError(
                     f"the optimizer step at step {self.trainer.global_step} made the weight "
-                    f"{bad or '(on another rank)'!r} non-finite "
+                    f"{repr(bad) if bad else '(on another rank)'} non-finite "
                     f"(finite loss and gradients); {self._resume_hint()}"
                 )
             self._on_last_training_batch()
@@ -429,144 +392,15 @@ class ManualOptimizationModule(LightningModule):
         # Every rank must agree (a sharded network's ranks hold different shards); every rank saves.
         if not self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
             raise NonFiniteStepError(f"refusing to write a checkpoint at step {self.trainer.global_step}: the weight "
-                                     f"{bad or '(on another rank)'!r} is not finite. {self._resume_hint()}")
+                                     f"{repr(bad) if bad else '(on another rank)'} is not finite. {self._resume_hint()}")
         optimizers = self.trainer.optimizers
-        checkpoint["spectral_module"] = {
-            "net": _qualname(self.net),
-            "optimizer": _qualname(optimizers[0]) if optimizers else None,
-            "skipped_steps": self.skipped_steps,
-        }
+        checkpoint[META_KEY] = checkpoint_metadata(self.net, optimizers[0] if optimizers else None,
+                                                   self.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("spectral_module", {})
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
-        if self._trainer is None:  # load_from_checkpoint: built from the checkpoint's own hyperparameters
-            return
-        fitting = self.trainer.state.fn == TrainerFn.FITTING
-        problems = self._incompatibilities(checkpoint, fitting)
-        if problems:
-            raise CheckpointMismatchError(
-                f"the checkpoint {self.trainer.ckpt_path} does not fit the requested model:\n  - "
-                + "\n  - ".join(problems)
-                + "\nStart a new run (without --ckpt_path, or in another log directory), or use the configuration "
-                "the checkpoint was trained with (its config.yaml / hparams.yaml beside the logs)."
-            )
-        states = checkpoint.get("optimizer_states") or [{}]
-        self._resumed = {"optimizer": meta.get("optimizer"), "groups": states[0].get("param_groups"),
-                         "scheduler": self._scheduler_changes(checkpoint)} if fitting else {}
-        if fitting and self.trainer.strategy.restore_checkpoint_after_setup and self.trainer.optimizers:
-            # ModelParallelStrategy built the optimizer (configure_optimizers) and loaded its state
-            # before this hook: compare now. Its distributed checkpoint keeps the optimizer state
-            # apart from this dict, so only the optimizer class and the scheduler are checked.
-            self._compare_with_checkpoint(self.trainer.optimizers[0])
-
-    def _scheduler_changes(self, checkpoint: dict[str, Any]) -> list[tuple[None, str, str, Any, Any]]:
-        """The scheduler arguments of the config that differ from the checkpoint's (LightningCLI
-        hyperparameters only; the restored scheduler state would silently replace them)."""
-        old = _plain((checkpoint.get("hyper_parameters") or {}).get("scheduler"))
-        new = _plain(self.hparams.get("scheduler"))
-        if not (isinstance(old, dict) and isinstance(new, dict)):
-            return []
-        before, after = old.get("init_args") or {}, new.get("init_args") or {}
-        return [(None, "scheduler", key, before.get(key), value) for key, value in after.items()
-                if key != "last_epoch" and value is not None and before.get(key) != value]
-
-    def _incompatibilities(self, checkpoint: dict[str, Any], fitting: bool) -> list[str]:
-        """What the checkpoint and the requested model disagree on beyond a hyperparameter that
-        can be applied to the restored state: network, classes, grouping, optimizer class."""
-        saved = _plain(checkpoint.get("hyper_parameters") or {})
-        requested = _plain(dict(self.hparams))
-        problems = []
-        old_net, new_net = saved.get("net"), requested.get("net")
-        if isinstance(old_net, dict) and isinstance(new_net, dict):
-            # Arguments given on one side only are defaults or filled in from the data: the
-            # weights' shapes below show whether they matter.
-            old_args, new_args = old_net.get("init_args") or {}, new_net.get("init_args") or {}
-            if old_net.get("class_path") != new_net.get("class_path") or any(
-                    old_args[k] != new_args[k] for k in old_args.keys() & new_args.keys()):
-                problems.append(f"net: checkpoint {old_net}, requested {new_net}")
-        if "exclude" in saved and (saved["exclude"] or []) != (requested.get("exclude") or []):
-            problems.append(f"exclude: checkpoint {saved['exclude']}, requested {requested.get('exclude')}")
-        for key in ("head", "head_as_matrix", "embeddings_as_matrices"):  # they move parameters between groups
-            if key in saved and saved[key] != requested.get(key):
-                problems.append(f"{key}: checkpoint {saved[key]}, requested {requested.get(key)}")
-        for key in ("optimizer", "scheduler") if fitting else ():
-            if key not in saved or key not in requested:
-                continue
-            old, new = (v.get("class_path") if isinstance(v, dict) else v for v in (saved[key], requested[key]))
-            if old != new:  # another class, or a schedule added or removed
-                problems.append(f"{key} class: checkpoint {old}, requested {new}")
-        meta = checkpoint.get("spectral_module", {})
-        if meta.get("net") and meta["net"] != _qualname(self.net):
-            problems.append(f"network class: checkpoint {meta['net']}, requested {_qualname(self.net)}")
-        # A distributed checkpoint (a directory) holds no "state_dict" here: the strategy has
-        # loaded the weights already, itself refusing missing, unexpected or reshaped ones.
-        if self.strict_loading and "state_dict" in checkpoint:
-            theirs, ours = checkpoint["state_dict"], self.state_dict()
-            missing, unexpected = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-            shapes = [f"{k}: checkpoint {tuple(theirs[k].shape)}, requested {tuple(ours[k].shape)}"
-                      for k in ours.keys() & theirs.keys()
-                      if torch.is_tensor(theirs[k]) and theirs[k].shape != ours[k].shape]
-            if missing:
-                problems.append(f"{len(missing)} weights missing from the checkpoint (e.g. {missing[0]})")
-            if unexpected:
-                problems.append(f"{len(unexpected)} checkpoint weights the model lacks (e.g. {unexpected[0]})")
-            problems += sorted(shapes)[:5]
-        return problems
-
-    def _compare_with_checkpoint(self, optimizer: Optimizer) -> None:
-        """On resume: refuse another optimizer class; record the requested hyperparameters that
-        differ from the checkpoint's, to apply them once Lightning has restored its state."""
-        resumed, self._resumed = self._resumed, {}
-        self._overrides = list(resumed.get("scheduler") or [])
-        if resumed.get("optimizer") and resumed["optimizer"] != _qualname(optimizer):
-            raise optimizer_mismatch(self.trainer.ckpt_path, resumed["optimizer"], _qualname(optimizer))
-        saved_groups = resumed.get("groups")
-        if saved_groups is None:
-            return
-        # Checkpoints of the constrained optimizers from before their unsupported matrices had
-        # a group of their own hold one group fewer; the optimizer converts them on load.
-        saved_groups = getattr(optimizer, "upgrade_param_groups", lambda groups: groups)(saved_groups)
-        if len(saved_groups) != len(optimizer.param_groups):
-            raise CheckpointMismatchError(
-                f"the checkpoint {self.trainer.ckpt_path} has {len(saved_groups)} parameter groups, the requested "
-                f"optimizer {len(optimizer.param_groups)}. Start a new run, or resume with the checkpoint's config "
-                "(checkpoints written before the output head had a group of its own need "
-                "model.init_args.head_as_matrix: true)."
-            )
-        for i, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
-            old = _group_hyperparameters(saved)
-            if "initial_lr" in saved:  # the scheduler's base learning rate, not the scheduled value
-                old["lr"] = saved["initial_lr"]
-            for key, value in _group_hyperparameters(group).items():
-                if key in old and _plain(old[key]) != _plain(value):
-                    self._overrides.append((i, group.get("name", f"group{i}"), key, old[key], value))
-
-    def _apply_overrides(self) -> None:
-        """Put the requested hyperparameters into the optimizer state Lightning restored."""
-        if not self._overrides:
-            return
-        optimizer = self.optimizers().optimizer
-        scheduler = self.lr_schedulers()
-        for i, _, key, _, value in self._overrides:
-            if i is None:  # a scheduler argument
-                if scheduler is not None and hasattr(scheduler, key):
-                    setattr(scheduler, key, value)
-                continue
-            group = optimizer.param_groups[i]
-            if key == "lr" and group.get("initial_lr"):
-                group["lr"] = value * group["lr"] / group["initial_lr"]  # the same point of the schedule
-                group["initial_lr"] = value
-                if scheduler is not None and hasattr(scheduler, "base_lrs"):
-                    scheduler.base_lrs[i] = value
-            else:
-                group[key] = value
-        if scheduler is not None and hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        changes = ", ".join(f"{name}.{key}: {old} -> {new}" for _, name, key, old, new in self._overrides)
-        rank_zero_warn(f"resuming from {self.trainer.ckpt_path} with hyperparameters that differ from the "
-                       f"checkpoint's; the requested values are applied to the restored optimizer: {changes}")
-        self._overrides = []
+        self.skipped_steps = int(checkpoint.get(META_KEY, {}).get("skipped_steps", 0))
+        if self._trainer is not None:  # not load_from_checkpoint, which builds from the checkpoint's hyperparameters
+            self._resume.on_load_checkpoint(self, checkpoint)
 
     def _last_batch_of_epoch(self, batch_idx: int) -> bool:
         """The data ran out, ``limit_train_batches`` was reached, or this step hit ``max_steps``

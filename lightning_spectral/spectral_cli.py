@@ -33,7 +33,8 @@ from lightning_spectral.checkpoint import load_checkpoint_safely
 from lightning_spectral.config_files import resolve_config_args
 from lightning_spectral.data import DataDescription, DataShapeError, data_arguments
 from lightning_spectral.models import MODEL_REGISTRY
-from lightning_spectral.module import ManualOptimizationModule, SpectralModule, optimizer_mismatch
+from lightning_spectral.module import ManualOptimizationModule, SpectralModule
+from lightning_spectral.resume import optimizer_mismatch
 
 DEFAULT_MODEL = f"{SpectralModule.__module__}.{SpectralModule.__qualname__}"
 _CONFIG_FLAGS = ("--config", "-c")

@@ -178,9 +178,9 @@ def test_routing_table_names_the_original_module_class_under_fsdp2(tmp_path):
             fully_shard(layer, mesh=mesh)
         assert type(model[0]).__name__ == "FSDPLinear" and type(model).__name__ == "FSDPSequential"
         assert unsharded_class(model) is nn.Sequential and unsharded_class(model[0]) is nn.Linear
-        from lightning_spectral.module import _qualname  # the network class a checkpoint records
+        from lightning_spectral.resume import qualname  # the network class a checkpoint records
 
-        assert _qualname(model) == "torch.nn.modules.container.Sequential"
+        assert qualname(model) == "torch.nn.modules.container.Sequential"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the head in the matrix group: not what this test is about
             table = routing_table(Muon(model.parameters(), lr=0.02), model)
