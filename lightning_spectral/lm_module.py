@@ -6,7 +6,6 @@ non-finite policy and resume checks) on the next-token loss."""
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ class LanguageModule(ManualOptimizationModule):
     position embeddings and the output head (tied or not) the fallback rule unless
     ``embeddings_as_matrices``/``head_as_matrix`` opt them in.
 
-    Logged: ``train/loss`` (steps taken); ``train/tokens_per_s`` (tokens of all processes over
+    Logged: ``train/loss`` (steps taken); ``train/tokens_per_s`` and ``train/samples_per_s`` (of all processes over
     the wall time of the training loop since the previous logged step, data loading and
     callbacks included) and ``lr/<group>``, on the steps the loggers write;
     ``train/skipped_steps`` with ``nonfinite="skip"``; ``val/loss`` and ``val/bpb`` (bits per
@@ -95,8 +94,6 @@ class LanguageModule(ManualOptimizationModule):
         self.temperature = temperature
         self.top_k = top_k
         self.sample_seed = sample_seed
-        self._clock: float | None = None
-        self._tokens = 0
 
     def loss_for_batch(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean next-token cross-entropy of ``batch`` (nats per token); no side effects."""
@@ -104,29 +101,11 @@ class LanguageModule(ManualOptimizationModule):
         logits = self(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
-    def on_train_epoch_start(self) -> None:
-        self._clock, self._tokens = None, 0  # the validation between epochs is not training time
-
     def _training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, None]:
         return self.loss_for_batch(batch), None
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        self._log_throughput(len(batch[1]))
-        self._tokens += batch[1].numel()  # a skipped step's tokens were processed all the same
-        return super().training_step(batch, batch_idx)
-
-    def _log_throughput(self, batch_size: int) -> None:
-        """``train/tokens_per_s`` over the steps since the last logged one (the same steps as
-        ``lr/...``), counted for all processes."""
-        trainer = self.trainer
-        every = trainer.log_every_n_steps
-        if not trainer.loggers or every == 0 or (trainer.global_step + 1) % every:
-            return
-        now = time.perf_counter()
-        if self._clock is not None and self._tokens:
-            rate = self._tokens * trainer.world_size / (now - self._clock)
-            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=batch_size)
-        self._clock, self._tokens = now, 0
+    def _throughput_counts(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, int]:
+        return {"samples": len(batch[1]), "tokens": batch[1].numel()}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

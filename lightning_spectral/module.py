@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ class ManualOptimizationModule(LightningModule):
     At fit start the routing table (which rule takes each parameter, with its shape) is printed
     and written to ``<log_dir>/routing.md``. The scheduler is stepped after every optimizer step
     and the learning rate of each group is logged as ``lr/<group name>``; the loss of every
-    step taken as ``train/loss``.
+    step taken as ``train/loss``; the throughput as ``train/samples_per_s``.
 
     Before every optimizer step the loss and the gradients are checked for NaN/Inf (one fused
     norm and one host sync per step, whatever the optimizer; under fp16's ``GradScaler`` the
@@ -192,6 +193,8 @@ class ManualOptimizationModule(LightningModule):
         self.skipped_steps = 0
         self._consecutive_skips = 0
         self._resume = ResumeCheck()
+        self._clock: float | None = None  # when the throughput was last logged
+        self._counted: dict[str, int] = {}  # samples (tokens, ...) since then
 
     @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
@@ -312,9 +315,33 @@ class ManualOptimizationModule(LightningModule):
         """Samples of an ``(inputs, targets)`` batch, for Lightning's epoch means."""
         return len(batch[1])
 
+    def _throughput_counts(self, batch: Any) -> dict[str, int]:
+        """What ``batch`` holds in each unit of ``train/<unit>_per_s``: its samples."""
+        return {"samples": self._batch_size(batch)}
+
+    def on_train_epoch_start(self) -> None:
+        self._clock, self._counted = None, {}  # the validation between epochs is not training time
+
+    def _log_throughput(self, batch: Any, batch_size: int) -> None:
+        """``train/<unit>_per_s`` (:meth:`_throughput_counts`, all processes) over the wall time of the
+        training loop since the previous logged step (data loading and callbacks included, no device
+        sync), on the steps the loggers write (those of ``lr/...``); then ``batch`` is counted."""
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        if trainer.loggers and every and not (trainer.global_step + 1) % every:
+            now = time.perf_counter()
+            if self._clock is not None and self._counted:
+                self.log_dict({f"train/{unit}_per_s": count * trainer.world_size / (now - self._clock)
+                               for unit, count in self._counted.items()},
+                              on_step=True, on_epoch=False, batch_size=batch_size)
+            self._clock, self._counted = now, {}
+        for unit, count in self._throughput_counts(batch).items():  # a skipped step's batch was processed too
+            self._counted[unit] = self._counted.get(unit, 0) + count
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         batch_size = self._batch_size(batch)
+        self._log_throughput(batch, batch_size)
         self._log_learning_rates(optimizer, batch_size)
         loss, outputs = self._training_loss(batch)
         optimizer.zero_grad()

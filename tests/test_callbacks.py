@@ -442,7 +442,9 @@ def test_constraint_monitor_says_when_the_solver_never_iterated(tmp_path, tangen
     fit(BudgetedNet(), tmp_path, [ConstraintMonitor(every_n_steps=1)], logger, max_steps=3)
     logged = {k: v for _, m in logger.scalars for k, v in m.items() if k.startswith("constraint/")}
     per_layer = {k: v for k, v in logged.items() if k.endswith("/closed_form") and "/max/" not in k}
-    assert per_layer and set(per_layer.values()) == {0.0 if tangent else 1.0}
+    # named by the module's parameter names, though the optimizer was built from parameters() (no names)
+    assert set(per_layer) == {"constraint/net.0.weight/closed_form", "constraint/net.4.weight/closed_form"}
+    assert set(per_layer.values()) == {0.0 if tangent else 1.0}
     assert (logged["constraint/max/inner_iterations"] > 0) == tangent
     assert logged["constraint/max/closed_form"] == (0.0 if tangent else 1.0)
 

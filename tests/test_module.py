@@ -131,6 +131,37 @@ def test_train_accuracy_is_the_epochs_and_lr_logged_on_logging_steps(tmp_path: P
     assert stopped.train_acc == pytest.approx([stopped.counts[0][0] / (3 * 32)], abs=1e-6)
 
 
+class FakeClock:
+    """``time.perf_counter`` of the module, advancing 0.25 s a call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.25
+        return self.now
+
+
+def test_image_runs_log_samples_per_second_on_the_logging_steps(tmp_path: Path, monkeypatch) -> None:
+    """``train/samples_per_s``, read back from the event file: the samples since the previous logged
+    step over the clock's advance (one call per logged step: 0.25 s), restarted each epoch."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import lightning_spectral.module as module_file
+
+    monkeypatch.setattr(module_file, "time", FakeClock())
+    trainer = make_trainer(tmp_path, logger=TensorBoardLogger(tmp_path, name="tb"), log_every_n_steps=2,
+                           limit_val_batches=0)
+    trainer.fit(make_module(), DigitsDataModule(batch_size=32))
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/samples_per_s")}
+    # logging steps 1, 3, 5, 7, 9; the clock starts at the first of each epoch (steps 1 and 5)
+    assert logged == {3: pytest.approx(2 * 32 / 0.25), 7: pytest.approx(2 * 32 / 0.25),
+                      9: pytest.approx(2 * 32 / 0.25)}
+
+
 def test_user_scheduler_and_constant_lr(tmp_path: Path) -> None:
     module = make_module(scheduler=lambda opt: StepLR(opt, step_size=3, gamma=0.5))
     trainer = make_trainer(tmp_path, logger=False, enable_checkpointing=False, max_epochs=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -21,6 +22,10 @@ class ConstraintMonitor(DiagnosticCallback):
     ``closed_form``: 1 when the step was a formula and the solver never iterated, so a run named
     after an iterative solver shows whether it did). Without one it warns once and does nothing.
 
+    Parameters are named as in the module (``net.0.weight``) when the method takes ``names`` (a
+    ``{parameter: name}`` map, given from ``pl_module.named_parameters()``; every package
+    optimizer's does), else as the optimizer names them.
+
     Keys: ``constraint/<param>/<metric>`` and ``constraint/max/<metric>`` (the maximum over
     parameters: ``constraint/max/closed_form`` is 1 when any layer's step was closed form); with several reporting optimizers the parameter names get an ``opt<i>-`` prefix.
     Read at the start of the next batch, so the report of the update that produced the
@@ -34,12 +39,14 @@ class ConstraintMonitor(DiagnosticCallback):
     def __init__(self, every_n_steps: int | None = None, every_n_epochs: int | None = None) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         self._reporters: list[tuple[int, Any]] = []
+        self._names: dict[Any, str] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._reporters = [
             (i, opt) for i, opt in enumerate(trainer.optimizers) if callable(getattr(opt, "constraint_report", None))
         ]
+        self._names = {p: name for name, p in pl_module.named_parameters()}
         if not self._reporters:
             rank_zero_warn(
                 "ConstraintMonitor: no optimizer has a `constraint_report()` method "
@@ -47,14 +54,14 @@ class ConstraintMonitor(DiagnosticCallback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._reporters = []
+        self._reporters, self._names = [], {}
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         maxima: dict[str, float] = {}
         for i, optimizer in self._reporters:
             prefix = f"opt{i}-" if len(self._reporters) > 1 else ""
-            for param, report in optimizer.constraint_report().items():
+            for param, report in _report(optimizer, self._names).items():
                 for key, value in report.items():
                     value = float(value)
                     metrics[f"constraint/{prefix}{param}/{key}"] = value
@@ -62,3 +69,10 @@ class ConstraintMonitor(DiagnosticCallback):
                         maxima[key] = max(maxima.get(key, -math.inf), value)
         metrics.update({f"constraint/max/{key}": value for key, value in maxima.items()})
         return metrics
+
+
+def _report(optimizer: Any, names: dict[Any, str]) -> dict[str, dict[str, float]]:
+    """``optimizer.constraint_report()``, given the module's parameter names when it takes them."""
+    if "names" in inspect.signature(optimizer.constraint_report).parameters:
+        return optimizer.constraint_report(names=names)
+    return optimizer.constraint_report()

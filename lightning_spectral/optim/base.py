@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -526,15 +526,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return describe_param(self.param_groups[group_index], group_index, i)
 
     @torch.no_grad()
-    def constraint_report(self) -> dict[str, dict[str, float]]:
+    def constraint_report(self, names: Optional[Mapping[torch.Tensor, str]] = None) -> dict[str, dict[str, float]]:
         """Per matrix parameter: ``constraint`` (distance to the optimizer's constraint set, where
-        it has one), ``inner_iterations`` and ``inner_residual`` of its last inner solve."""
+        it has one), ``inner_iterations`` and ``inner_residual`` of its last inner solve. A parameter
+        is named by ``names`` (e.g. ``{p: n for n, p in module.named_parameters()}``), else by its
+        group's ``param_names``, else ``<group name or index>.<position>``."""
         report: dict[str, dict[str, float]] = {}
+        names = names or {}
         for index, group in enumerate(self.param_groups):
             if not group[MATRIX_KEY]:
                 continue
-            names = group.get("param_names") or [f"{group.get('name', index)}.{i}" for i in range(len(group["params"]))]
-            for name, p in zip(names, group["params"]):
+            given = group.get("param_names") or [f"{group.get('name', index)}.{i}" for i in range(len(group["params"]))]
+            for p, own in zip(group["params"], given):
+                name = names.get(p, own)
                 state = self.state.get(p, {})
                 entry = {k: float(state[k]) for k in ("inner_iterations", "inner_residual") if k in state}
                 # A sharded matrix's distance is its full matrix's (an all-gather: every rank reports).

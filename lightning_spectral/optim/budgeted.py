@@ -14,7 +14,7 @@ too; ``budget_follows_lr=False`` keeps it fixed.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -61,12 +61,12 @@ class BudgetedOptimizer(MatrixOptimizer):
         record_inner(state, info.iterations, info.tangent_residual)
         return step
 
-    def constraint_report(self) -> dict[str, dict[str, float]]:
-        """Per matrix parameter, ``inner_iterations`` and ``inner_residual`` (tangency) of its last
-        solve, and ``closed_form``: 1 when that step was a formula with no iteration (the exact
-        singular-value clip without tangency, or SpectralClipSolver's rescale), 0 when the solver
-        iterated."""
-        report = super().constraint_report()
+    def constraint_report(self, names: Optional[Mapping[torch.Tensor, str]] = None) -> dict[str, dict[str, float]]:
+        """Per matrix parameter (named as in :meth:`MatrixOptimizer.constraint_report`),
+        ``inner_iterations`` and ``inner_residual`` (tangency) of its last solve, and ``closed_form``:
+        1 when that step was a formula with no iteration (the exact singular-value clip without
+        tangency, or SpectralClipSolver's rescale), 0 when the solver iterated."""
+        report = super().constraint_report(names)
         for entry in report.values():
             if "inner_iterations" in entry:
                 entry["closed_form"] = float(entry["inner_iterations"] == 0)
