@@ -182,3 +182,17 @@ def test_manual_optimization_and_the_power_vectors_checkpoint(tmp_path):
 def test_arguments_are_checked_when_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UpdateSizeMonitor(**kwargs)
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw", "spectral_unclamped"])
+@pytest.mark.parametrize("shape", [(16, 6), (3, 16)])
+def test_torch_muon_promise_is_torchs_own_adjusted_lr(adjust_lr_fn, shape):
+    """For torch.optim.Muon the promise is the lr its step applies to msign(M): torch's own _adjust_lr."""
+    from torch.optim._muon import _adjust_lr
+
+    from lightning_spectral.diagnostics.update_size import promised_update_norm
+
+    weight = nn.Parameter(torch.zeros(shape))
+    optimizer = torch.optim.Muon([weight], lr=0.02, adjust_lr_fn=adjust_lr_fn)
+    group = optimizer.param_groups[0]
+    assert promised_update_norm(optimizer, group, weight) == pytest.approx(_adjust_lr(0.02, adjust_lr_fn, weight.shape))
