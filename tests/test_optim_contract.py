@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import math
 import pickle
 import tempfile
 from dataclasses import dataclass, field
@@ -615,3 +616,163 @@ def test_non_empty_state(row, inputs_of):
         optim.step()
         for state in optim.state.values():
             assert len(state) > 0
+
+
+# -- torch.compile of a step ---------------------------------------------------------------------------
+def _compile_cases(backend: str, slow_constrained: bool):
+    """Every registry entry's ``compile_variants`` (constrained ones, whose host-synced inner steps
+    make 20-70 graphs to trace, under ``-m slow`` where asked)."""
+    cases = []
+    for entry in optimizer_entries():
+        for variant in entry.compile_variants:
+            marks = [pytest.mark.slow] if slow_constrained and entry.constrained else []
+            cases.append(pytest.param(entry, variant, backend, id=f"{entry.name}:{variant}:{backend}", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("entry, variant, backend", _compile_cases("eager", True) + [
+    pytest.param(*case.values, marks=[pytest.mark.slow, pytest.mark.timeout(1200)], id=case.id)
+    for case in _compile_cases("inductor", False)])
+def test_compiled_step_matches_eager(entry, variant, backend):
+    """``torch.compile(opt.step)`` beside the eager step on a copy of the same model and data: three
+    steps (the first creates the state, the second recompiles for it, the third reuses it), equal
+    weights and state tensors within float32's default tolerance (inductor's kernels may reorder a
+    sum; the eager backend is bit-identical). Plain float state (SpectralBall's multiplier λ, the
+    root of ⟨Θ, msign(G + λΘ)⟩ = 0, whose error is the residual's over a small slope) within
+    √eps(float32) relative."""
+    torch.manual_seed(0)
+    out, inp = entry.example_shape
+    eager_model = nn.Sequential(nn.Linear(inp, out), nn.Tanh(), nn.Linear(out, 3))
+    compiled_model = copy.deepcopy(eager_model)
+    eager, compiled = entry.build(eager_model.parameters(), variant), entry.build(compiled_model.parameters(), variant)
+    torch._dynamo.reset()
+    step = torch.compile(compiled.step, backend=backend)
+    x = torch.randn(4, inp)
+    for i in range(3):
+        for model, run in ((eager_model, eager.step), (compiled_model, step)):
+            model.zero_grad()
+            model(x + i).pow(2).sum().backward()
+            run()
+    assert_equal(list(compiled_model.parameters()), list(eager_model.parameters()))
+    tolerance = math.sqrt(torch.finfo(torch.float32).eps)
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert compiled.state[q].keys() == eager.state[p].keys()
+        for key, value in eager.state[p].items():
+            if isinstance(value, float):
+                assert math.isclose(compiled.state[q][key], value, rel_tol=tolerance, abs_tol=tolerance), key
+            else:
+                assert_equal(compiled.state[q][key], value)
+
+
+# -- where we differ from torch on purpose: one row each, each with its test ---------------------------
+DELIBERATE = {
+    "vectors_take_the_fallback": "a tensor with fewer than 2 dimensions takes the AdamW/SGD fallback; "
+                                 "torch.optim.Muon refuses it",
+    "conv_kernels_are_matrices": "an N-D tensor is stepped as its out × in·k·k matrix; torch.optim.Muon refuses it",
+    "complex_refused_when_built": "a complex parameter is refused when the optimizer is built, naming it; "
+                                  "torch.optim.Muon raises at the first step",
+    "sparse_refused_naming_the_parameter": "a sparse gradient is refused before any weight changes, naming the "
+                                           "parameter (an SGD fallback takes it, as torch.optim.SGD)",
+    "nonfinite_gradient_refused": "a NaN/Inf gradient raises before any weight changes; torch steps the weights to NaN",
+    "load_state_dict_checks_values": "a state dict with a negative lr or a NaN state tensor is refused; torch loads it",
+    "constrained_start_on_their_set": "constrained optimizers move the weights onto their set when built",
+}
+
+
+def test_every_deliberate_difference_has_its_test():
+    tests = {name for name in globals() if name.startswith("test_deliberate_")}
+    assert tests == {f"test_deliberate_{key}" for key in DELIBERATE}
+
+
+def _weight_and_bias(shape=(6, 4)):
+    return nn.Parameter(torch.randn(shape)), nn.Parameter(torch.randn(shape[0]))
+
+
+def test_deliberate_vectors_take_the_fallback():
+    weight, bias = _weight_and_bias()
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        torch.optim.Muon([weight, bias])
+    assert [g["matrix"] for g in Muon([weight, bias]).param_groups] == [True, False]
+
+
+def test_deliberate_conv_kernels_are_matrices():
+    kernel = nn.Parameter(torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        torch.optim.Muon([kernel])
+    flat = nn.Parameter(kernel.detach().reshape(4, 27).clone())
+    ours, reference = Muon([kernel], lr=0.02), Muon([flat], lr=0.02)
+    kernel.grad = torch.randn_like(kernel)
+    flat.grad = kernel.grad.reshape(4, 27).clone()
+    ours.step()
+    reference.step()
+    assert_equal(kernel.detach().reshape(4, 27), flat)
+
+
+def test_deliberate_complex_refused_when_built():
+    z = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    theirs = torch.optim.Muon([z])
+    z.grad = torch.randn_like(z)
+    with pytest.raises(RuntimeError, match="Muon does not support complex parameters"):
+        theirs.step()
+    for entry in optimizer_entries():
+        with pytest.raises(ValueError, match=r"does not support complex parameters: parameter 'z' is torch.complex64"):
+            entry.build([("z", nn.Parameter(torch.randn(*entry.example_shape, dtype=torch.complex64)))])
+
+
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in optimizer_entries()])
+def test_deliberate_sparse_refused_naming_the_parameter(entry):
+    embedding, dense = nn.Embedding(10, 4, sparse=True), nn.Parameter(torch.randn(*entry.example_shape))
+    theirs = torch.optim.Muon([embedding.weight])
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="Muon does not support sparse gradients"):
+        theirs.step()
+    for matrix in (False, True):
+        opt = entry.build([{"params": [("emb.weight", embedding.weight)], "matrix": matrix},
+                           {"params": [("dense", dense)]}], **({"fallback": "adamw"} if not matrix else {}))
+        before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+        dense.grad = torch.randn_like(dense)
+        with pytest.raises(RuntimeError, match=r"does not support sparse gradients: the gradient of parameter "
+                                               r"'emb.weight' is torch.sparse_coo; no weight was changed"):
+            opt.step()
+        assert_equal([p for g in opt.param_groups for p in g["params"]], before)
+    # an SGD fallback takes it as torch.optim.SGD does
+    weight = embedding.weight.detach().clone()
+    opt = entry.build([{"params": [embedding.weight], "matrix": False}, {"params": [dense]}], fallback="sgd",
+                      fallback_lr=0.1, fallback_momentum=0.0, fallback_weight_decay=0.0)
+    reference = nn.Parameter(weight.clone())
+    reference.grad = embedding.weight.grad.clone()
+    opt.step()
+    torch.optim.SGD([reference], lr=0.1).step()
+    assert_equal(embedding.weight, reference)
+
+
+def test_deliberate_nonfinite_gradient_refused():
+    from lightning_spectral.optim import NonFiniteGradientError
+
+    weight, _ = _weight_and_bias()
+    theirs_weight = nn.Parameter(weight.detach().clone())
+    weight.grad = torch.full_like(weight, float("nan"))
+    theirs_weight.grad = weight.grad.clone()
+    torch.optim.Muon([theirs_weight]).step()
+    assert torch.isnan(theirs_weight).all()
+    before = weight.detach().clone()
+    with pytest.raises(NonFiniteGradientError):
+        Muon([weight]).step()
+    assert_equal(weight, before)
+
+
+def test_deliberate_load_state_dict_checks_values():
+    weight, _ = _weight_and_bias()
+    state = Muon([weight]).state_dict()
+    state["param_groups"][0]["lr"] = -0.01
+    torch.optim.Muon([weight]).load_state_dict(copy.deepcopy(state))
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        Muon([weight]).load_state_dict(state)
+
+
+def test_deliberate_constrained_start_on_their_set():
+    for entry in optimizer_entries(constrained=True):
+        weight = nn.Parameter(3 * torch.randn(*entry.example_shape))
+        opt = entry.build([weight])
+        group = opt.param_groups[0]
+        assert opt._constraint_distance(group, weight, opt.state[weight]) <= 1e-3, entry.name

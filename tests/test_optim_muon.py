@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import torch.optim._muon as torch_muon
-from lightning_spectral.optim import Muon
+from lightning_spectral.optim import Muon, torch_muon_state_dict
 
 TORCH_ARGS = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn")
 
@@ -130,3 +131,84 @@ def test_state_saved_without_eps_still_steps():
     opt2.load_state_dict(state)
     opt2.step()
     assert torch.isfinite(p).all()
+
+
+# -- checkpoints moved between torch.optim.Muon and ours, both ways --------------------------------------
+def _continue_side_by_side(ours, ours_params, theirs, their_params, grads):
+    """The same gradients into both optimizers: the largest weight difference after each step."""
+    worst = 0.0
+    for g in grads:
+        for params, opt in ((ours_params, ours), (their_params, theirs)):
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+        worst = max(worst, max(float((p - q).detach().abs().max()) for p, q in zip(ours_params, their_params)))
+    return worst
+
+
+def _matrices_and_grads(seed, shapes=((24, 16), (16, 24)), steps=6):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(*s, generator=g) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(steps)]
+    return weights, grads
+
+
+@pytest.mark.parametrize("settings", [dict(adjust_lr_fn="match_rms_adamw", ns_coefficients=(3.4, -4.7, 2.0)),
+                                      dict(adjust_lr_fn="spectral_unclamped", nesterov=False, momentum=0.9)])
+def test_torch_muon_state_dict_loads_into_ours_and_steps_the_same(monkeypatch, settings):
+    """torch.optim.Muon trains 3 steps; ours (built with other settings) loads its state dict and
+    both go on with the same gradients: ours takes torch's settings and momentum, and the weights
+    agree to float32 round-off (torch's Newton–Schulz in float32, as above)."""
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", float32_newton_schulz())
+    weights, grads = _matrices_and_grads(5)
+    theirs_p = [nn.Parameter(w.clone()) for w in weights]
+    theirs = torch.optim.Muon(theirs_p, lr=0.02, weight_decay=0.05, **settings)
+    for g in grads[:3]:
+        for p, gp in zip(theirs_p, g):
+            p.grad = gp.clone()
+        theirs.step()
+    ours_p = [nn.Parameter(p.detach().clone()) for p in theirs_p]
+    ours = Muon(ours_p, lr=0.5, weight_decay=0.0, ns_dtype="float32")
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # (torch's load keeps the tensors it is given)
+    assert ours.param_groups[0]["lr"] == 0.02 and ours.param_groups[0]["adjust_lr_fn"] == settings["adjust_lr_fn"]
+    assert _continue_side_by_side(ours, ours_p, theirs, theirs_p, grads[3:]) <= 1e-6
+
+
+@pytest.mark.parametrize("settings", [dict(adjust_lr="spectral"), dict(adjust_lr="none", ns_coefficients=(3.4, -4.7, 2.0)),
+                                      dict(adjust_lr_fn="match_rms_adamw", nesterov=False)])
+def test_our_state_dict_loads_into_torch_muon_and_steps_the_same(monkeypatch, settings):
+    """The other way: ours trains 3 steps (matrices, and a bias on the fallback), then
+    torch.optim.Muon, built on the same matrices with its defaults, loads
+    ``torch_muon_state_dict(ours)`` (or, with no fallback group, ``ours.state_dict()`` itself) and
+    both go on: equal steps."""
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", float32_newton_schulz())
+    weights, grads = _matrices_and_grads(6)
+    bias = nn.Parameter(torch.zeros(24))
+    ours_p = [nn.Parameter(w.clone()) for w in weights]
+    ours = Muon([*ours_p, bias], lr=0.03, ns_dtype="float32", **settings)
+    for g in grads[:3]:
+        for p, gp in zip(ours_p, g):
+            p.grad = gp.clone()
+        bias.grad = torch.ones(24)
+        ours.step()
+    theirs_p = [nn.Parameter(p.detach().clone()) for p in ours_p]
+    theirs = torch.optim.Muon(theirs_p)
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        theirs.load_state_dict(ours.state_dict())  # torch's own refusal: the fallback group
+    theirs.load_state_dict(copy.deepcopy(torch_muon_state_dict(ours)))
+    bias.grad = None
+    assert _continue_side_by_side(ours, ours_p, theirs, theirs_p, grads[3:]) <= 1e-6
+    # a Muon of matrices only: its own state dict loads into torch's as it is
+    only = Muon([nn.Parameter(p.detach().clone()) for p in ours_p], lr=0.03, ns_dtype="float32", **settings)
+    torch.optim.Muon([nn.Parameter(p.detach().clone()) for p in ours_p]).load_state_dict(only.state_dict())
+
+
+def test_what_torch_muon_cannot_continue_is_named():
+    conv = nn.Parameter(torch.randn(4, 3, 3, 3))
+    opt = Muon([{"params": [nn.Parameter(torch.randn(6, 4))], "name": "hidden"}, {"params": [conv]}],
+               ns_schedule="polar_express", ns_steps=8)
+    with pytest.raises(ValueError, match=r"param group hidden has ns_schedule='polar_express'.*shape \(4, 3, 3, 3\)"):
+        torch_muon_state_dict(opt)
+    ours = Muon([nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))])
+    with pytest.raises(ValueError, match="1 param group.*this optimizer 2.*only its 2-D matrices"):
+        ours.load_state_dict(torch.optim.Muon([nn.Parameter(torch.randn(6, 4))]).state_dict())

@@ -22,7 +22,7 @@ from .geometric import (
 from .linalg import TangentSpace, spectral_clip
 from .manifold import ManifoldMuon, SpectralBall
 from .msign import SCHEDULES, msign, msign_svd
-from .muon import Muon
+from .muon import Muon, torch_muon_state_dict
 from .param_groups import build_param_groups, routing_table
 from .registry import OPTIMIZERS, OptimizerEntry, find_optimizer, optimizer_entries, register
 from .solvers import (
@@ -44,5 +44,5 @@ __all__ = [
     "OptimizerEntry", "find_optimizer", "optimizer_entries", "register",
     "QuasiNewtonDualSolver", "SCHEDULES", "SOLVER_REGISTRY", "SolveInfo", "SpectralBall", "SpectralClipSolver",
     "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd", "routing_table",
-    "orthogonal_direction", "spectral_ball_direction", "spectral_clip", "stiefel_amortized", "stiefel_direction",
+    "orthogonal_direction", "torch_muon_state_dict", "spectral_ball_direction", "spectral_clip", "stiefel_amortized", "stiefel_direction",
 ]

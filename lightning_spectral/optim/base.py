@@ -325,6 +325,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._refuse_sparse_gradients()
         if self.check_finite == "lazy":
             if self._sharded_grads():
                 raise ValueError(f"{type(self).__name__}: check_finite='lazy' does not support parameters sharded as "
@@ -463,6 +464,21 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 "gradients, or use bf16/fp32 instead of fp16."
             )
 
+    def _refuse_sparse_gradients(self) -> None:
+        """A sparse gradient (``nn.Embedding(sparse=True)``) is refused before any weight changes,
+        naming its parameter, as torch's optimizers without sparse support refuse it; an SGD
+        fallback takes it, as ``torch.optim.SGD`` does."""
+        for index, group in enumerate(self.param_groups):
+            if not group[MATRIX_KEY] and group["algorithm"] == "sgd":
+                continue
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients: the gradient of "
+                        f"{self.param_name(index, i)} is {p.grad.layout}; no weight was changed. Build its module "
+                        "with sparse=False (nn.Embedding's default), or give it to torch.optim.SparseAdam."
+                    )
+
     def _sharded_grads(self) -> list[torch.Tensor]:
         return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and is_sharded(p)]
 
@@ -477,6 +493,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         keys are read as this package's); settings added since the checkpoint was written keep
         the values they have here."""
         owner = f"{type(self).__name__}.load_state_dict"
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(
+                f"{owner}: the state dict has {len(state_dict['param_groups'])} param group(s), this optimizer "
+                f"{len(self.param_groups)} (its matrix and fallback groups: {[g.get('name') or ('matrix' if g[MATRIX_KEY] else 'fallback') for g in self.param_groups]}). "
+                "A torch.optim.Muon state dict holds only its 2-D matrices: build this optimizer on those same "
+                "matrices (e.g. [p for p in model.parameters() if p.ndim == 2]), or load the checkpoint of this "
+                "optimizer's own model."
+            )
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         here = [(index, i) for index, g in enumerate(self.param_groups) for i in range(len(g["params"]))]
         for key, (index, i) in zip(saved, here):
@@ -568,17 +592,20 @@ def _float_lrs(groups: list[dict[str, Any]]) -> Iterator[None]:
             group[key] = value
 
 
-def _autocast_disabled() -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _autocast_disabled() -> Iterator[None]:
     """The update runs outside autocast. Lightning calls ``optimizer.step()`` inside
     ``training_step``, i.e. inside the ``bf16-mixed``/``16-mixed`` autocast region, where every
     matmul of msign and of the retractions would silently drop to 16 bits (measured: the
     Stiefel constraint drifted to 5e-3 in 6 steps instead of 2e-7). Where 16 bits are safe the
-    optimizers ask for them explicitly (``ns_dtype``)."""
-    stack = contextlib.ExitStack()
-    for device_type in ("cpu", "cuda"):
-        if device_type == "cpu" or torch.cuda.is_available():
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
+    optimizers ask for them explicitly (``ns_dtype``). Two plain ``torch.autocast`` contexts
+    (no ``ExitStack``), which ``torch.compile`` traces."""
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

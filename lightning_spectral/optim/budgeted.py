@@ -51,6 +51,10 @@ class BudgetedOptimizer(MatrixOptimizer):
             budget = budget * float(group["lr"]) / float(group["initial_lr"])
         return budget
 
+    # Run eagerly under torch.compile: the solvers read norms back to the host (graph breaks), and
+    # torch 2.14's dynamo resumes such a break inside this call with another parameter's tensors
+    # (measured: 'W and delta must have the same shape' at the second compiled step).
+    @torch.compiler.disable
     def _constrain(self, group: dict[str, Any], p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         budget = self.budget(group)
         if budget is None:

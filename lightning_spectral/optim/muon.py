@@ -11,6 +11,7 @@ import torch
 from .base import LR_ADJUSTMENTS, MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, lr_scale
 from .linalg import as_matrix
 from .msign import SCHEDULES, check_schedule, msign, resolve_dtype
+from .param_groups import MATRIX_KEY
 
 # torch.optim.Muon's ``adjust_lr_fn`` names -> this package's ``adjust_lr`` names; ``"none"`` (no
 # scaling) has no torch name, and torch's step scales by 1 for any name it does not know.
@@ -112,12 +113,55 @@ class Muon(MatrixOptimizer):
             stacked = items[0][1] if len(items) == 1 else torch.stack([m for _, m in items])
             dtype = resolve_dtype(group["ns_dtype"], stacked.device)
             ortho = msign(stacked, group["ns_steps"], schedule_of(group), dtype=dtype, eps=group["eps"])
-            step = -lr * lr_scale(shape, group["adjust_lr"])
+            step = lr * lr_scale(shape, group["adjust_lr"])
             for i, (p, _) in enumerate(items):
                 o = ortho if len(items) == 1 else ortho[i]
                 if decay != 1.0:
                     p.mul_(decay)
-                p.add_(o.view_as(p), alpha=step)
+                # sub_, not add_(alpha=-step): torch 2.14's inductor fuses add(p, A @ B, alpha=a) into an
+                # addmm that drops alpha (measured: a wide matrix's compiled step was -1/lr times eager's).
+                p.sub_(o.view_as(p), alpha=step)
+
+
+def torch_muon_state_dict(optimizer: Muon) -> dict[str, Any]:
+    """``optimizer``'s matrix groups as a ``torch.optim.Muon`` state dict: load it into a
+    ``torch.optim.Muon`` built on the same matrices, in the same order, and its steps are this
+    optimizer's (up to torch's bfloat16 Newton–Schulz, where this one runs float32 on CPUs). The
+    fallback groups are left out (torch.optim.Muon takes no 1-D tensor; their state has
+    torch.optim.AdamW's/SGD's keys). ``torch_muon.load_state_dict(muon.state_dict())`` does the
+    same for a Muon with matrix groups only.
+
+    Raises:
+        ValueError: naming each matrix group or parameter torch.optim.Muon cannot step the same
+            way: a per-step ``ns_schedule`` or ``"svd"`` (torch runs one ``(a, b, c)`` triple every
+            step), or a tensor that is not 2-D (a conv kernel: torch refuses it).
+    """
+    saved = optimizer.state_dict()
+    problems, groups, keep = [], [], set()
+    for index, (group, live) in enumerate(zip(saved["param_groups"], optimizer.param_groups)):
+        if not group[MATRIX_KEY]:
+            continue
+        where = f"param group {group.get('name', index)}"
+        if group["ns_coefficients"] is None:
+            problems.append(f"{where} has ns_schedule={group['ns_schedule']!r}, which is not one (a, b, c) triple "
+                            "for every step")
+        for i, p in enumerate(live["params"]):
+            if p.ndim != 2:
+                problems.append(f"{optimizer.param_name(index, i)} has shape {tuple(p.shape)} (torch.optim.Muon "
+                                "takes 2-D tensors only)")
+        groups.append({k: v for k, v in group.items() if k in TORCH_MUON_KEYS})
+        keep.update(group["params"])
+    if problems:
+        raise ValueError("torch.optim.Muon cannot continue this Muon: " + "; ".join(problems) + ". Keep training it "
+                         "with lightning_spectral.optim.Muon, or build it with an ns_coefficients triple and 2-D "
+                         "matrices.")
+    return {"state": {k: v for k, v in saved["state"].items() if k in keep}, "param_groups": groups}
+
+
+# The group keys of torch.optim.Muon (its constructor's arguments after params), and the names of
+# the parameters when the optimizer was given named parameters.
+TORCH_MUON_KEYS = ("params", "param_names", "lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
+                   "ns_steps", "adjust_lr_fn")
 
 
 def schedule_of(group: dict[str, Any]) -> str | tuple[tuple[float, float, float], ...]:

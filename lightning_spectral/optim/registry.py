@@ -17,8 +17,9 @@ An entry says what its class takes and supports:
   one it takes (for the generic tests);
 - features: ``constrained`` (weights moved onto a set when it is built), ``sharded`` (DTensor /
   FSDP2 parameters), ``lazy_finite`` (``check_finite="lazy"``), ``compile_variants`` (the variants
-  whose ``torch.compile(opt.step)`` matches eager), ``complex`` and ``sparse`` (always refused
-  with an error naming the parameter: the matrix rules are for real dense matrices).
+  whose ``torch.compile(opt.step)`` matches eager), ``complex`` and ``sparse`` (refused with an
+  error naming the parameter: the matrix rules are for real dense matrices; an SGD fallback takes a
+  sparse gradient, as ``torch.optim.SGD`` does).
 """
 
 from __future__ import annotations
