@@ -1,4 +1,4 @@
-"""GradientNoiseScaleMonitor's DDP comm-hook path on 2 CPU processes (gloo, ddp_spawn)."""
+"""The callbacks on 2 CPU processes (gloo, ddp_spawn): GradientNoiseScaleMonitor's DDP comm hook, rank 0's values on every rank."""
 
 from __future__ import annotations
 
@@ -126,3 +126,37 @@ def test_rank_zero_values_reach_every_rank_for_early_stopping(tmp_path):
     ranks = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
     assert [int(epoch) for epoch, _ in ranks] == [1, 1]  # stopped by the threshold after the first epoch
     assert ranks[0][1] == ranks[1][1] and float(ranks[0][1]) > 0  # the same value on both ranks
+
+
+class SeesUpdateSize(Callback):
+    """Every rank writes the update size it reads from callback_metrics and the exact ‖ΔW‖₂ of its own step."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = pl_module.net.weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:  # the step UpdateSizeMonitor(every_n_steps=2) measures (list order: after it)
+            exact = float(torch.linalg.matrix_norm(pl_module.net.weight.detach() - self.before, ord=2))
+            seen = float(trainer.callback_metrics["update/spectral_norm/net"])
+            (self.out / f"rank{trainer.global_rank}").write_text(f"{seen} {exact}")
+
+
+@pytest.mark.slow  # two spawned processes (≈ 20 s on a shared 2-core machine)
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
+def test_update_size_is_measured_on_rank_zero_and_reaches_every_rank(tmp_path):
+    from lightning_spectral.callbacks import UpdateSizeMonitor
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
+        callbacks=[UpdateSizeMonitor(every_n_steps=2, method="svd"), SeesUpdateSize(tmp_path)],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no logger.*")
+        trainer.fit(LinReg())
+    (seen0, exact0), (seen1, exact1) = ([float(v) for v in (tmp_path / f"rank{r}").read_text().split()] for r in range(2))
+    assert seen0 == seen1 and exact0 == exact1  # DDP keeps the weights equal; rank 0's value is broadcast
+    assert seen0 == pytest.approx(exact0, rel=16 * torch.finfo(torch.float32).eps)
