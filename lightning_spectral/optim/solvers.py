@@ -17,20 +17,25 @@ constraint, so without it there is nothing to iterate). With it they iterate:
 - :class:`FrankWolfeSolver`: projection-free; pairwise (away-step) conditional gradient with the
   spectral-ball linear oracle ``−η·msign(∇)``, exact line search, linear convergence; with
   tangency, the dual ascent below with this Frank–Wolfe as its ball projection.
-- :class:`DualAscentSolver`: Nesterov-accelerated gradient ascent (with restart) on the symmetric
+- :class:`DualAscentSolver`: Nesterov-accelerated ascent (with restart) on the symmetric
   multiplier ``X`` of the tangency constraint; for a given ``X`` the primal answer is
-  ``clip(Δ − W X)``; step ``1/‖W‖₂²`` (the dual gradient's Lipschitz constant).
+  ``clip(Δ − W X)``; the step is preconditioned by the tangency operator (:class:`TangentDual`),
+  and the iteration runs in the ``m × m`` Gram space.
 - :class:`QuasiNewtonDualSolver`: the same dual, maximised with ``torch.optim.LBFGS``.
 - :class:`ADMMSolver`: splits the tangent space (``A``) from the ball (``Z``), scaled dual ``U``,
   residual-balancing penalty ``ρ``.
 
-All end with the same feasibility restoration (project onto the tangent space, rescale into the
-ball), so every returned step is feasible to round-off. Warm starts (multipliers, ADMM's
-``Z, U, ρ``) live in the ``state`` dict the caller passes (the optimizer's ``self.state[p]``,
-keys prefixed ``solver_``), so they are checkpointed with the optimizer. After each call
-``solver.last_info`` holds iterations and residuals, and ``closed_form``: whether the step came
-from a formula with no iteration (the exact clip without tangency, or the rescale of
-:class:`SpectralClipSolver`), so a log can tell "dual ascent" that never iterated from one that did.
+Stopping: ``tol`` is the relative objective gap of the returned step, ``P(A) ≤ (1 + tol)·P*``
+(``P(A) = ½‖A − Δ‖²``), certified by a dual value (:class:`TangentDual`): the dual solvers
+evaluate it at every iterate, ADMM at the multiplier its iterate implies, Frank–Wolfe (without
+tangency) by its own gap. Default 1e-3. Every returned step is feasible to round-off (tangent,
+and in the ball after the rescale). Warm starts (the multiplier ``X``, ADMM's ``Z, U, ρ``) are
+tensors in the ``state`` dict the caller passes (the optimizer's ``self.state[p]``, keys
+prefixed ``solver_``), so they are checkpointed with the optimizer (``weights_only`` loads).
+After each call ``solver.last_info`` holds iterations, residuals, the certified gap, and
+``closed_form``: whether the step came from a formula with no iteration (the exact clip without
+tangency, or the rescale of :class:`SpectralClipSolver`), so a log can tell "dual ascent" that
+never iterated from one that did.
 """
 
 from __future__ import annotations
@@ -44,12 +49,11 @@ import torch
 from .linalg import (
     TangentSpace,
     as_matrix,
-    minimize_lbfgs,
+    estimate_spectral_norm,
     orient,
     rescale_into_ball,
     spectral_clip,
     spectral_norm,
-    sym,
 )
 from .msign import msign
 
@@ -59,13 +63,16 @@ class SolveInfo:
     """``iterations``: inner iterations (clip or msign evaluations); ``tangent_residual``:
     scale-free ``‖sym(WᵀA)‖_F/(‖W‖₂‖A‖_F)`` of the returned step (0 without tangency);
     ``norm_excess``: ``max(0, ‖A‖₂/η − 1)`` of the returned step (0 up to round-off: every
-    solver ends with the rescale into the ball, whose norm it computes once); ``closed_form``:
-    the step is a formula, no iteration ran (``iterations == 0``)."""
+    solver ends with the rescale into the ball); ``closed_form``: the step is a formula, no
+    iteration ran (``iterations == 0``); ``gap``: the certified relative objective gap
+    ``(P(A) − g)/g ≥ (P(A) − P*)/P*`` of the returned step (:class:`TangentDual`; 0 for an exact
+    formula, ``None`` where nothing certifies it: :class:`SpectralClipSolver`)."""
 
     iterations: int
     tangent_residual: float
     norm_excess: float
     closed_form: bool = False
+    gap: Optional[float] = None
 
 
 class InnerSolver:
@@ -74,22 +81,33 @@ class InnerSolver:
     Args:
         tangent: also keep the step in ``{A : WᵀA + AᵀW = 0}`` (the Stiefel tangent space at
             ``W``; for any ``W``, the moves that leave ``WᵀW`` unchanged to first order).
-        tol: relative stopping tolerance of the iteration.
-        max_iters: iteration cap.
-        clip_method: ``"svd"`` (exact clipping) or ``"msign"`` (SVD-free clipping by two
-            Polar-Express msign calls; faster on GPUs, accurate to about 1e-3).
+        tol: the relative objective gap at which the iteration stops: the returned step ``A``
+            satisfies ``P(A) ≤ (1 + tol)·P*`` (``P(A) = ½‖A − Δ‖²``, certified by a dual value,
+            :class:`TangentDual`), hence ``‖A − A*‖_F ≤ √(2·tol·P*)``. Default 1e-3: a step within
+            ``√(2e-3) ≈ 4.5 %`` of ``‖A* − Δ‖`` of the exact one, far inside what a stochastic
+            gradient's noise moves it.
+        max_iters: iteration cap (``last_info.gap`` then says how far it got).
+        clip_method: the projection onto the spectral ball, used by the closed-form clip without
+            tangency, ADMM's ball step and Frank–Wolfe's oracle: ``"svd"`` (default: exact, and
+            reads nothing back to the host), ``"gram"`` (the short side's Gram eigenpairs: float32
+            SVD accuracy at a fraction of its cost on a CPU, one host read per call to choose the
+            Gram's precision; :func:`~lightning_spectral.optim.linalg.spectral_clip`) or
+            ``"msign"`` (SVD-free by two Polar-Express msign calls; accurate to about 1e-3). With
+            tangency the dual solvers clip in the Gram space whatever this says
+            (:class:`TangentDual`: exact eigenpairs of ``MᵀM``).
     """
 
     name = "base"
 
-    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 100,
+    def __init__(self, tangent: bool = False, tol: float = 1e-3, max_iters: int = 100,
                  clip_method: str = "svd"):
-        if tol <= 0 or not math.isfinite(tol):
+        if not tol > 0 or not math.isfinite(tol):
             raise ValueError(f"{type(self).__name__}: tol must be a positive number, got {tol!r}")
         if int(max_iters) != max_iters or max_iters < 1:
             raise ValueError(f"{type(self).__name__}: max_iters must be a positive integer, got {max_iters!r}")
-        if clip_method not in ("svd", "msign"):
-            raise ValueError(f"{type(self).__name__}: clip_method must be 'svd' or 'msign', got {clip_method!r}")
+        if clip_method not in ("gram", "svd", "msign"):
+            raise ValueError(f"{type(self).__name__}: clip_method must be 'gram', 'svd' or 'msign', "
+                             f"got {clip_method!r}")
         self.tangent = tangent
         self.tol = tol
         self.max_iters = int(max_iters)
@@ -112,24 +130,25 @@ class InnerSolver:
         flip, (Wt, Dt) = orient(as_matrix(W).to(work), as_matrix(delta).to(work))
         space = TangentSpace(Wt) if self.tangent else None
         state = {} if state is None else state
+        residual = norm = None
         if space is None and self.exact_without_tangent:
-            A, iterations = self.clip(Dt, spectral_budget), 0
+            A, iterations, gap = self.clip(Dt, spectral_budget), 0, 0.0
+            if self.clip_method != "msign":
+                norm = 0.0  # an exact clip: its singular values are min(σ, η) by construction
         else:
-            A, iterations = self._solve(Wt, Dt, float(spectral_budget), space, state)
-        if space is not None:
+            A, iterations, gap, residual, norm = self._solve(Wt, Dt, float(spectral_budget), space, state)
+        if space is not None and residual is None:
             A = space.project(A)
-        if iterations == 0 and space is None and self.clip_method == "svd" and self.exact_without_tangent:
-            excess = 0.0  # an exact clip: its singular values are min(σ, η) by construction
-        else:
-            norm = float(spectral_norm(A))
+        if norm is None:
+            norm = float(spectral_norm(A, "gram"))
             if norm > spectral_budget:
                 A = A * (spectral_budget / norm)
-            excess = max(0.0, min(norm, spectral_budget) / spectral_budget - 1.0)
         self.last_info = SolveInfo(
             iterations=iterations,
-            tangent_residual=float(space.residual(A)) if space is not None else 0.0,
-            norm_excess=excess,
+            tangent_residual=(residual if residual is not None else float(space.residual(A))) if space is not None else 0.0,
+            norm_excess=max(0.0, min(norm, spectral_budget) / spectral_budget - 1.0),
             closed_form=iterations == 0,
+            gap=gap,
         )
         return (A.mT if flip else A).reshape(delta.shape).to(delta.dtype)
 
@@ -138,7 +157,9 @@ class InnerSolver:
     def clip(self, M: torch.Tensor, budget: float) -> torch.Tensor:
         return spectral_clip(M, budget, self.clip_method)
 
-    def _solve(self, W, D, budget, space, state) -> tuple[torch.Tensor, int]:
+    def _solve(self, W, D, budget, space, state):
+        """``(A, iterations, certified relative gap or None, tangency residual, ‖A‖₂)``; the last
+        two ``None`` when not known, and then ``A`` is projected and rescaled here."""
         raise NotImplementedError
 
 
@@ -149,36 +170,254 @@ class SpectralClipSolver(InnerSolver):
     exact_without_tangent = False
 
     def _solve(self, W, D, budget, space, state):
-        return (space.project(D) if space is not None else D), 0
+        return (space.project(D) if space is not None else D), 0, None, None, None
 
 
-def _accelerated_dual_ascent(W, D, budget, space, state, project_ball, max_iters, tol):
-    """Nesterov-accelerated gradient ascent (with a gradient restart) on the dual of the tangency
-    constraint, ``g(X) = min_{‖A‖₂≤η} ½‖A − Δ‖² + ⟨X, WᵀA⟩``: ``A(X) = Π_ball(Δ − W X)``,
-    ``∇g = sym(Wᵀ A(X))``, step ``1/‖W‖₂²`` (the dual gradient's Lipschitz constant). Warm start and
-    result in ``state["solver_dual"]``; stops when the tangency residual of ``A(X)`` is below
-    ``tol``. ``project_ball(M, η, accuracy)`` may be inexact to the relative ``accuracy`` asked,
-    which follows the residual down (an inexact dual method needs exact projections only at the
-    end). Returns ``(A, iterations)``."""
-    step = 1.0 / max(space.norm**2, 1e-30)
-    X = state.get("solver_dual")
-    X = torch.zeros(W.shape[1], W.shape[1], dtype=D.dtype, device=D.device) if X is None else X.to(D)
-    Y, t, residual = X, 1.0, 1.0
-    for k in range(max_iters):
-        A = project_ball(D - W @ Y, budget, max(tol, 0.1 * residual))
+def _objective(A: torch.Tensor, D: torch.Tensor) -> float:
+    """``½‖A − Δ‖_F²``, summed in float64."""
+    return 0.5 * float(((A - D).double() ** 2).sum())
+
+
+# The Gram-space dual runs in float32 while ε₃₂ times the error amplification of the clipped
+# singular values stays below this (TangentDual).
+GRAM_SPREAD_LIMIT = 1e-4
+
+
+@dataclass
+class DualPoint:
+    """One evaluation of :class:`TangentDual` at ``X``: the dual gradient ``grad = sym(WᵀA(X))``,
+    its preconditioned form ``S`` (``P_T(A) = A − W S``), the dual value ``lower = g(X)``, the
+    objective ``upper`` of the feasible step ``F = scale·P_T(A(X))`` (``certified``: computed with
+    the exact ``‖P_T(A)‖₂``, else an optimistic estimate), and ``F``'s tangency residual (of the
+    exact ``F``; forming it adds the working dtype's round-off) and spectral norm; ``K`` (Gram-space evaluation: ``A(X) = (Δ − W X) K``) or ``A`` (explicit)."""
+
+    X: torch.Tensor
+    grad: torch.Tensor
+    S: torch.Tensor
+    lower: float
+    upper: float
+    scale: float
+    residual: float
+    norm: float
+    certified: bool
+    K: Optional[torch.Tensor] = None
+    A: Optional[torch.Tensor] = None
+
+
+class TangentDual:
+    """The Lagrangian dual of the tangency constraint at one problem ``(W, Δ, η)`` (tall, ``n × m``),
+    and the certificate it gives every solver here.
+
+    ``g(X) = min_{‖A‖₂≤η} ½‖A − Δ‖² + ⟨X, WᵀA⟩`` (``X`` symmetric) is concave, and by weak
+    duality ``g(X) ≤ P*`` for every ``X``; the minimiser is ``A(X) = clip(Δ − W X)`` and
+    ``∇g(X) = sym(WᵀA(X))``. A feasible step from it: ``T = P_T(A) = A − W S`` (``S`` the
+    :class:`~lightning_spectral.optim.linalg.TangentSpace` multiplier) rescaled,
+    ``F = T·min(1, η/‖T‖₂)``, has ``P(F) ≥ P*``. Hence the relative gap ``(P(F) − g(X))/g(X)``
+    bounds ``(P(F) − P*)/P*`` and, ``P`` being 1-strongly convex, ``½‖F − A*‖² ≤ P(F) − P*``
+    (Boyd & Vandenberghe, *Convex Optimization*, §5.5).
+
+    ``S`` is also the ascent step: ``−∇²g ≼ L``, ``L(H) = ½(CH + HC)``, ``C = WᵀW``, and
+    ``S = L⁻¹∇g``; where the clip is inactive the dual is the quadratic with Hessian ``−L`` and
+    ``X + S`` is its maximiser (the preconditioned Uzawa iteration with the exact Schur
+    complement: Bramble, Pasciak & Vassilev, SIAM J. Numer. Anal. 34, 1997), so no step size
+    ``1/‖W‖₂²`` that an ill-conditioned ``W`` makes tiny.
+
+    Everything but the answer lives in the ``m × m`` Gram space, in the eigenbasis ``Q`` of
+    ``C = QΛQᵀ`` (where ``C`` is diagonal and ``L⁻¹`` divides entry ``(i, j)`` by
+    ``(λᵢ + λⱼ)/2``): with ``M = Δ − W X``, ``MᵀM = ΔᵀΔ − XB − BᵀX + XCX`` (``B = WᵀΔ``) has the
+    eigenpairs ``(σᵢ², vᵢ)``, the clip is ``A = M K``, ``K = I − Σ_{σᵢ>η} (1 − η/σᵢ) vᵢvᵢᵀ``,
+    and ``WᵀA = (B − CX) K``, ``⟨A, Δ⟩ = ⟨K, MᵀΔ⟩``, ``‖A‖² = Σ min(σᵢ², η²)``,
+    ``TᵀT = AᵀA − 2 sym(AᵀW S) + SCS``: an evaluation is seven ``m × m`` products and an
+    ``eigh``, no ``n × m`` GEMM; three GEMMs set the problem up (``C``, ``ΔᵀΔ``, ``B``) and two
+    form the answer ``F = scale·(ΔK − W(XK + S))``. ``‖T‖₂`` (an ``eigvalsh``) is computed only
+    when a few power steps on ``TᵀT`` (a lower bound) say the gap may be met. The Gram matrices
+    square ``Δ``'s conditioning: the ``m × m`` work runs in float32 while ``ε₃₂·s ≤``
+    :data:`GRAM_SPREAD_LIMIT`, ``s = (‖Δ‖₂ + ‖W‖₂‖X₀‖_F)²/η²`` (the error amplification of the
+    singular values at the clip; ``X₀`` the warm start), else in float64.
+
+    With ``project_ball(M, target) → (A, slack)``, an inexact ball projection whose objective is
+    at most ``slack`` above the exact minimum (which lowers the dual value), it works on the
+    ``n × m`` matrices instead, in the original basis.
+    """
+
+    def __init__(self, W: torch.Tensor, D: torch.Tensor, budget: float, space: TangentSpace, X0: torch.Tensor,
+                 project_ball=None):
+        self.W, self.D, self.budget, self.space, self.project_ball = W, D, budget, space, project_ball
+        self.total = float((D.double() ** 2).sum())  # ‖Δ‖_F²
+        self.work = D.dtype
+        self.eps = torch.finfo(D.dtype).eps
+        if project_ball is not None:
+            return
+        gram = D.mT @ D
+        if self.work == torch.float32:
+            top = float(estimate_spectral_norm(gram.double()))  # ≈ ‖Δ‖₂² (a power estimate, doubled below)
+            spread = (math.sqrt(2.0 * top) + space.norm * float(X0.double().norm())) ** 2 / budget**2
+            if self.eps * spread > GRAM_SPREAD_LIMIT:
+                self.work, gram = torch.float64, D.double().mT @ D.double()
+                self.eps = torch.finfo(torch.float64).eps
+        work = self.work
+        self.Q = space.eigenvectors.to(work)
+        self.lam = space.eigenvalues.to(work)                       # C = Q diag(λ) Qᵀ
+        self.metric = (self.lam[:, None] + self.lam[None, :]) / 2   # L in the basis Q
+        self.metric_inverse = (2.0 * space.inverse_denominators).to(work)
+        self.DtD = self.to_basis(gram.to(work))
+        self.B = self.to_basis(W.to(work).mT @ D.to(work))
+        self.eye = torch.eye(D.shape[1], dtype=work, device=D.device)
+        self._probe = None  # the power iteration's vector for ‖T‖₂, kept across evaluations
+
+    def to_basis(self, X: torch.Tensor) -> torch.Tensor:
+        """``QᵀXQ``: a symmetric ``m × m`` matrix in the coordinates the solver iterates in."""
+        if self.project_ball is not None:
+            return X.to(self.D.dtype)
+        return self.Q.mT @ X.to(self.work) @ self.Q
+
+    def from_basis(self, X: torch.Tensor) -> torch.Tensor:
+        if self.project_ball is not None:
+            return X
+        return (self.Q @ X @ self.Q.mT).to(self.D.dtype)
+
+    def evaluate(self, X: torch.Tensor, best_lower: float = -math.inf, tol: float = 0.0) -> DualPoint:
+        """The dual at ``X`` (basis coordinates). The feasible step's objective ``upper`` is
+        computed exactly (an ``eigvalsh``) only if a power estimate of ``‖T‖₂`` says the gap
+        ``tol`` over ``max(best_lower, g(X))`` may be met; otherwise ``upper`` is that
+        estimate's (a lower bound of the true ``P(F)``) and ``certified`` is false."""
+        if self.project_ball is not None:
+            return self._evaluate_explicit(X, best_lower, tol)
+        eta, B, lam = self.budget, self.B, self.lam
+        XB, XC = X @ B, X * lam
+        MtD = self.DtD - XB
+        G = MtD - XB.mT + XC @ X                                   # MᵀM
+        sig2, V = torch.linalg.eigh(0.5 * (G + G.mT))
+        sig2 = sig2.clamp_min(0.0)
+        shrink = (1.0 - eta / sig2.sqrt().clamp_min(1e-300)).clamp_min(0.0)
+        K = self.eye - (V * shrink) @ V.mT
+        WtA = (B - XC.mT) @ K                                      # Wᵀ M K
+        grad = 0.5 * (WtA + WtA.mT)
+        kept = sig2.clamp(max=eta**2)
+        AD = float((K.double() * MtD.double()).sum())
+        lower = 0.5 * (float(kept.double().sum()) - 2.0 * AD + self.total) + float((X.double() * grad.double()).sum())
+        S = grad * self.metric_inverse
+        WtAS = WtA.mT @ S
+        TtT = (V * kept) @ V.mT - WtAS - WtAS.mT + (S * lam) @ S
+        TD = AD - float((S.double() * B.double()).sum())
+        TT = float(torch.diagonal(TtT).double().sum())
+
+        def objective(norm_T: float) -> tuple[float, float]:
+            scale = min(1.0, eta / norm_T) if norm_T > 0 else 1.0
+            return scale, 0.5 * (scale * scale * TT - 2.0 * scale * TD + self.total)
+
+        v = V[:, -1] if self._probe is None else self._probe
+        for _ in range(3):
+            v = TtT @ v
+            v = v / v.norm().clamp_min(1e-300)
+        self._probe = v
+        scale, upper = objective(float((v @ (TtT @ v)).clamp_min(0.0).sqrt()))
+        certified = upper - max(best_lower, lower) <= tol * max(best_lower, lower)
+        if certified:
+            norm_T = float(torch.linalg.eigvalsh(0.5 * (TtT + TtT.mT))[-1].clamp_min(0.0).sqrt())
+            scale, upper = objective(norm_T)
+        else:
+            norm_T = math.inf
+        CS = S * lam[:, None]
+        residual = float((grad - 0.5 * (CS + CS.mT)).norm()) / (self.space.norm * math.sqrt(max(TT, 0.0)) + 1e-30)
+        return DualPoint(X, grad, S, lower, upper, scale, residual, scale * norm_T, certified, K=K)
+
+    def _evaluate_explicit(self, X, best_lower, tol) -> DualPoint:
+        W, D, space = self.W, self.D, self.space
+        target = 0.25 * tol * (best_lower if best_lower > 0 else 0.5 * self.total)
+        A, slack = self.project_ball(torch.addmm(D, W, X, alpha=-1.0), target)
         grad = space.constraint(A)
-        residual = float(space.residual(A))
-        if residual < tol:
-            X = Y
+        lower = _objective(A, D) + float((X.double() * grad.double()).sum()) - slack
+        S = space.multiplier(A, grad)
+        T = torch.addmm(A, W, S, alpha=-1.0)
+        norm_T = float(spectral_norm(T, "gram"))
+        scale = min(1.0, self.budget / norm_T) if norm_T > 0 else 1.0
+        return DualPoint(X, grad, S, lower, _objective(scale * T, D), scale, float(space.residual(T)),
+                         scale * norm_T, True, A=scale * T)
+
+    def step(self, point: DualPoint) -> torch.Tensor:
+        """The feasible step ``F`` of an evaluation, ``n × m``."""
+        if point.A is not None:
+            return point.A
+        K, P = self.from_basis(point.K), self.from_basis(point.X @ point.K + point.S)
+        return point.scale * torch.addmm(self.D @ K, self.W, P, alpha=-1.0)
+
+    def floor(self, X: torch.Tensor) -> float:
+        """What round-off can move ``P − g`` by, ``4ε(‖Δ‖² + ‖W‖₂‖X‖_F‖Δ‖_F)`` (measured in float32:
+        about ``2ε‖Δ‖²``); a ``tol`` below it relative to ``P*`` stops there."""
+        return 4 * self.eps * (self.total + self.space.norm * float(X.double().norm()) * math.sqrt(self.total))
+
+
+class Certificate:
+    """The best certified feasible step and the best dual value seen so far, and their gap."""
+
+    def __init__(self, problem: TangentDual, tol: float):
+        self.problem, self.tol = problem, tol
+        self.lower, self.dual = -math.inf, None
+        self.best: Optional[DualPoint] = None
+        self.own: Optional[tuple[torch.Tensor, float]] = None  # a solver's own feasible step and objective
+
+    @property
+    def upper(self) -> float:
+        return min(self.best.upper if self.best is not None else math.inf,
+                   self.own[1] if self.own is not None else math.inf)
+
+    def evaluate(self, X: torch.Tensor) -> DualPoint:
+        point = self.problem.evaluate(X, self.lower, self.tol)
+        self.add(point)
+        return point
+
+    def add(self, point: DualPoint, own: Optional[tuple[torch.Tensor, float]] = None) -> None:
+        if point.lower > self.lower:
+            self.lower, self.dual = point.lower, point.X
+        if point.certified and (self.best is None or point.upper < self.best.upper):
+            self.best = point
+        if own is not None and (self.own is None or own[1] < self.own[1]):
+            self.own = own
+        self.last = point
+
+    def met(self) -> bool:
+        slack = self.upper - self.lower
+        return slack <= self.tol * max(self.lower, 0.0) or slack <= self.problem.floor(self.dual)
+
+    def result(self) -> tuple[torch.Tensor, float, Optional[float], Optional[float]]:
+        """``(step, relative gap, tangency residual, spectral norm)`` of the best feasible step
+        (``None`` where the caller must compute them); the gap is ``max(P − g, 0)/g`` (``inf``
+        while no dual value is positive)."""
+        if self.best is None and self.own is None:  # the cap came first: certify the last point
+            point = self.last
+            self.problem._probe = None
+            self.best = self.problem.evaluate(point.X, math.inf, math.inf)
+        gap = max(self.upper - self.lower, 0.0) / self.lower if self.lower > 0 else math.inf
+        if self.own is not None and (self.best is None or self.own[1] < self.best.upper):
+            return self.own[0], gap, None, None
+        return self.problem.step(self.best), gap, self.best.residual, self.best.norm
+
+
+def _accelerated_dual_ascent(cert: Certificate, X: torch.Tensor, max_iters: int) -> int:
+    """Nesterov-accelerated ascent on ``g`` in the metric ``L`` (step ``X ← Y + S(Y)``, see
+    :class:`TangentDual`) with the gradient restart of O'Donoghue & Candès (2015), from the warm
+    start ``X`` (basis coordinates), until ``cert`` is met. Returns the iterations."""
+    Y, t = X, 1.0
+    for k in range(max_iters):
+        point = cert.evaluate(Y)
+        if cert.met():
             break
-        X_next = Y + step * grad
-        if float((grad * (X_next - X)).sum()) < 0:  # restart: momentum points downhill
+        X_next = Y + point.S
+        if float((point.grad * (X_next - X)).sum()) < 0:  # restart: momentum points downhill
             t = 1.0
         t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         Y = X_next + ((t - 1.0) / t_next) * (X_next - X)
         X, t = X_next, t_next
-    state["solver_dual"] = X
-    return A, k + 1
+    return k + 1
+
+
+def _warm_dual(state: dict, D: torch.Tensor) -> torch.Tensor:
+    X = state.get("solver_dual")
+    m = D.shape[1]
+    if X is None or tuple(X.shape) != (m, m):
+        return D.new_zeros(m, m)
+    return X.to(D)
 
 
 class FrankWolfeSolver(InnerSolver):
@@ -191,30 +430,32 @@ class FrankWolfeSolver(InnerSolver):
     towards the face of the solution and converges as O(1/k) (measured: 1e-2 from the SVD clip
     after 100 iterations); the pairwise step converges linearly here, because every atom and
     iterate shares ``M``'s singular vectors, so the ball acts as the box ``[−η, η]^r`` on the
-    singular values, a polytope. Stops when the Frank–Wolfe gap ``⟨A − M, A − S⟩`` (≥ the
-    objective error ≥ ½‖A − A*‖²) is below ``max(tol², eps)·‖M‖²`` (float64): a relative
-    distance to the clip ≲ tol. Measured from ``η = 0.3‖M‖₂`` on 12 Gaussian cases: 1e-3 … 2e-2
-    after 10 steps, 3e-11 … 7e-5 after 40, round-off after 160. Known slow case: a singular
-    value of ``M`` within ~1e-3 of ``η`` (the box is then nearly degenerate and the iteration
-    sensitive to round-off): 3.6e-4 after 160 steps on one such 24×16 case.
+    singular values, a polytope. The Frank–Wolfe gap ``⟨A − M, A − S⟩`` bounds the objective
+    error, so ``P(A) − gap`` is a lower bound and the projection stops at the relative objective
+    gap ``tol`` (without tangency) or at the absolute target the dual loop asks for. Measured
+    from ``η = 0.3‖M‖₂`` on 12 Gaussian cases (distance to the clip): 1e-3 … 2e-2 after 10
+    steps, 3e-11 … 7e-5 after 40, round-off after 160. Known slow case: a singular value of
+    ``M`` within ~1e-3 of ``η`` (the box is then nearly degenerate and the iteration sensitive to
+    round-off): 3.6e-4 after 160 steps on one such 24×16 case.
 
     With tangency the linear oracle over ball ∩ tangent space has no closed form (it is the
     manifold-Muon problem), and an approximate one stalls the gap; instead the tangency
     constraint is dualised exactly as in :class:`DualAscentSolver` and each dual step's ball
-    projection is this Frank–Wolfe.
+    projection is this Frank–Wolfe, its gap lowering the certified dual value.
 
-    ``iterations`` counts linear-oracle calls (one msign each). ``max_iters`` caps the dual
-    steps, ``fw_iters`` the Frank–Wolfe steps per projection. Memory: up to ``max_atoms``
-    (default ``fw_iters + 1``) float64 matrices of ``Δ``'s size during a projection, none kept
-    after it. Below that cap the two lightest atoms are merged into their weighted mean, a
-    feasible point, so the combination stays exact; but merged atoms are no longer vertices and
-    the rate suffers (measured on 48×32: 64 atoms 1e-5 in 160 steps, 16 atoms 4e-4 in 1000).
+    ``iterations`` counts linear-oracle calls (one msign each: exact by SVD, or Polar Express with
+    ``clip_method="msign"``). ``max_iters`` caps the dual steps, ``fw_iters`` the Frank–Wolfe
+    steps per projection. Memory: up to ``max_atoms`` (default ``fw_iters + 1``) float64
+    matrices of ``Δ``'s size during a projection, none kept after it. Below that cap the two
+    lightest atoms are merged into their weighted mean, a feasible point, so the combination
+    stays exact; but merged atoms are no longer vertices and the rate suffers (measured on
+    48×32: 64 atoms 1e-5 in 160 steps, 16 atoms 4e-4 in 1000).
     """
 
     name = "frank_wolfe"
     exact_without_tangent = False
 
-    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 500,
+    def __init__(self, tangent: bool = False, tol: float = 1e-3, max_iters: int = 500,
                  clip_method: str = "svd", fw_iters: int = 100, max_atoms: Optional[int] = None):
         super().__init__(tangent, tol, max_iters, clip_method)
         if int(fw_iters) != fw_iters or fw_iters < 1:
@@ -227,16 +468,23 @@ class FrankWolfeSolver(InnerSolver):
     def _solve(self, W, D, budget, space, state):
         self._oracle_calls = 0
         if space is None:
-            A = self.clip(D, budget)
-        else:
-            A, _ = _accelerated_dual_ascent(W, D, budget, space, state, self._project, self.max_iters, self.tol)
-        return A, self._oracle_calls
+            A, fw_gap = self._project(D, budget, relative=self.tol)
+            value = _objective(A, D)
+            floor = 16 * torch.finfo(D.dtype).eps * float((D.double() ** 2).sum())
+            lower = value - fw_gap
+            gap = 0.0 if fw_gap <= floor else (fw_gap / lower if lower > 0 else math.inf)
+            return A, self._oracle_calls, gap, None, None
+        X = _warm_dual(state, D)
+        problem = TangentDual(W, D, budget, space, X, lambda M, target: self._project(M, budget, absolute=target))
+        cert = Certificate(problem, self.tol)
+        _accelerated_dual_ascent(cert, problem.to_basis(X), self.max_iters)
+        state["solver_dual"] = problem.from_basis(cert.dual)
+        step, gap, residual, norm = cert.result()
+        return step, self._oracle_calls, gap, residual, norm
 
-    def clip(self, M, budget):
-        return self._project(M, budget, self.tol)
-
-    def _project(self, M, budget, accuracy):
-        """``Π_ball(M)`` to relative ``accuracy`` by pairwise Frank–Wolfe from ``M·min(1, η/‖M‖₂)``.
+    def _project(self, M, budget, relative: float = 0.0, absolute: float = 0.0):
+        """``(Π_ball(M), Frank–Wolfe gap)`` by pairwise Frank–Wolfe from ``M·min(1, η/‖M‖₂)``,
+        stopped when the gap is at most ``absolute`` or ``relative·(½‖A − M‖² − gap)``.
         (Not warm-started from the previous dual step's atoms: those do not share the new ``M``'s
         singular vectors, the polytope structure is lost and the rate falls back to sublinear;
         measured slower.)"""
@@ -246,14 +494,16 @@ class FrankWolfeSolver(InnerSolver):
         dtype, M = M.dtype, M.double()
         A = rescale_into_ball(M, budget)
         atoms, weights = [A], [1.0]
-        # below eps·‖M‖² the gap is round-off, and chasing it costs fw_iters
-        target = max(accuracy**2, torch.finfo(M.dtype).eps) * float((M * M).sum())
-        method = "svd" if self.clip_method == "svd" else "polar_express"
+        floor = torch.finfo(M.dtype).eps * float((M * M).sum())  # below it the gap is round-off
+        method = "polar_express" if self.clip_method == "msign" else "svd"
+        fw_gap = math.inf
         for _ in range(self.fw_iters):
             grad = A - M
             S = -budget * msign(grad, 10, method)
             self._oracle_calls += 1
-            if float((grad * (A - S)).sum()) <= target:
+            fw_gap = float((grad * (A - S)).sum())
+            value = 0.5 * float((grad * grad).sum())
+            if fw_gap <= max(absolute, relative * (value - fw_gap), floor):
                 break
             away = max(range(len(atoms)), key=lambda i: float((grad * atoms[i]).sum()))
             direction = S - atoms[away]
@@ -273,34 +523,42 @@ class FrankWolfeSolver(InnerSolver):
                 atoms[i] = (weights[i] * atoms[i] + weights[j] * atoms[j]) / merged
                 weights[i] = merged
                 del atoms[j], weights[j]
-        return A.to(dtype)
+        return A.to(dtype), max(fw_gap, 0.0)
 
 
 class DualAscentSolver(InnerSolver):
-    """Accelerated gradient ascent on the dual ``g(X) = min_{‖A‖₂≤η} ½‖A − Δ‖² + ⟨X, WᵀA⟩``:
-    ``A(X) = clip(Δ − W X)``, ``∇g = sym(Wᵀ A(X))``, step ``1/‖W‖₂²``, Nesterov momentum with a
-    gradient restart. Stops when the tangency residual of ``A(X)`` is below ``tol``."""
+    """Accelerated ascent on the dual ``g(X) = min_{‖A‖₂≤η} ½‖A − Δ‖² + ⟨X, WᵀA⟩`` of the tangency
+    constraint (:class:`TangentDual`): ``A(X) = clip(Δ − W X)``, preconditioned step
+    ``X ← Y + L⁻¹ sym(WᵀA(Y))``, Nesterov momentum with a gradient restart, warm-started from the
+    last call's multiplier (``state["solver_dual"]``); stops at the certified relative objective
+    gap ``tol``."""
 
     name = "dual_ascent"
 
-    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 500,
+    def __init__(self, tangent: bool = False, tol: float = 1e-3, max_iters: int = 100,
                  clip_method: str = "svd"):
-        # 500: accelerated dual ascent needs O(√κ) iterations for a W of condition number κ²;
-        # on a 16×16 Gaussian W, 100 left the objective 6e-3 above ADMM's.
         super().__init__(tangent, tol, max_iters, clip_method)
 
     def _solve(self, W, D, budget, space, state):
-        return _accelerated_dual_ascent(W, D, budget, space, state, lambda M, b, _: self.clip(M, b),
-                                        self.max_iters, self.tol)
+        X = _warm_dual(state, D)
+        problem = TangentDual(W, D, budget, space, X)
+        cert = Certificate(problem, self.tol)
+        iterations = _accelerated_dual_ascent(cert, problem.to_basis(X), self.max_iters)
+        state["solver_dual"] = problem.from_basis(cert.dual)
+        step, gap, residual, norm = cert.result()
+        return step, iterations, gap, residual, norm
 
 
 class QuasiNewtonDualSolver(InnerSolver):
     """The dual of :class:`DualAscentSolver`, maximised by ``torch.optim.LBFGS`` (strong-Wolfe
-    line search, ``memory_size`` pairs); ``iterations`` counts dual evaluations."""
+    line search, ``memory_size`` pairs) in the coordinates ``Z = L^{1/2} X`` where the
+    preconditioned step is the gradient step (:class:`TangentDual`); ``iterations`` counts dual
+    evaluations. Warm-started from ``state["solver_dual"]``; stops at the certified relative
+    objective gap ``tol`` (checked after every L-BFGS iteration)."""
 
     name = "quasi_newton"
 
-    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 300,
+    def __init__(self, tangent: bool = False, tol: float = 1e-3, max_iters: int = 100,
                  clip_method: str = "svd", memory_size: int = 10):
         super().__init__(tangent, tol, max_iters, clip_method)
         if int(memory_size) != memory_size or memory_size < 1:
@@ -308,30 +566,51 @@ class QuasiNewtonDualSolver(InnerSolver):
         self.memory_size = int(memory_size)
 
     def _solve(self, W, D, budget, space, state):
-        def negative_dual(X):
-            X = sym(X)
-            A = self.clip(D - W @ X, budget)
-            value = 0.5 * ((A - D) ** 2).sum() + ((W @ X) * A).sum()
-            return -value, -space.constraint(A)
+        X0 = _warm_dual(state, D)
+        problem = TangentDual(W, D, budget, space, X0)
+        cert = Certificate(problem, self.tol)
+        root, root_inverse = problem.metric.sqrt(), problem.metric_inverse.sqrt()  # Z = L^{1/2} X
+        evaluations, last = 0, {}
 
-        X0 = state.get("solver_dual")
-        X0 = torch.zeros(W.shape[1], W.shape[1], dtype=D.dtype, device=D.device) if X0 is None else X0.to(D)
-        grad_tol = self.tol * space.norm * float(torch.linalg.matrix_norm(D)) / W.shape[1]
-        X, evaluations = minimize_lbfgs(negative_dual, X0, self.max_iters, grad_tol, self.memory_size)
-        X = sym(X)
-        state["solver_dual"] = X
-        return self.clip(D - W @ X, budget), evaluations + 1
+        @torch.no_grad()
+        def closure():  # LBFGS calls it under enable_grad; the weights need no graph
+            nonlocal evaluations
+            Zd = Z.detach()
+            if "Z" not in last or not torch.equal(last["Z"], Zd):  # LBFGS re-evaluates its start
+                evaluations += 1
+                point = cert.evaluate(Zd * root_inverse)
+                last.update(Z=Zd.clone(), value=torch.tensor(-point.lower, dtype=Z.dtype),
+                            grad=-point.grad * root_inverse)  # ∇_Z = L^{-1/2} ∇_X
+            Z.grad = last["grad"].clone()
+            return last["value"]
+
+        Z = problem.to_basis(X0) * root
+        lbfgs = torch.optim.LBFGS([Z], lr=1.0, max_iter=1, max_eval=self.max_iters, tolerance_grad=0.0,
+                                  tolerance_change=0.0, history_size=self.memory_size, line_search_fn="strong_wolfe")
+        while evaluations < self.max_iters:
+            lbfgs.step(closure)
+            if cert.met():
+                break
+        state["solver_dual"] = problem.from_basis(cert.dual)
+        step, gap, residual, norm = cert.result()
+        return step, evaluations, gap, residual, norm
 
 
 class ADMMSolver(InnerSolver):
     """ADMM on ``½‖A − Δ‖² + ι_T(A) + ι_B(Z)``, ``A = Z``:
-    ``A ← P_T((Δ + ρ(Z − U))/(1 + ρ))``, ``Z ← clip(A + U)``, ``U ← U + A − Z``; ``ρ`` doubled or
-    halved when the primal and dual residuals differ by more than 10× (``U`` rescaled with it).
-    Stops when both relative residuals are below ``tol``."""
+    ``A ← P_T(V)``, ``V = (Δ + ρ(Z − U))/(1 + ρ)``, ``Z ← clip(A + U)``, ``U ← U + A − Z``; ``ρ``
+    doubled or halved when the primal and dual residuals differ by more than 10× (``U`` rescaled
+    with it). Its multiplier estimate: with ``P_T(V) = V − W S_V``, the optimality condition of the
+    ``A`` step reads ``A − Δ + ρU + ρ(A − Z) = −W·(1 + ρ)S_V``, so ``X = (1 + ρ)S_V`` is the
+    tangency multiplier at the fixed point; each iteration evaluates :class:`TangentDual` there
+    (one more clip), also taking ADMM's own ``A`` (tangent; in the ball after the rescale by
+    ``η + ‖A − Z‖_F ≥ ‖A‖₂``) as a feasible step, and stops at the certified relative gap
+    ``tol``. ``iterations`` counts clips, two per ADMM iteration. Warm start: ``Z, U, ρ``
+    (``state["solver_z"]`` …)."""
 
     name = "admm"
 
-    def __init__(self, tangent: bool = False, tol: float = 1e-6, max_iters: int = 100,
+    def __init__(self, tangent: bool = False, tol: float = 1e-3, max_iters: int = 100,
                  clip_method: str = "svd", rho: float = 1.0, adaptive_rho: bool = True):
         super().__init__(tangent, tol, max_iters, clip_method)
         if not rho > 0:
@@ -345,21 +624,28 @@ class ADMMSolver(InnerSolver):
         U = state.get("solver_u")
         U = torch.zeros_like(D) if U is None or U.shape != D.shape else U.to(D)
         rho = float(state.get("solver_rho", self.rho))
+        problem = TangentDual(W, D, budget, space, torch.zeros(D.shape[1], D.shape[1], dtype=D.dtype, device=D.device))
+        cert = Certificate(problem, self.tol)
         scale = float(torch.linalg.matrix_norm(D)) + 1e-30
         for k in range(self.max_iters):
-            A = space.project((D + rho * (Z - U)) / (1.0 + rho))
+            V = (D + rho * (Z - U)) / (1.0 + rho)
+            S = space.multiplier(V)
+            A = torch.addmm(V, W, S, alpha=-1.0)
             Z_old, Z = Z, self.clip(A + U, budget)
+            own = A * (budget / (budget + float(torch.linalg.matrix_norm(A - Z))))
+            cert.add(problem.evaluate(problem.to_basis((1.0 + rho) * S), cert.lower, self.tol), (own, _objective(own, D)))
             U = U + A - Z
+            if cert.met():
+                break
             primal = float(torch.linalg.matrix_norm(A - Z)) / scale
             dual = rho * float(torch.linalg.matrix_norm(Z - Z_old)) / scale
-            if primal < self.tol and dual < self.tol:
-                break
             if self.adaptive_rho and primal > 10 * dual:
                 rho, U = 2 * rho, U / 2
             elif self.adaptive_rho and dual > 10 * primal:
                 rho, U = rho / 2, U * 2
         state.update(solver_z=Z, solver_u=U, solver_rho=rho)
-        return A, k + 1
+        step, gap, residual, norm = cert.result()
+        return step, 2 * (k + 1), gap, residual, norm
 
 
 SOLVER_REGISTRY: dict[str, type[InnerSolver]] = {
