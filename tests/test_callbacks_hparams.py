@@ -94,3 +94,24 @@ def test_one_entry_with_the_resolved_settings_and_final_and_best_validation_metr
 def test_hparams_must_be_a_dict():
     with pytest.raises(TypeError, match="hparams must be a dict"):
         HParamsSummary(["lr"])
+
+
+class Diverges(Classifier):
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise FloatingPointError("the loss is NaN")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_stopped_by_an_error_keeps_its_entry_with_the_validations_it_had(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=logger, callbacks=[HParamsSummary()],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(), pytest.raises(FloatingPointError):
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(Diverges())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert plugin_content(events, "_hparams_/session_start_info").session_start_info.hparams["optimizer"].string_value == "SGD"
+    (accuracy,) = events.Scalars("val/acc")  # one validation, after the first epoch
+    assert events.Scalars("hparams/final_val_acc")[-1].value == accuracy.value

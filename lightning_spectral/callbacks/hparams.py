@@ -58,7 +58,8 @@ class HParamsSummary(Callback):
     ``seed`` (``seed_everything``'s, when set) and the ``hparams`` given here (the CLI gives the data
     module's config). Results, logged as ``hparams/<metric>`` at the end of the fit: for each
     ``val/<m>`` metric ``final_val_<m>`` (the last validation's) and ``best_val_<m>`` (the minimum of a
-    loss, bits per byte or perplexity, the maximum of anything else), and ``final_train_loss``.
+    loss, bits per byte or perplexity, the maximum of anything else), and ``final_train_loss``;
+    written at the end of the fit, or when it stops on an exception.
 
     TensorBoard keeps the first HParams entry of a run, so the logger's placeholder ``hp_metric``
     entry (``TensorBoardLogger(default_hp_metric=True)``, Lightning's default) is switched off at
@@ -75,8 +76,10 @@ class HParamsSummary(Callback):
         self.hparams = dict(hparams or {})
         self.final: dict[str, float] = {}
         self.best: dict[str, float] = {}
+        self._written = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._written = False
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger._default_hp_metric = False  # its placeholder entry would be the one TensorBoard shows
@@ -135,8 +138,17 @@ class HParamsSummary(Callback):
         return {k: v for k, v in params.items() if v is not None and k}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        self._write(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit that stops on an error (a diverged learning rate, an interruption) keeps its entry,
+        with the validations it had."""
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._written:
             return
+        self._written = True
         metrics = self.results(trainer)
         params = self.settings(trainer, pl_module)
         for logger in trainer.loggers:
