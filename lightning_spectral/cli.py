@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_spectral.config_files import print_configs
 from lightning_spectral.data import DatasetUnavailableError
+from lightning_spectral.launch import MainPortInUseError
 from lightning_spectral.signals import exit_code
 from lightning_spectral.spectral_cli import SpectralCLI, build_cli, resolve_configs
 
@@ -33,8 +34,9 @@ __all__ = ["SpectralCLI", "build_cli", "cli_main"]
 
 
 def cli_main(args: ArgsType = None) -> SpectralCLI | None:
-    """Run the CLI on ``args`` (default: ``sys.argv[1:]``); a missing dataset ends it with a one-line error,
-    SIGTERM (Lightning stops at the next batch) with status 143, so schedulers see an interrupted run.
+    """Run the CLI on ``args`` (default: ``sys.argv[1:]``); a missing dataset or a busy ``MASTER_PORT`` ends it
+    with a one-line error, SIGTERM (Lightning stops at the next batch) with status 143, so schedulers
+    see an interrupted run.
 
     ``study ...`` goes to :func:`lightning_spectral.experiments.cli.study_main` (on the command
     line its status is the exit status: 1 when a run failed, 2 for a bad study file) and
@@ -54,7 +56,7 @@ def cli_main(args: ArgsType = None) -> SpectralCLI | None:
                 raise SystemExit(code)
             return None
         return build_cli(argv)
-    except DatasetUnavailableError as err:
+    except (DatasetUnavailableError, MainPortInUseError) as err:
         raise SystemExit(f"error: {err}") from None
     except SIGTERMException as err:
         raise SystemExit(exit_code(err)) from None

@@ -32,6 +32,7 @@ from lightning_spectral.callbacks.hparams import HParamsSummary, flat_hparams
 from lightning_spectral.checkpoint import load_checkpoint_safely
 from lightning_spectral.config_files import resolve_config_args
 from lightning_spectral.data import DataDescription, DataShapeError, data_arguments
+from lightning_spectral.launch import ReapLaunchedRanks, check_main_port
 from lightning_spectral.models import MODEL_REGISTRY
 from lightning_spectral.module import ManualOptimizationModule, SpectralModule
 from lightning_spectral.resume import optimizer_mismatch
@@ -82,9 +83,19 @@ class SpectralCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
 
+    def _before_launch(self) -> None:
+        """A busy ``MASTER_PORT`` fails before any rank starts; a failing rank 0 takes the ranks it
+        launched along (:mod:`lightning_spectral.launch`)."""
+        check_main_port(self.trainer)
+        if not any(isinstance(c, ReapLaunchedRanks) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(ReapLaunchedRanks())
+
+    before_validate = before_test = before_predict = _before_launch
+
     def before_fit(self) -> None:
-        """Every fit gets an HParams entry (:class:`~lightning_spectral.callbacks.HParamsSummary`, with the
+        """:meth:`_before_launch`, then: every fit gets an HParams entry (:class:`~lightning_spectral.callbacks.HParamsSummary`, with the
         data module's config and ``batch_size`` as the studies name it), unless its config adds one."""
+        self._before_launch()
         if any(isinstance(c, HParamsSummary) for c in self.trainer.callbacks):
             return
         data = self.config[self.subcommand].get("data")

@@ -139,6 +139,7 @@ from lightning_spectral.checkpoint import (  # noqa: E402
 )
 from lightning_spectral.config_policy import ConfigObjectRefused  # noqa: E402
 from lightning_spectral.data import DigitsDataModule  # noqa: E402
+from lightning_spectral.launch import MainPortInUseError  # noqa: E402
 from lightning_spectral.experiments.spec import StudySpecError, expand, load_study  # noqa: E402
 from lightning_spectral.models import SmallCNN  # noqa: E402
 from lightning_spectral.module import CheckpointMismatchError, CosineSchedule, SpectralModule  # noqa: E402
@@ -561,6 +562,9 @@ ROWS = [
     Row("lr-scan-data-other-class", lambda c: _scan_build(c, "data", {"class_path": "subprocess.Popen", "init_args": {
         "args": ["touch", str(c.tmp / "ran")]}}), ConfigObjectRefused,
         ("'subprocess.Popen' is a class, but not a lightning.pytorch.core.datamodule.LightningDataModule",)),
+    # Starting several processes
+    Row("ddp-busy-master-port", lambda c: _busy_master_port(), MainPortInUseError,
+        ("is in use by another process", "no rank was started", "unset MASTER_PORT")),
     Row("cli-bad-nonfinite-policy", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART),
                                                          "--model.init_args.nonfinite=maybe",
                                                          "--trainer.max_epochs=0"),
@@ -655,6 +659,23 @@ def _scan_build(ctx, key: str, spec: dict) -> None:
             build_data({"data": spec})
         else:
             build_optimizer({"model": {"init_args": {"optimizer": spec}}}, net(), 0.1)
+
+
+def _busy_master_port() -> None:
+    """What the CLI checks before Lightning's launcher starts rank 1 (tests/test_launch.py: end to end)."""
+    import socket
+
+    from lightning_spectral.launch import check_main_port
+
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen(1)
+        before = os.environ.get("MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(held.getsockname()[1])
+        try:
+            check_main_port(Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False))
+        finally:
+            os.environ.pop("MASTER_PORT") if before is None else os.environ.__setitem__("MASTER_PORT", before)
 
 
 def _symplectic_from_zero() -> None:
