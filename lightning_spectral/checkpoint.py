@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -39,6 +40,8 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lightning_spectral.optim.base import first_nonfinite
+
 CONFIG_MARKER = "config_hash"  # beside the checkpoints: the config they were written for
 
 
@@ -48,6 +51,10 @@ class CorruptCheckpointError(RuntimeError):
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint holds objects other than tensors and plain values (refused by ``weights_only=True``)."""
+
+
+class NonFiniteCheckpointError(ValueError):
+    """A checkpoint's weights or optimizer state hold NaN or Inf (refused unless ``allow_nonfinite``)."""
 
 
 class RunLockedError(RuntimeError):
@@ -209,13 +216,74 @@ def _checked_source(path: _PATH | BinaryIO) -> _PATH | BinaryIO:
     return source
 
 
-def load_checkpoint_safely(path: _PATH | BinaryIO, map_location: Any = None) -> dict[str, Any]:
+def load_checkpoint_safely(path: _PATH | BinaryIO, map_location: Any = None,
+                           allow_nonfinite: bool = False) -> dict[str, Any]:
     """The one loader of every checkpoint the package reads: ``torch.load(weights_only=True)`` of
     a local path, a ``file://`` or remote (``http(s)://``, any ``fsspec`` URL) file or a binary
-    file object, once its integrity is checked (:func:`_checked_source`). Raises
-    ``FileNotFoundError``, :class:`CorruptCheckpointError` or :class:`UnsafeCheckpointError`
-    naming ``path``."""
-    return _deserialize(_checked_source(path), path, map_location)
+    file object, once its integrity is checked (:func:`_checked_source`); then its contents: a
+    weight or an optimizer state holding NaN or Inf (:func:`nonfinite_entry`) is refused with
+    :class:`NonFiniteCheckpointError` naming it and the newest finite checkpoint beside it, unless
+    ``allow_nonfinite`` (to inspect a poisoned checkpoint). Raises ``FileNotFoundError``,
+    :class:`CorruptCheckpointError` or :class:`UnsafeCheckpointError` naming ``path``."""
+    checkpoint = _deserialize(_checked_source(path), path, map_location)
+    entry = None if allow_nonfinite else nonfinite_entry(checkpoint)
+    if entry is not None:
+        local = local_path(path) if isinstance(path, (str, Path)) else None
+        siblings = sorted((p for p in local.parent.glob("*.ckpt") if p.name != local.name), key=_mtime,
+                          reverse=True) if local else []
+        earlier = last_good_checkpoint(siblings)
+        raise NonFiniteCheckpointError(
+            f"checkpoint {path} holds NaN or Inf in the {entry}: it was written after a non-finite step, and "
+            "training from it would make the weights NaN. "
+            + (f"The newest finite checkpoint beside it is {earlier}: resume from that one. " if earlier else "")
+            + "To load it anyway for inspection, pass allow_nonfinite=True (load_checkpoint_safely, "
+            "SpectralModule.load_from_checkpoint, or the trainer plugin "
+            "lightning_spectral.checkpoint.AtomicCheckpointIO(allow_nonfinite=True))."
+        )
+    return checkpoint
+
+
+def nonfinite_entry(checkpoint: Any) -> Optional[str]:
+    """The first entry of a Lightning checkpoint that holds NaN or Inf, named, or ``None``:
+    the floating tensors of ``state_dict`` (``weight 'net.fc1.weight'``), and the tensors and
+    floats of each optimizer's state (``optimizer state 'momentum_buffer' of parameter
+    'net.fc1.weight'``, the parameter named by its group's ``param_names``, else its index).
+    One fused reduction per device while all is finite (:func:`~lightning_spectral.optim.base.first_nonfinite`)."""
+    if not isinstance(checkpoint, dict):
+        return None
+    weights = checkpoint.get("state_dict")
+    named = [(f"weight {key!r}", value) for key, value in (weights.items() if isinstance(weights, dict) else ())
+             if torch.is_tensor(value)]
+    for i, optimizer in enumerate(checkpoint.get("optimizer_states") or []):
+        if not isinstance(optimizer, dict):
+            continue
+        names = {index: name for group in optimizer.get("param_groups") or []
+                 for index, name in zip(group.get("params") or [], group.get("param_names") or [])}
+        for index, state in (optimizer.get("state") or {}).items():
+            param = repr(names[index]) if index in names else f"#{index}"
+            for key, value in state.items() if isinstance(state, dict) else ():
+                name = f"optimizer state {key!r} of parameter {param}" + (f" (optimizer {i})" if i else "")
+                if isinstance(value, float) and not math.isfinite(value):
+                    return name
+                if torch.is_tensor(value):
+                    named.append((name, value))
+    return first_nonfinite(named)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def last_good_checkpoint(candidates: Any) -> Optional[Path]:
+    """The first of the local checkpoint files ``candidates`` that :func:`validate_checkpoint`
+    accepts (intact, safe, a Lightning checkpoint, finite), or ``None``: each is loaded in turn."""
+    for candidate in candidates:
+        if candidate and local_path(candidate) is not None and validate_checkpoint(candidate) is None:
+            return local_path(candidate)
+    return None
 
 
 def _deserialize(source: _PATH | BinaryIO, path: Any, map_location: Any) -> dict[str, Any]:
@@ -232,20 +300,33 @@ def _deserialize(source: _PATH | BinaryIO, path: Any, map_location: Any) -> dict
         raise CorruptCheckpointError(f"checkpoint {path} cannot be loaded: {type(err).__name__}: {err}") from err
 
 
-def checkpoint_bytes(path: _PATH | BinaryIO) -> io.BytesIO:
+def checkpoint_bytes(path: _PATH | BinaryIO, allow_nonfinite: bool = False) -> io.BytesIO:
     """The bytes of the checkpoint ``path`` once :func:`load_checkpoint_safely` has accepted them,
     for a loader that reads a file object itself (Lightning's ``load_from_checkpoint``, with
     ``weights_only=True``): both read these same bytes."""
     source = _checked_source(path)
     data = source.read_bytes() if isinstance(source, Path) else source.read()
-    _deserialize(io.BytesIO(data), path, "cpu")
+    checkpoint = _deserialize(io.BytesIO(data), path, "cpu")
+    if not allow_nonfinite and nonfinite_entry(checkpoint) is not None:
+        load_checkpoint_safely(path, "cpu")  # raises, naming the entry and an earlier finite checkpoint
     return io.BytesIO(data)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """:class:`~lightning.pytorch.plugins.io.TorchCheckpointIO` with atomic local writes and
     ``weights_only=True`` loads (see the module docstring). Remote writes go through Lightning's
-    own ``fsspec`` path."""
+    own ``fsspec`` path.
+
+    Args:
+        allow_nonfinite: load (and resume from) a checkpoint whose weights or optimizer state hold
+            NaN or Inf, for forensics; refused by default (:func:`load_checkpoint_safely`). Give it
+            as a trainer plugin: ``--trainer.plugins+='{"class_path":
+            "lightning_spectral.checkpoint.AtomicCheckpointIO", "init_args": {"allow_nonfinite": true}}'``.
+    """
+
+    def __init__(self, allow_nonfinite: bool = False) -> None:
+        super().__init__()
+        self.allow_nonfinite = allow_nonfinite
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         local = local_path(path)
@@ -258,7 +339,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: Optional[bool] = None,
     ) -> dict[str, Any]:
         """Always ``weights_only=True``, whatever ``weights_only`` asks."""
-        return load_checkpoint_safely(path, map_location)
+        return load_checkpoint_safely(path, map_location, self.allow_nonfinite)
 
 
 def use_atomic_checkpoint_io(trainer: Any) -> None:
@@ -270,14 +351,15 @@ def use_atomic_checkpoint_io(trainer: Any) -> None:
 
 def validate_checkpoint(path: _PATH) -> Optional[str]:
     """Why ``path`` cannot be resumed from (empty, truncated, damaged, unsafe, not a Lightning
-    checkpoint), or ``None`` if it loads."""
+    checkpoint, NaN or Inf in a weight or an optimizer state), or ``None`` if it loads."""
     try:
-        checkpoint = load_checkpoint_safely(path, map_location="cpu")
+        checkpoint = load_checkpoint_safely(path, map_location="cpu", allow_nonfinite=True)
     except (CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
         return str(err)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         return f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')"
-    return None
+    entry = nonfinite_entry(checkpoint)
+    return f"checkpoint {path} holds NaN or Inf in the {entry}" if entry is not None else None
 
 
 def _aside_name(path: Path, tag: str) -> Path:

@@ -20,12 +20,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_spectral.checkpoint import checkpoint_bytes, use_atomic_checkpoint_io
+from lightning_spectral.checkpoint import checkpoint_bytes, nonfinite_entry, use_atomic_checkpoint_io
 from lightning_spectral.config_policy import enforce_in_jsonargparse
 from lightning_spectral.optim.base import first_nonfinite
 from lightning_spectral.optim.param_groups import build_param_groups, routing_table
 from lightning_spectral.resume import CheckpointMismatchError  # noqa: F401 (its import path before resume.py)
-from lightning_spectral.resume import META_KEY, ResumeCheck, checkpoint_metadata
+from lightning_spectral.resume import META_KEY, ResumeCheck, checkpoint_metadata, resume_hint
 from lightning_spectral.signals import SigtermNotice
 
 # What a config may name (lightning_spectral.config_policy), for the CLI and studies (which import this
@@ -198,13 +198,16 @@ class ManualOptimizationModule(LightningModule):
 
     @_restricted_classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool | None = None, weights_only: bool | None = None, **kwargs: Any) -> Any:
+                             strict: bool | None = None, weights_only: bool | None = None,
+                             allow_nonfinite: bool = False, **kwargs: Any) -> Any:
         """Lightning's ``load_from_checkpoint``, the file read through the package's one loader
         (:func:`~lightning_spectral.checkpoint.checkpoint_bytes`): local paths, ``file://`` and
         ``http(s)://`` URLs alike are checked for damage and loaded with ``weights_only=True``,
-        whatever ``weights_only`` asks, so that a crafted checkpoint cannot run code."""
-        return super().load_from_checkpoint(checkpoint_bytes(checkpoint_path), map_location, hparams_file, strict,
-                                            weights_only=True, **kwargs)
+        whatever ``weights_only`` asks, so that a crafted checkpoint cannot run code. A checkpoint
+        holding NaN or Inf in a weight or an optimizer state is refused, naming it, unless
+        ``allow_nonfinite`` (to inspect it)."""
+        return super().load_from_checkpoint(checkpoint_bytes(checkpoint_path, allow_nonfinite), map_location,
+                                            hparams_file, strict, weights_only=True, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -404,22 +407,15 @@ class ManualOptimizationModule(LightningModule):
         return False
 
     def _resume_hint(self) -> str:
-        callback = self.trainer.checkpoint_callback
-        path = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
-        path = path or self.trainer.ckpt_path or ""
-        fix = ("find the cause (learning rate too large? bad data?) or set model.init_args.nonfinite=skip "
-               "to skip such steps")
-        if path and Path(path).exists():
-            return (f"No checkpoint holds non-finite weights; the last good one is {path}: {fix}, then resume "
-                    f"with --ckpt_path {path}.")
-        return f"No checkpoint was written yet: {fix}, then start again."
+        return resume_hint(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = first_nonfinite((k, v) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v))
+        bad = nonfinite_entry(checkpoint)  # the weights and the optimizer state: what a resume refuses
         # Every rank must agree (a sharded network's ranks hold different shards); every rank saves.
         if not self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
-            raise NonFiniteStepError(f"refusing to write a checkpoint at step {self.trainer.global_step}: the weight "
-                                     f"{repr(bad) if bad else '(on another rank)'} is not finite. {self._resume_hint()}")
+            raise NonFiniteStepError(f"refusing to write a checkpoint at step {self.trainer.global_step}: the "
+                                     f"{bad or 'weights or optimizer state on another rank'} hold(s) NaN or Inf. "
+                                     f"{self._resume_hint()}")
         optimizers = self.trainer.optimizers
         checkpoint[META_KEY] = checkpoint_metadata(self.net, optimizers[0] if optimizers else None,
                                                    self.skipped_steps)

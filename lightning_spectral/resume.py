@@ -18,6 +18,7 @@ Checkpoints carry the network and optimizer classes under :data:`META_KEY`
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_spectral.checkpoint import last_good_checkpoint
 from lightning_spectral.optim.param_groups import unsharded_class
 
 META_KEY = "spectral_module"  # the checkpoint entry of the classes and the skipped-step count
@@ -55,6 +57,29 @@ def optimizer_mismatch(ckpt_path: Any, saved: str, requested: str) -> Checkpoint
     return CheckpointMismatchError(
         f"the checkpoint {ckpt_path} was trained with {saved}, the requested optimizer is {requested}: its state "
         "cannot be restored into another optimizer. Start a new run, or resume with the checkpoint's optimizer.")
+
+
+def resume_hint(trainer: Any) -> str:
+    """What to do after a non-finite step stopped ``trainer``: the cause to look for, and the
+    newest checkpoint that is finite (:func:`~lightning_spectral.checkpoint.last_good_checkpoint`
+    over the checkpoint callback's last, best and other files, then the one resumed from; each
+    is loaded and checked, so a poisoned checkpoint is never named as good)."""
+    callback = trainer.checkpoint_callback
+    candidates: list[Any] = []
+    if callback is not None:
+        candidates += [getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")]
+        directory = getattr(callback, "dirpath", None)
+        if directory and Path(directory).is_dir():
+            candidates += sorted(Path(directory).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates.append(trainer.ckpt_path)
+    seen = set()
+    unique = [c for c in candidates if c and str(c) not in seen and not seen.add(str(c))]
+    good = last_good_checkpoint(unique)
+    fix = ("find the cause (learning rate too large? bad data?) or set model.init_args.nonfinite=skip "
+           "to skip such steps")
+    if good is not None:
+        return f"The last good (finite) checkpoint is {good}: {fix}, then resume with --ckpt_path {good}."
+    return f"No finite checkpoint was written yet: {fix}, then start again."
 
 
 def _plain(value: Any) -> Any:

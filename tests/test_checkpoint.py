@@ -22,6 +22,7 @@ from lightning_spectral.checkpoint import (
     CONFIG_MARKER,
     AtomicCheckpointIO,
     CorruptCheckpointError,
+    NonFiniteCheckpointError,
     RunLockedError,
     UnsafeCheckpointError,
     atomic_torch_save,
@@ -34,7 +35,7 @@ from lightning_spectral.checkpoint import (
 from lightning_spectral.data import DigitsDataModule
 from lightning_spectral.lm_module import LanguageModule
 from lightning_spectral.models import SmallCNN
-from lightning_spectral.module import SpectralModule
+from lightning_spectral.module import NonFiniteStepError, SpectralModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -323,6 +324,75 @@ def test_resume_checkpoint_sets_damaged_and_stale_files_aside(tmp_path: Path) ->
     write_config_marker(directory, "changed")
     assert resume_checkpoint(directory, "again", logs.append) is None
     assert len(list(tmp_path.glob("checkpoints.stale-*"))) == 2  # both kept, none overwritten
+
+
+def _fit_with_checkpoints(directory: Path, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)):
+    """Two epochs of two SGD-with-momentum steps: epoch=0-step=2.ckpt, epoch=1-step=4.ckpt, last.ckpt."""
+    module = SpectralModule(_net(), 10, optimizer=optimizer)
+    checkpoint = ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=-1)
+    Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint]).fit(
+        module, DigitsDataModule(batch_size=32))
+    return module, Path(checkpoint.last_model_path)
+
+
+def _poison(path: Path, where: str) -> None:
+    """A NaN in last.ckpt's weight or momentum buffer of net.fc1.weight, saved whole (valid CRCs)."""
+    state = torch.load(path, weights_only=True)
+    if where == "weight":
+        state["state_dict"]["net.fc1.weight"][0, 0] = float("nan")
+    else:
+        optimizer = state["optimizer_states"][0]
+        index = next(i for g in optimizer["param_groups"] for i, n in zip(g["params"], g["param_names"])
+                     if n == "fc1.weight")  # the optimizer names parameters within the net
+        optimizer["state"][index]["momentum_buffer"][0, 0] = float("inf")
+    atomic_torch_save(state, path)
+    os.utime(path)  # the newest file
+
+
+NONFINITE_ENTRIES = {"weight": "weight 'net.fc1.weight'",
+                     "momentum": "optimizer state 'momentum_buffer' of parameter 'fc1.weight'"}
+
+
+@pytest.mark.parametrize("where", sorted(NONFINITE_ENTRIES))
+def test_a_nonfinite_checkpoint_refuses_the_resume_naming_the_tensor(tmp_path: Path, where: str) -> None:
+    """A checkpoint with valid CRCs and a NaN weight or an Inf momentum buffer: resuming, loading
+    and validating it are refused naming the tensor and the newest finite checkpoint beside it
+    (which is finite); allow_nonfinite=True loads it (forensics). Before, it resumed without a word."""
+    module, last = _fit_with_checkpoints(tmp_path / "ckpt")
+    _poison(last, where)
+    trainer = Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(NonFiniteCheckpointError, match=f"last.ckpt holds NaN or Inf in the {NONFINITE_ENTRIES[where]}"
+                       ) as info:
+        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
+    named = str(info.value).split("The newest finite checkpoint beside it is ")[1].split(":")[0]
+    assert Path(named) == tmp_path / "ckpt" / "epoch=1-step=4.ckpt" and validate_checkpoint(named) is None
+    assert NONFINITE_ENTRIES[where] in validate_checkpoint(last)
+    with pytest.raises(NonFiniteCheckpointError, match="allow_nonfinite=True"):
+        SpectralModule.load_from_checkpoint(last, net=_net())
+    loaded = SpectralModule.load_from_checkpoint(last, net=_net(), allow_nonfinite=True)
+    assert loaded.net.fc1.weight.isnan().any() == (where == "weight")
+    forensic = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       limit_val_batches=1, plugins=[AtomicCheckpointIO(allow_nonfinite=True)])
+    forensic.validate(module, DigitsDataModule(batch_size=32), ckpt_path=last)
+
+
+def test_the_last_good_checkpoint_named_after_a_nonfinite_step_is_finite(tmp_path: Path) -> None:
+    """Resumed (allow_nonfinite, for forensics) from a last.ckpt with an Inf momentum buffer, the
+    first step makes the weights non-finite: the error names epoch=1-step=4.ckpt, which is finite,
+    as the checkpoint to resume from; never the poisoned last.ckpt (named before)."""
+    module, last = _fit_with_checkpoints(tmp_path / "ckpt")
+    _poison(last, "momentum")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
+    trainer = Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint],
+                      plugins=[AtomicCheckpointIO(allow_nonfinite=True)])
+    with pytest.raises(NonFiniteStepError, match="non-finite") as info:
+        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
+    good = tmp_path / "ckpt" / "epoch=1-step=4.ckpt"
+    assert f"The last good (finite) checkpoint is {good}" in str(info.value) and validate_checkpoint(good) is None
+    assert validate_checkpoint(last) is not None
 
 
 def test_run_lock_is_exclusive(tmp_path: Path) -> None:

@@ -129,6 +129,7 @@ import lightning_spectral.callbacks as callbacks  # noqa: E402
 import lightning_spectral.optim as optim  # noqa: E402
 from lightning_spectral.checkpoint import (  # noqa: E402
     CorruptCheckpointError,
+    NonFiniteCheckpointError,
     RunLockedError,
     UnsafeCheckpointError,
     atomic_torch_save,
@@ -244,6 +245,38 @@ def _truncated_legacy(ctx) -> Path:
     return path
 
 
+def _nonfinite_copy(ctx, where: str) -> Path:
+    """The shared last.ckpt with a NaN weight or momentum buffer, saved whole (its CRCs valid)."""
+    state = torch.load(ctx.last, weights_only=True)
+    if where == "weight":
+        state["state_dict"]["net.fc1.weight"][0, 0] = float("nan")
+    else:
+        state["optimizer_states"][0]["state"][0] = {"momentum_buffer": torch.full((2,), float("nan"))}
+    path = ctx.tmp / f"nan-{where}.ckpt"
+    atomic_torch_save(state, path)
+    return path
+
+
+def _momentum_module():
+    return module(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+
+
+def _nan_momentum_state_dict() -> None:
+    """Plain PyTorch use: a package optimizer's load_state_dict refuses a NaN momentum buffer."""
+    params = _one_param()
+    optimizer = optim.MuonSGD(params, lr=0.1)
+    params[0].grad = torch.randn(4, 4)
+    optimizer.step()
+    state = optimizer.state_dict()
+    next(iter(state["state"].values()))["momentum_buffer"].fill_(float("nan"))
+    optim.MuonSGD(_one_param(), lr=0.1).load_state_dict(state)
+
+
+def _forensic_load(ctx) -> None:
+    loaded = SpectralModule.load_from_checkpoint(_nonfinite_copy(ctx, "weight"), net=net(), allow_nonfinite=True)
+    assert loaded.net.fc1.weight.isnan().any()
+
+
 def _poisoned_save(ctx) -> None:
     model = module()
     fit = trainer(ctx)
@@ -326,6 +359,16 @@ def _mode_follows_umask(ctx) -> None:
     finally:
         os.umask(previous)
     assert (ctx.tmp / "shared.ckpt").stat().st_mode & 0o777 == 0o640  # was 0o600 (mkstemp's)
+
+
+def _nan_last_falls_back(ctx) -> None:
+    """A study resume passes over a last.ckpt holding NaN for the newest finite checkpoint."""
+    directory = ctx.tmp / "ckpts"
+    atomic_torch_save({"state_dict": {"w": torch.ones(2)}}, directory / "epoch=0-step=2.ckpt")
+    atomic_torch_save({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, directory / "last.ckpt")
+    write_config_marker(directory, "h")
+    assert resume_checkpoint(directory, "h", lambda _: None).name == "epoch=0-step=2.ckpt"
+    assert len(list(directory.glob("last.ckpt.corrupt-*"))) == 1
 
 
 def _locked(ctx) -> None:
@@ -425,6 +468,16 @@ ROWS = [
     Row("ckpt-missing", lambda c: c.fit_from(c.tmp / "missing.ckpt"), FileNotFoundError, ("missing.ckpt",)),
     Row("ckpt-crafted-load-from-checkpoint-file-url", lambda c: SpectralModule.load_from_checkpoint(
         _crafted(c).as_uri(), net=net()), UnsafeCheckpointError, ("crafted.ckpt", "weights_only=True")),
+    Row("ckpt-nan-weight-refused", lambda c: c.fit_from(_nonfinite_copy(c, "weight")), NonFiniteCheckpointError,
+        ("nan-weight.ckpt", "weight 'net.fc1.weight'", "allow_nonfinite=True")),
+    Row("ckpt-nan-momentum-refused", lambda c: c.fit_from(_nonfinite_copy(c, "momentum"), _momentum_module()),
+        NonFiniteCheckpointError, ("nan-momentum.ckpt", "optimizer state 'momentum_buffer' of parameter")),
+    Row("ckpt-nan-load-from-checkpoint-refused", lambda c: SpectralModule.load_from_checkpoint(
+        _nonfinite_copy(c, "weight"), net=net()), NonFiniteCheckpointError, ("weight 'net.fc1.weight'",)),
+    Row("ckpt-nan-allowed-for-forensics", _forensic_load),
+    Row("ckpt-nan-not-picked-for-a-study-resume", lambda c: _nan_last_falls_back(c)),
+    Row("optimizer-load-state-dict-nan-momentum", lambda c: _nan_momentum_state_dict(), ValueError,
+        ("momentum_buffer", "holds NaN or Inf")),
     Row("ckpt-legacy-format-resumes", lambda c: c.fit_from(_legacy_copy(c))),
     Row("ckpt-file-url-resumes", lambda c: c.fit_from(c.last.as_uri())),
     Row("ckpt-legacy-truncated", lambda c: c.fit_from(_truncated_legacy(c)), CorruptCheckpointError,
