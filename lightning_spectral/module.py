@@ -85,11 +85,36 @@ class CosineSchedule(LRScheduler):
         if self.total_steps is None:
             raise RuntimeError("CosineSchedule.total_steps is unset: pass total_steps or call set_total_steps()")
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * self.decay(progress)
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        """The decay from 1 to 0 as ``progress`` goes from 0 to 1: ½(1 + cos πp)."""
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
         factor = self.lr_factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+class LinearSchedule(CosineSchedule):
+    """:class:`CosineSchedule`'s warm-up and horizon (``trainer.estimated_stepping_batches`` unless
+    ``total_steps`` is given) with a linear decay, 1 − p: without warm-up, torch's
+    ``PolynomialLR(power=1, total_iters=total_steps)``, whose horizon follows the trainer."""
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        return 1.0 - progress
+
+
+def fixed_horizon(scheduler: LRScheduler) -> tuple[str, int] | None:
+    """``(argument, step)`` of a torch scheduler whose decay ends at a step its config states
+    (``PolynomialLR.total_iters``, ``CosineAnnealingLR.T_max``), else ``None``."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.PolynomialLR):
+        return "total_iters", scheduler.total_iters
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        return "T_max", scheduler.T_max
+    return None
 
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -266,6 +291,14 @@ class ManualOptimizationModule(LightningModule):
             if total <= 0:
                 raise ValueError(self._no_training_batches())
             scheduler.set_total_steps(int(total))
+        horizon = fixed_horizon(scheduler)
+        if horizon is not None and horizon[1] != self.trainer.estimated_stepping_batches:
+            name, step = horizon
+            raise ValueError(
+                f"{type(scheduler).__name__}({name}={step}) ends its decay at step {step}, but the trainer runs "
+                f"{self.trainer.estimated_stepping_batches} optimizer steps (trainer.estimated_stepping_batches): "
+                f"set {name} to that, or use lightning_spectral.module.LinearSchedule / CosineSchedule, whose "
+                "horizon follows the trainer")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _no_training_batches(self) -> str:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from torch import nn
 from torch.optim import Optimizer
@@ -28,6 +30,7 @@ from torch.optim import Optimizer
 import lightning_spectral.callbacks  # noqa: F401
 import lightning_spectral.models  # noqa: F401
 import lightning_spectral.optim  # noqa: F401
+from lightning_spectral.callbacks import PredictionWriter
 from lightning_spectral.callbacks.hparams import HParamsSummary, flat_hparams
 from lightning_spectral.checkpoint import load_checkpoint_safely
 from lightning_spectral.config_files import resolve_config_args
@@ -35,6 +38,7 @@ from lightning_spectral.data import DataDescription, DataShapeError, data_argume
 from lightning_spectral.launch import ReapLaunchedRanks, check_main_port
 from lightning_spectral.models import MODEL_REGISTRY
 from lightning_spectral.module import ManualOptimizationModule, SpectralModule
+from lightning_spectral.parser_errors import shorten
 from lightning_spectral.resume import optimizer_mismatch
 
 DEFAULT_MODEL = f"{SpectralModule.__module__}.{SpectralModule.__qualname__}"
@@ -70,11 +74,30 @@ class SpectralArgumentParser(LightningArgumentParser):
         return super().dump(cfg, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if 'key "net"' in message and "import path" in message:
-            names = ", ".join(cls.__name__ for cls in MODEL_REGISTRY.values())
-            message += (f"\nNetworks of the package: {names} (lightning_spectral.models); or the import path of "
-                        "any torch.nn.Module (my_package.MyNet).")
+        """The message shortened to what is wrong, with the closest valid names
+        (:func:`~lightning_spectral.parser_errors.shorten`), once: where the error ends the parse."""
+        if self.exit_on_error:
+            message = shorten(message, self)
+            if re.search(r"^model\.net: .* imports no class", message, re.MULTILINE):
+                names = ", ".join(cls.__name__ for cls in MODEL_REGISTRY.values())
+                message += (f"\nNetworks of the package: {names} (lightning_spectral.models); or the import path "
+                            "of any torch.nn.Module (my_package.MyNet).")
         super().error(message, ex)
+
+
+SUBCOMMANDS = {
+    "fit": "Train (--ckpt_path resumes a run).",
+    "validate": "One pass over the validation set.",
+    "test": "One pass over the test set.",
+    "predict": "Write the model's predictions to a file.",
+}
+"""One line of ``--help`` for each Trainer subcommand."""
+
+OTHER_COMMANDS = {
+    "study": "Run a study file: a grid of fits (study --help).",
+    "configs": "List the configs shipped with the package.",
+}
+"""The commands :func:`lightning_spectral.cli.cli_main` runs before LightningCLI parses (no Trainer method)."""
 
 
 class SpectralCLI(LightningCLI):
@@ -104,6 +127,31 @@ class SpectralCLI(LightningCLI):
         if "data/batch_size" in settings:
             settings["batch_size"] = settings["data/batch_size"]
         self.trainer.callbacks.append(HParamsSummary(settings))
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands with one line of help each, and :data:`OTHER_COMMANDS` beside them
+        (in ``--help`` and shell completion; :func:`~lightning_spectral.cli.cli_main` runs them
+        before this parser does)."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        for choice in action._choices_actions:
+            choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
+        for name, line in OTHER_COMMANDS.items():
+            action.add_subcommand(name, LightningArgumentParser(description=line), help=line)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument("--out", type=Optional[str], default=None,
+                                help="File of the predictions (.csv or .pt); default predictions.csv in the run's "
+                                     "directory. Used when the config has no prediction writer of its own.")
+        return parser
+
+    def before_predict(self) -> None:
+        """Add a :class:`~lightning_spectral.callbacks.PredictionWriter` (at ``--out``) unless the
+        config has a ``BasePredictionWriter``: without one ``predict`` writes nothing."""
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter(self.config[self.subcommand].get("out")))
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the config's model arguments by a ``ckpt_path``'s, which would

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import ast
+import csv
 import math
 
 import pytest
@@ -83,20 +86,59 @@ def test_short_class_names_resolve(run_cli, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.init_args.optimzer.lr", "0.1"], "optimzer"),
-        (["--trainer.max_epochs", "many"], "max_epochs"),
-        (["--model.net", "NoSuchNet"], "NoSuchNet"),
-        (["--model.net.init_args.depth", "3"], "depth"),
+        (["--model.init_args.optimzer.lr", "0.1"], "model: lightning_spectral.module.SpectralModule takes no argument "
+                                                   "'optimzer'; did you mean 'optimizer'?"),
+        (["--model.optimizer.lrr", "0.1"], "model.optimizer: torch.optim.SGD takes no argument 'lrr'; did you mean 'lr'?"),
+        (["--trainer.max_epochs", "many"], "trainer.max_epochs: Expected a <class 'int'> (given: many)"),
+        (["--model.net", "NoSuchNet"], "model.net: 'NoSuchNet' imports no class"),
+        pytest.param(["--model.net", "MPL"], "model.net: 'MPL' imports no class; did you mean "
+                     "'lightning_spectral.models.MLP'", marks=pytest.mark.slow),
+        (["--model.optimizer", "Muonn"], "did you mean 'lightning_spectral.optim.Muon' or 'torch.optim.Muon'"),
+        pytest.param(["--model.scheduler", "CosineSchedul"], "did you mean 'lightning_spectral.module.CosineSchedule'",
+                     marks=pytest.mark.slow),
+        pytest.param(["--data", "DigitDataModule"], "data: 'DigitDataModule' imports no class; did you mean "
+                     "'lightning_spectral.data.DigitsDataModule'", marks=pytest.mark.slow),
+        pytest.param(["--trainer.callbacks+", "SpectralNormMonitr"],
+                     "did you mean 'lightning_spectral.callbacks.SpectralNormMonitor'", marks=pytest.mark.slow),
+        (["--trainr.max_epochs", "3"], "unknown option --trainr.max_epochs; did you mean 'trainer.max_epochs'"),
+        (["--model.net.init_args.depth", "3"], "lightning_spectral.models.SmallCNN takes no argument 'depth'. Its "
+                                               "arguments: num_classes, in_channels, image_size, width_mult."),
     ],
 )
 def test_wrong_key_or_type_gets_a_clear_error(args: list[str], expected: str, run_cli, capsys) -> None:
+    """jsonargparse's 5-15 lines under a Union are one line naming the key, with the closest valid names."""
     with pytest.raises(SystemExit) as info:
         run_cli("fit", "--config", QUICKSTART, *args)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "error:" in err and expected in err and "Traceback" not in err
-    if expected == "NoSuchNet":  # the message lists the networks there are
-        assert "MLP, SmallCNN, ResNet18" in err
+    message = err[err.index("error: "):].splitlines()
+    assert expected in message[0] and "Traceback" not in err and "Union" not in err
+    if "model.net" in expected:  # the message lists the networks there are, once
+        assert len(message) == 2 and "MLP, SmallCNN, ResNet18" in message[1]
+    else:
+        assert len(message) == 1
+
+
+def test_help_lists_every_command_on_one_line(run_cli, capsys) -> None:
+    from lightning_spectral.spectral_cli import OTHER_COMMANDS, SUBCOMMANDS
+
+    with pytest.raises(SystemExit) as info:
+        run_cli("--help")
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for command, line in {**SUBCOMMANDS, **OTHER_COMMANDS}.items():
+        assert any(row.split() == [command, *line.split()] for row in lines), command
+
+
+@pytest.mark.skipif(importlib.util.find_spec("argcomplete") is None,
+                    reason="the [completion] extra (argcomplete) is not installed")
+def test_shell_completion_offers_the_commands(tmp_path: Path) -> None:
+    line = "lightning-spectral st"
+    env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": line, "COMP_POINT": str(len(line)), "COMP_TYPE": "9",
+           "_ARGCOMPLETE_STDOUT_FILENAME": str(tmp_path / "completions")}
+    subprocess.run([sys.executable, "-m", "lightning_spectral"], env=env, stdin=subprocess.DEVNULL, check=False,
+                   capture_output=True, timeout=240)
+    assert (tmp_path / "completions").read_text().split() == ["study"]
 
 
 def test_yaml_syntax_error_names_the_file(tmp_path: Path, run_cli, capsys) -> None:
@@ -207,6 +249,14 @@ def test_quickstart_trains_and_the_checkpoint_reproduces_it(tmp_path: Path, run_
     predictions = torch.cat(predict.trainer.predict_loop.predictions)
     labels = predict.datamodule.eval_set.tensors[1]
     assert (predictions == labels).float().mean().item() == pytest.approx(logged, abs=1e-6)
+    with open(Path(predict.trainer.log_dir) / "predictions.csv", newline="") as handle:  # the file predict writes
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["index", "prediction"] and len(rows) == len(labels) + 1
+    assert [int(i) for i, _ in rows[1:]] == list(range(len(labels)))  # the held-out set, in order
+    assert torch.equal(torch.tensor([int(p) for _, p in rows[1:]]), predictions)
+    run_cli("predict", "--config", QUICKSTART, "--ckpt_path", str(last), "--out", str(tmp_path / "p.pt"))
+    (written,) = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert torch.equal(written["predictions"], predictions) and torch.equal(written["indices"], torch.arange(len(labels)))
 
     rebuilt = SpectralModule.load_from_checkpoint(last).eval()
     x = predict.datamodule.eval_set.tensors[0][:16]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
 from lightning_spectral.data import DigitsDataModule
 from lightning_spectral.models import SmallCNN
-from lightning_spectral.module import CosineSchedule, SpectralModule
+from lightning_spectral.module import CosineSchedule, LinearSchedule, SpectralModule
 
 
 def make_module(**kwargs) -> SpectralModule:
@@ -206,6 +207,28 @@ def test_cosine_schedule_factors() -> None:
         CosineSchedule(optimizer, total_steps=4, warmup_steps=4)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         CosineSchedule(optimizer, min_lr_ratio=2.0)
+
+
+def test_linear_schedule_is_polynomial_lr_over_the_trainers_horizon(tmp_path: Path) -> None:
+    module = make_module(scheduler=LinearSchedule)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=0, logger=False)
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert module.lr_schedulers().total_steps == 5  # 1 epoch x 5 batches, from the trainer
+    ours, torchs = (torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3) for _ in range(2))
+    linear, polynomial = LinearSchedule(ours, total_steps=7), torch.optim.lr_scheduler.PolynomialLR(torchs, 7, 1.0)
+    for _ in range(9):  # past the horizon both stay at 0
+        assert ours.param_groups[0]["lr"] == pytest.approx(torchs.param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+        ours.step(), torchs.step(), linear.step(), polynomial.step()
+
+
+@pytest.mark.parametrize(("scheduler", "name"), [
+    (lambda opt: torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=960), "PolynomialLR(total_iters=960)"),
+    (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7), "CosineAnnealingLR(T_max=7)"),
+])
+def test_a_stated_horizon_other_than_the_trainers_is_refused(tmp_path: Path, scheduler, name: str) -> None:
+    trainer = make_trainer(tmp_path, max_epochs=1, logger=False)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} ends its decay at step .* trainer runs 5 optimizer steps"):
+        trainer.fit(make_module(scheduler=scheduler), DigitsDataModule(batch_size=32))
 
 
 def test_unbounded_training_needs_a_horizon(tmp_path: Path) -> None:

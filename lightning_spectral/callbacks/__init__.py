@@ -12,6 +12,7 @@ from lightning_spectral.callbacks.constraint import ConstraintMonitor
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
 from lightning_spectral.callbacks.hparams import HParamsSummary
 from lightning_spectral.callbacks.noise_scale import GradientNoiseScaleMonitor
+from lightning_spectral.callbacks.predictions import PredictionWriter
 from lightning_spectral.callbacks.sharpness import SharpnessMonitor
 from lightning_spectral.callbacks.spectral import SpectralNormMonitor
 from lightning_spectral.callbacks.update_size import UpdateSizeMonitor
@@ -22,6 +23,7 @@ __all__ = [
     "EpochRecorder",
     "GradientNoiseScaleMonitor",
     "HParamsSummary",
+    "PredictionWriter",
     "SharpnessMonitor",
     "SpectralNormMonitor",
     "UpdateSizeMonitor",
