@@ -2,7 +2,7 @@
 cost growth with n; many small matrices; ``torch.compile`` of Muon's msign chain.
 
     python -m benchmarks.real_gradients [--quick] [--models mlp,small_cnn,resnet18,gpt]
-                                        [--sections forms,growth,small,compile]
+                                        [--sections forms,growth,small,chains,budgeted,compile]
                                         [--out logs/bench_real.json] [--budget-s 600] [--threads 1]
 
 Capture: each network (seeded) trains for a few SGD steps (lr 0.01, momentum 0.9) on synthetic
@@ -359,6 +359,151 @@ def render_forms(sec: dict) -> str:
     return table(["matrix", "n/m", "standard ms", "Gram ÷ standard (time)", "(flops)", "auto picks"], rows)
 
 
+# -- the Newton–Schulz chains: time and accuracy side by side ----------------------------------------
+def _jordan_float64(G: torch.Tensor) -> torch.Tensor:
+    return msign(G.double(), 5, "jordan", method="standard")
+
+
+def ns_chains(models: list[str], quick: bool, log, cache: Path = CACHE, rounds: int = 5, repeats: int = 2) -> dict:
+    """Jordan's 5-step chain on each model's captured gradients, every way it can run on this
+    device: ours in float32 (``"auto"``: the Gram form where one side is ≥ 2× the other; and the
+    standard chain), ours in bfloat16 (standard: the Gram form has no bfloat16 version, its ``Q_k``
+    grows like ``∏ aₖ`` on the small singular directions), and ``torch.optim.Muon``'s own chain
+    (bfloat16, per matrix). Accuracy: the largest relative Frobenius deviation over the matrices
+    from the same iteration in float64 (the contract ``ns_dtype="auto"`` is held to). Time: ours
+    on the gradients stacked by shape, torch's one matrix at a time (as its optimizer runs it);
+    interleaved rounds, the median of the per-round ratios to ours float32 ``"auto"``, for each of
+    ``repeats`` repeats."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    jordan = (3.4445, -4.7750, 2.0315)
+    out: dict = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": {}}
+    for name in models:
+        grads = capture(name, quick, log=log, cache=cache)["grads"][0]
+        stacks = stack_by_shape(grads)
+        chains = {
+            "ours float32 auto": lambda: [msign(X, 5, "jordan") for X in stacks],
+            "ours float32 standard": lambda: [msign(X, 5, "jordan", method="standard") for X in stacks],
+            "ours bfloat16 standard": lambda: [msign(X, 5, "jordan", dtype=torch.bfloat16) for X in stacks],
+            "torch.optim.Muon chain (bfloat16)": lambda: [_zeropower_via_newtonschulz(G, jordan, 5, 1e-7)
+                                                          for G in grads],
+        }
+        exact = [_jordan_float64(X) for X in stacks]
+        exact_single = [_jordan_float64(G) for G in grads]
+        rows: dict = {}
+        for label, fn in chains.items():
+            result = fn()
+            reference = exact_single if label.startswith("torch") else exact
+            rows[label] = {"deviation": max(float((r.double() - e).norm() / e.norm()) for r, e in zip(result, reference)
+                                            if float(e.norm()) > 0)}
+        for repeat in range(repeats):
+            timing = interleaved(chains, warmup=1, repeats=1 if quick else rounds)
+            base = timing["ours float32 auto"]["times_s"]
+            for label, r in timing.items():
+                rows[label].setdefault("median_s", []).append(r["median_s"])
+                rows[label].setdefault("ratio", []).append(median([t / b for t, b in zip(r["times_s"], base)]))
+        out["models"][name] = rows
+        log(f"[chains] {name}: " + ", ".join(f"{k} {v['ratio']} dev {v['deviation']:.1e}" for k, v in rows.items()))
+    return out
+
+
+def render_chains(sec: dict) -> str:
+    parts = []
+    for name, rows in sec["models"].items():
+        reps = len(next(iter(rows.values()))["ratio"])
+        body = [[label, r["median_s"][0] * 1e3, *r["ratio"], r["deviation"]] for label, r in rows.items()]
+        parts.append(f"**{TITLES.get(name, name)}**\n\n" + table(
+            ["chain (Jordan, 5 steps)", "ms", *[f"÷ ours float32 (repeat {i + 1})" for i in range(reps)],
+             "deviation from float64"], body))
+    return f"CPU capability {sec['cpu_capability']}:\n\n" + "\n\n".join(parts)
+
+
+# -- the budgeted solvers at their stated gap ----------------------------------------------------------
+BUDGETED_SOLVERS = ("spectral_clip", "dual_ascent", "quasi_newton", "admm")
+
+
+def budgeted_solvers(quick: bool, log, cache: Path = CACHE, rounds: int = 3, repeats: int = 2) -> dict:
+    """MuonSGD with each tangent inner solver (the flagship's lr 0.1, momentum 0.9, weight decay
+    5e-4; budget ``SPECTRAL_BUDGET``, binding from the first step on these gradients) at the
+    solvers' default certified gap (tol 1e-3) against our Muon, on ResNet-18's captured gradients.
+    Every optimizer steps on the two captured gradients in turn (warm starts carried), 2 warm-up
+    steps, then ``rounds`` interleaved rounds (every configuration once per round); the ratio to
+    Muon is taken per round and its median reported, for each of ``repeats`` repeats. Accuracy
+    beside the time: the certified relative objective gap of every matrix's step in the timed
+    rounds (median and max; the tests check the certificate against float64 references) and the
+    dual evaluations per matrix. Frank–Wolfe is left out: with tangency each dual step's ball
+    projection is up to ``fw_iters`` exact msigns (an SVD each), 500–17 000 oracle calls per
+    solve on the 48 × 32 test cases, ≥ 10× Muon per dual step."""
+    from lightning_spectral import optim as O
+
+    data = capture("resnet18", quick, log=log, cache=cache)
+    weights, grads = data["weights"], data["grads"]
+    out: dict = {"budget": SPECTRAL_BUDGET, "matrices": len(weights), "repeats": []}
+    for repeat in range(repeats):
+        cases, infos = {}, {}
+        for name in ("Muon", *BUDGETED_SOLVERS):
+            params = [torch.nn.Parameter(w.clone()) for w in weights]
+            if name == "Muon":
+                opt = O.Muon(params)
+            else:
+                solver, infos[name] = _recording(O.get_inner_solver(name, tangent=True))
+                opt = O.MuonSGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, spectral_budget=SPECTRAL_BUDGET,
+                                inner_solver=solver)
+            counter = {"t": 0}
+
+            def step(opt=opt, params=params, counter=counter):
+                for p, g in zip(params, grads[counter["t"] % len(grads)]):
+                    p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+                counter["t"] += 1
+                opt.step()
+
+            cases[name] = step
+        timing = interleaved(cases, warmup=2, repeats=1 if quick else rounds, log=log)
+        for record in infos.values():
+            del record[: 2 * len(weights)]  # the warm-up steps' solves
+        rows = {}
+        for name, r in timing.items():
+            ratios = [t / m for t, m in zip(r["times_s"], timing["Muon"]["times_s"])]
+            row = {"median_s": r["median_s"], "ratio_to_muon": median(ratios), "ratios": ratios}
+            if name in infos:
+                gaps = [i.gap for i in infos[name] if i.gap is not None]
+                row.update(gap_median=median(gaps) if gaps else None, gap_max=max(gaps) if gaps else None,
+                           iterations_per_matrix=sum(i.iterations for i in infos[name]) / max(len(infos[name]), 1))
+            rows[name] = row
+        out["repeats"].append(rows)
+        log("[budgeted] repeat %d: " % (repeat + 1) + ", ".join(f"{k} {v['ratio_to_muon']:.2f}x" for k, v in rows.items()))
+    return out
+
+
+def _recording(solver):
+    """``(solver, infos)``: the same solver, now appending every call's ``SolveInfo`` to ``infos``."""
+    infos: list = []
+
+    class Recording(type(solver)):
+        def __call__(self, *args, **kwargs):
+            result = super().__call__(*args, **kwargs)
+            infos.append(self.last_info)
+            return result
+
+    solver.__class__ = Recording
+    return solver, infos
+
+
+def render_budgeted(sec: dict) -> str:
+    first = sec["repeats"][0]
+    rows = []
+    for name in first:
+        cells = [name if name == "Muon" else f"MuonSGD + {name} (tangent)", first[name]["median_s"] * 1e3]
+        cells += [rep[name]["ratio_to_muon"] for rep in sec["repeats"]]
+        gap_max = [rep[name]["gap_max"] for rep in sec["repeats"] if rep[name].get("gap_max") is not None]
+        cells += [first[name].get("gap_median"), max(gap_max) if gap_max else None, first[name].get("iterations_per_matrix")]
+        rows.append(cells)
+    headers = ["step", "ms", *[f"÷ Muon (repeat {i + 1})" for i in range(len(sec["repeats"]))],
+               "certified gap, median", "max", "dual evaluations per matrix"]
+    return (f"ResNet-18, {sec['matrices']} matrices, spectral budget {sec['budget']}, solvers at tol 1e-3:\n\n"
+            + table(headers, rows))
+
+
 # -- torch.compile ----------------------------------------------------------------------------------
 def compiled_chain(quick: bool, log, cache: Path = CACHE) -> dict:
     """Muon's msign chain (the stacked ResNet-18 gradients, Jordan 5 steps, auto method) under
@@ -394,7 +539,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", default=str(CACHE), help="gradient cache folder")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     parser.add_argument("--sections", default="forms,growth,small,compile",
-                        help="after the models: any of forms, growth, small, compile")
+                        help="after the models: any of forms, growth, small, chains (the Newton–Schulz chains' "
+                             "time and accuracy, opt-in), budgeted (the inner solvers of MuonSGD on ResNet-18, "
+                             "opt-in: ~10 min), compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -424,6 +571,13 @@ def main(argv: list[str] | None = None) -> dict:
     if left() > 0 and "small" in wanted:
         result["many_small"] = many_small(args.quick, log)
         md += ["Many small matrices:", render_small(result["many_small"])]
+    if left() > 0 and "chains" in wanted:
+        chain_models = [m for m in ("resnet18", "gpt") if m in args.models.split(",")] or ["resnet18", "gpt"]
+        result["chains"] = ns_chains(chain_models, args.quick, log, Path(args.cache))
+        md += ["The Newton–Schulz chains, time and accuracy:", render_chains(result["chains"])]
+    if left() > 0 and "budgeted" in wanted:
+        result["budgeted"] = budgeted_solvers(args.quick, log, Path(args.cache))
+        md += ["The budgeted solvers at their certified gap:", render_budgeted(result["budgeted"])]
     if left() > 0 and "compile" in wanted and not args.no_compile:
         result["compile"] = c = compiled_chain(args.quick, log, Path(args.cache))
         md.append("torch.compile of Muon's msign chain on ResNet-18's gradients (CPU): " + (

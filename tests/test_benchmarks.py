@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -103,3 +106,25 @@ def test_real_gradient_benchmark_quick(tmp_path: Path) -> None:
     assert small["Muon"]["batched"] and not small["per-matrix msign loop"]["batched"]
     assert small["per-matrix msign loop"]["gemm_calls"] == small["floor: standard float32 chain"]["gemm_calls"] * 20
     assert "÷ torch Muon" in proc.stdout and "fitted exponent" in proc.stdout
+
+
+@pytest.mark.slow
+def test_real_gradient_benchmark_chains_and_budgeted_sections(tmp_path: Path) -> None:
+    """``--sections chains,budgeted --quick``: every chain's time beside its deviation from the
+    float64 iteration (float32 at round-off, bfloat16 far above it), and every budgeted solver's
+    ratio to Muon for two repeats beside its certified gap (at most the default tol 1e-3)."""
+    out = tmp_path / "sections.json"
+    cmd = [sys.executable, "-m", "benchmarks.real_gradients", "--quick", "--models", "", "--sections",
+           "chains,budgeted", "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for rows in result["chains"]["models"].values():
+        assert rows["ours float32 auto"]["deviation"] < 1e3 * torch.finfo(torch.float32).eps
+        assert rows["ours bfloat16 standard"]["deviation"] > 10 * rows["ours float32 auto"]["deviation"]
+        assert all(len(r["ratio"]) == 2 for r in rows.values())
+    repeats = result["budgeted"]["repeats"]
+    assert len(repeats) == 2
+    for rows in repeats:
+        for name in ("dual_ascent", "quasi_newton", "admm"):
+            assert rows[name]["ratio_to_muon"] > 0 and rows[name]["gap_max"] <= 1e-3 * (1 + 1e-6), rows[name]
