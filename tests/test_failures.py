@@ -555,6 +555,20 @@ ROWS = [
     Row("muonsgd-momentum-one", lambda c: optim.MuonSGD(_one_param(), lr=0.1, momentum=1.5), ValueError,
         ("momentum must be in [0, 1)",)),
     Row("muon-nan-lr", lambda c: optim.Muon(_one_param(), lr=float("nan")), ValueError, ("lr must be >= 0 and finite",)),
+    Row("muon-lr-overflows-float32", lambda c: optim.Muon(_one_param(), lr=1e308), ValueError,
+        ("lr=1e+308", "largest float32")),
+    Row("muon-lr-times-decay-overflows", lambda c: optim.Muon(_one_param(), lr=1e37, weight_decay=100.0), ValueError,
+        ("lr·weight_decay", "overflows float32")),
+    Row("muon-lr-set-to-overflow-later", lambda c: _lr_changed_to_overflow(), ValueError,
+        ("param group 0", "lr=1e+308", "largest float32")),
+    Row("muonsgd-step-overflows", lambda c: _overflowing_step(True), optim.NonFiniteGradientError,
+        ("parameter 'net.w'", "every gradient was finite", "weights were put back")),
+    Row("muonsgd-lazy-step-overflows", lambda c: _overflowing_step("lazy"), optim.NonFiniteGradientError,
+        ("1 step(s)", "made a weight non-finite")),
+    Row("manifold-muon-empty-matrix", lambda c: _empty_matrix_is_skipped(optim.ManifoldMuon)),
+    Row("spectral-ball-empty-matrix", lambda c: _empty_matrix_is_skipped(optim.SpectralBall)),
+    Row("manifold-muon-huge-gradient", lambda c: _huge_gradient_steps_as_its_direction(optim.ManifoldMuon)),
+    Row("spectral-ball-huge-gradient", lambda c: _huge_gradient_steps_as_its_direction(optim.SpectralBall)),
     Row("muon-negative-weight-decay", lambda c: optim.Muon(_one_param(), lr=0.1, weight_decay=-1), ValueError,
         ("weight_decay must be >= 0",)),
     Row("monitor-zero-cadence", lambda c: callbacks.SpectralNormMonitor(every_n_steps=0), ValueError,
@@ -745,6 +759,62 @@ def _other_shapes_state() -> None:
     small[0].grad = torch.randn(4, 4)
     optimizer.step()
     optim.MuonSGD([nn.Parameter(torch.randn(8, 4))], lr=0.1).load_state_dict(optimizer.state_dict())
+
+
+def _overflowing_step(check_finite) -> None:
+    """A finite gradient whose step overflows float64 (lr 1e10 × gradient 1e300): refused naming
+    the weight, which is left as it was (check_finite=True), or skipped and counted ("lazy")."""
+    weight = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    optimizer = optim.MuonSGD([("net.w", weight)], lr=1e10, check_finite=check_finite)
+    before = weight.detach().clone()
+    weight.grad = torch.full_like(weight, 1e300)
+    try:
+        optimizer.step()
+        optimizer.raise_if_nonfinite()
+    finally:
+        assert torch.equal(weight, before)
+
+
+def _lr_changed_to_overflow() -> None:
+    """An lr a scheduler (or a user) sets after construction so large the step overflows: refused
+    at the step, before any weight changes."""
+    weight = nn.Parameter(torch.randn(4, 4))
+    optimizer = optim.Muon([("net.w", weight)])
+    optimizer.param_groups[0]["lr"] = 1e308
+    before = weight.detach().clone()
+    weight.grad = torch.randn(4, 4)
+    try:
+        optimizer.step()
+    finally:
+        assert torch.equal(weight, before)
+
+
+def _empty_matrix_is_skipped(cls) -> None:
+    """A 0 × n matrix has nothing to step: the other weights step as they would without it."""
+    torch.manual_seed(0)
+    empty, weight = nn.Parameter(torch.randn(0, 5)), nn.Parameter(torch.randn(8, 4))
+    alone = nn.Parameter(weight.detach().clone())
+    with_empty, reference = cls([("empty", empty), ("w", weight)]), cls([("w", alone)])
+    empty.grad, weight.grad = torch.zeros(0, 5), torch.randn(8, 4)
+    alone.grad = weight.grad.clone()
+    with_empty.step()
+    reference.step()
+    assert torch.equal(weight, alone) and "empty" not in with_empty.constraint_report()
+
+
+def _huge_gradient_steps_as_its_direction(cls) -> None:
+    """A finite 1e30-scale gradient: the direction is the gradient's direction (these rules
+    normalise it), so the step equals the step of the same gradient at unit scale."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(8, 4))
+    twin = nn.Parameter(weight.detach().clone())
+    huge, unit = cls([weight], lr=0.05), cls([twin], lr=0.05)
+    for _ in range(2):
+        gradient = torch.randn(8, 4)
+        weight.grad, twin.grad = gradient * 2.0**100, gradient
+        huge.step()
+        unit.step()
+    assert torch.isfinite(weight).all() and torch.equal(weight, twin)
 
 
 def test_table_is_large() -> None:

@@ -637,7 +637,7 @@ def test_compiled_step_matches_eager(entry, variant, backend):
     """``torch.compile(opt.step)`` beside the eager step on a copy of the same model and data: three
     steps (the first creates the state, the second recompiles for it, the third reuses it), equal
     weights and state tensors within float32's default tolerance (inductor's kernels may reorder a
-    sum; the eager backend is bit-identical). Plain float state (SpectralBall's multiplier λ, the
+    sum; the eager backend is bit-identical). Scalar state (SpectralBall's multiplier λ, the
     root of ⟨Θ, msign(G + λΘ)⟩ = 0, whose error is the residual's over a small slope) within
     √eps(float32) relative."""
     torch.manual_seed(0)
@@ -658,8 +658,9 @@ def test_compiled_step_matches_eager(entry, variant, backend):
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         assert compiled.state[q].keys() == eager.state[p].keys()
         for key, value in eager.state[p].items():
-            if isinstance(value, float):
-                assert math.isclose(compiled.state[q][key], value, rel_tol=tolerance, abs_tol=tolerance), key
+            if isinstance(value, float) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+                assert math.isclose(float(compiled.state[q][key]), float(value), rel_tol=tolerance,
+                                    abs_tol=tolerance), key
             else:
                 assert_equal(compiled.state[q][key], value)
 

@@ -58,6 +58,9 @@ LR_ADJUSTMENTS = ("none", "original", "match_rms_adamw", "spectral")
 # step per training step from the multiplier kept in the state ("amortized").
 MODES = ("inner", "amortized")
 CHECK_FINITE = (True, False, "lazy")
+# The largest lr and weight decay (and their product) a group may hold: float32's largest number, the
+# dtype the matrix rules compute their steps in; a larger lr makes every step overflow.
+STEP_MAX = float(torch.finfo(torch.float32).max)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -131,6 +134,13 @@ def check_group_values(owner: str, settings: dict[str, Any], where: str = "", pr
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{owner}{where}: {prefix}{name} must be >= 0 and finite, got {settings[name]!r}")
+        if value > STEP_MAX:
+            raise ValueError(f"{owner}{where}: {prefix}{name}={value:g} is above {STEP_MAX:.3g}, the largest float32: "
+                             "a step of that size cannot be represented in the dtype the steps are computed in")
+    lr, decay = (float(settings.get(k, 0.0)) for k in ("lr", "weight_decay"))
+    if lr * decay > STEP_MAX:
+        raise ValueError(f"{owner}{where}: {prefix}lr·weight_decay = {lr * decay:g} overflows float32 (the decay "
+                         "multiplies the weights by 1 − lr·weight_decay)")
 
 
 def _refuse_unsupported(owner: str, group: dict[str, Any], index: int, i: int, p: torch.Tensor) -> None:
@@ -326,6 +336,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._refuse_sparse_gradients()
+        for index, group in enumerate(self.param_groups):  # an lr a scheduler or a user set since
+            check_group_values(type(self).__name__, group, where=f" (param group {group.get('name', index)})")
         if self.check_finite == "lazy":
             if self._sharded_grads():
                 raise ValueError(f"{type(self).__name__}: check_finite='lazy' does not support parameters sharded as "
@@ -336,11 +348,39 @@ class MatrixOptimizer(torch.optim.Optimizer):
             with _autocast_disabled(), _float_lrs(self.param_groups):
                 self._masked_update()
             return loss
-        if self.check_finite:
-            self._check_finite()
-        with _autocast_disabled(), _float_lrs(self.param_groups):
-            self._update()
+        if not self.check_finite:
+            with _autocast_disabled(), _float_lrs(self.param_groups):
+                self._update()
+            return loss
+        self._check_finite()
+        before = [(p, p.detach().clone()) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        try:
+            with _autocast_disabled(), _float_lrs(self.param_groups):
+                self._update()
+        except BaseException:
+            for p, old in before:  # a step that failed half-way leaves no weight changed
+                p.copy_(old)
+            raise
+        self._check_stepped_weights(before)
         return loss
+
+    def _check_stepped_weights(self, before: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """After a step on finite gradients: every updated weight finite (one fused reduction and
+        one host sync), else the weights are put back and the step refused, naming the first weight
+        it made non-finite (a step that overflowed: an lr, budget or gradient too large for the
+        dtype). Sharded weights are checked on each rank's shard, all ranks refusing together."""
+        names = {id(p): (index, i) for index, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])}
+        bad = first_nonfinite((names[id(p)], p) for p, _ in before)
+        if not _refused(bad, [p for p, _ in before if is_sharded(p)]):
+            return
+        for p, old in before:
+            p.copy_(old)
+        where = self.param_name(*bad) if bad is not None else "a parameter sharded on another rank"
+        raise NonFiniteGradientError(
+            f"{type(self).__name__}: the step made {where} hold NaN or Inf although every gradient was finite (a "
+            "step too large for the weights' dtype); the weights were put back (the optimizer state may have "
+            "moved). Lower the learning rate or the spectral budget, or clip gradients."
+        )
 
     # ``check_finite="lazy"``: every this many steps, ``step()`` reads the skipped-step count
     # back (one host sync) and raises if it is not zero; 0: only where the count is read.
@@ -360,7 +400,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if skipped:
             self._nonfinite = None
             raise NonFiniteGradientError(
-                f"{type(self).__name__}: {skipped} step(s) had a gradient holding NaN or Inf; those steps were "
+                f"{type(self).__name__}: {skipped} step(s) had a gradient holding NaN or Inf, or a step that made a weight non-finite; those steps were "
                 "skipped (weights and state tensors left as they were). Lower the learning rate, clip gradients, "
                 "or use bf16/fp32 instead of fp16."
             )
@@ -380,10 +420,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
         ``where(finite, new, 0)``, zero being its value when fresh."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         finite = finite_flags(p.grad for p in params)
-        counts = self._nonfinite if self._nonfinite is not None else {}
-        for device, flag in finite.items():
-            counts[device] = counts.get(device, torch.zeros((), dtype=torch.int64, device=device)) + (~flag).long()
-        self._nonfinite = counts
         saved = {p: p.grad for p in params}
         before = {}
         for p in params:
@@ -395,6 +431,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
         finally:
             for p in params:
                 p.grad = saved[p]
+        # ... and where every weight it wrote is finite (a finite gradient can still overflow a step).
+        for device, flag in finite_flags(params).items():
+            finite[device] = finite[device] & flag
+        counts = self._nonfinite if self._nonfinite is not None else {}
+        for device, flag in finite.items():
+            counts[device] = counts.get(device, torch.zeros((), dtype=torch.int64, device=device)) + (~flag).long()
+        self._nonfinite = counts
         for p, (old_p, old_state) in before.items():
             flag = finite[p.grad.device]
             p.copy_(torch.where(flag, p, old_p))
@@ -409,7 +452,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _update(self) -> None:
         matrices = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+            # (an empty tensor, such as a 0 × n matrix, has nothing to step)
+            params = [p for p in group["params"] if p.grad is not None and p.numel()]
             if params and group[MATRIX_KEY]:
                 matrices.append((group, params))
             elif params:
@@ -450,18 +494,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
         bad = first_nonfinite(((index, i), p.grad) for index, group in enumerate(self.param_groups)
                               for i, p in enumerate(group["params"]) if p.grad is not None)
         sharded = self._sharded_grads()
-        if sharded and _any_rank(bad is not None, sharded[0].device):
-            # Each rank checked its shards: all ranks refuse the step together.
+        # Each rank checked its shards: all ranks refuse the step together.
+        if _refused(bad, sharded):
             where = self.param_name(*bad) if bad is not None else "a parameter sharded on another rank"
             raise NonFiniteGradientError(
                 f"{type(self).__name__}: the gradient of {where} holds NaN or Inf; the step was refused and no "
                 "weight was changed. Lower the learning rate, clip gradients, or use bf16/fp32 instead of fp16."
-            )
-        if bad is not None:
-            raise NonFiniteGradientError(
-                f"{type(self).__name__}: the gradient of {self.param_name(*bad)} holds NaN or Inf; "
-                "the step was refused and no weight was changed. Lower the learning rate, clip "
-                "gradients, or use bf16/fp32 instead of fp16."
             )
 
     def _refuse_sparse_gradients(self) -> None:
@@ -606,6 +644,12 @@ def _autocast_disabled() -> Iterator[None]:
                 yield
         else:
             yield
+
+
+def _refused(bad: Any, sharded: list[torch.Tensor]) -> bool:
+    """Whether a check that found ``bad`` (``None``: nothing) refuses the step: with sharded
+    tensors, on every rank when any rank found one (one all-reduce)."""
+    return _any_rank(bad is not None, sharded[0].device) if sharded else bad is not None
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

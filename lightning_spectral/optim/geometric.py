@@ -217,6 +217,8 @@ class GeometricOptimizer(MatrixOptimizer):
             return
         geometry = self.geometry(group)
         for i, param in enumerate(group["params"]):
+            if param.numel() == 0:  # a 0 × n matrix: nothing to move
+                continue
             with whole(self.state, param) as p:  # a DTensor shard: its full matrix
                 W = as_matrix(p).float()
                 X = geometry.view(W)
@@ -233,6 +235,8 @@ class GeometricOptimizer(MatrixOptimizer):
         for p in params:
             state = self.state[p]
             G = as_matrix(ema_momentum(state, p.grad, group["momentum"], group["nesterov"])).float()
+            if self._scale_free_direction:
+                G = power_of_two_scaled(G)
             key = self._batch_key(group, geometry, p, state)
             batches.setdefault(id(p) if key is None else key, []).append((p, G))
         for items in batches.values():
@@ -260,6 +264,11 @@ class GeometricOptimizer(MatrixOptimizer):
         layout = tuple(sorted((k, tuple(v.shape) if isinstance(v, torch.Tensor) else v)
                               for k, v in state.items() if k not in skip))
         return tuple(p.shape), p.dtype, p.device, layout
+
+    # The binding's direction depends on the gradient's direction only (it normalises ``G`` itself):
+    # ``G`` is then divided by a power of two near its largest entry first, exactly, so that a
+    # finite gradient as large as 1e30 does not overflow the norms and Gram matrices the direction forms.
+    _scale_free_direction = False
 
     # Plain float state values that differ from matrix to matrix: a batched step stacks them into
     # a tensor, and writes them back as floats, rather than splitting the batch by their value.
@@ -316,6 +325,8 @@ class GeometricOptimizer(MatrixOptimizer):
 
     @torch.no_grad()
     def _constraint_distance(self, group, p, state) -> Optional[float]:
+        if p.numel() == 0:
+            return None
         geometry = self.geometry(group)
         return geometry.distance(geometry.view(as_matrix(p).float()))
 
@@ -345,6 +356,13 @@ class GeometricOptimizer(MatrixOptimizer):
         if "param_names" in old:
             group["param_names"] = [old["param_names"][i] for i in positions]
         return group
+
+
+def power_of_two_scaled(G: torch.Tensor) -> torch.Tensor:
+    """``G / 2^⌊log₂ max(1, max|G|)⌋``: exact (a power of two), a no-op for entries at most 1 in size,
+    and at most 1 in size after; no host sync."""
+    largest = G.abs().amax().clamp_min(1.0) if G.numel() else G.new_ones(())
+    return G / torch.exp2(torch.floor(torch.log2(largest)))
 
 
 def _write(state: dict, key: str, value: torch.Tensor) -> None:

@@ -86,6 +86,8 @@ class ManifoldMuon(GeometricOptimizer):
                         dual_steps=dual_steps, dual_memory=dual_memory)
         super().__init__(params, defaults, unsupported=None, **kwargs)
 
+    _scale_free_direction = True  # msign(Ĝ + WX) with Ĝ = G/‖G‖₂, the dual in Ĝ's units
+
     @staticmethod
     def geometry(group):
         return geo.Stiefel(retraction_tol=group["retraction_tol"])
@@ -174,6 +176,8 @@ class SpectralBall(GeometricOptimizer):
                         inner_tol=inner_tol, inner_max_iters=int(inner_max_iters), ns_steps=ns_steps,
                         ns_schedule=ns_schedule, sigma_tol=sigma_tol)
         super().__init__(params, defaults, unsupported=None, **kwargs)
+
+    _scale_free_direction = True  # msign(Ĝ + λΘ) with Ĝ = G/‖G‖₂, λ in Ĝ's units
 
     @staticmethod
     def geometry(group):
