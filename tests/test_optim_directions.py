@@ -177,7 +177,8 @@ def test_stiefel_square_closed_form(shape):
 
 def test_stiefel_amortized_plain_fixed_point_on_tall_and_wide():
     """``stiefel_direction(mode="amortized")`` is one plain fixed-point step (no memory): on a
-    tall 64×16 point (n ≥ 4k) it converges in a few calls (measured 7e-2 → 3e-9 in 10 calls),
+    tall 64×16 point (n ≥ 4k) it converges linearly (measured 7e-2 → 7.5e-7 in 10 calls, about
+    0.3 per call, identical in float64: the residual is the iteration's, not round-off),
     and a wide W gives the transpose of the tall answer."""
     W, G = stiefel_case((64, 16), 2)
     Y, residuals = None, []

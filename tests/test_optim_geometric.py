@@ -54,7 +54,7 @@ def gram_error(W: torch.Tensor) -> float:
 CASES = {
     "oblique": (Oblique, dict(lr=0.05), 1e-6, "max |‖column‖ − 1|"),
     "oblique_rows": (Oblique, dict(lr=0.05, dim="rows", radius=2.0), 1e-6, "max |‖row‖/2 − 1|"),
-    "sl": (SLMuon, dict(lr=0.01), 1e-4, "|det W − 1|"),
+    "sl": (SLMuon, dict(lr=0.01), None, "|det W − 1| (tolerance from W's conditioning: det_tolerance)"),
     "symplectic": (Symplectic, dict(lr=0.02), 1e-6, "‖WᵀJW − J‖_F/(√n·max(1, ‖W‖₂²))"),
     "l1_stiefel": (L1Stiefel, dict(lr=0.05, l1_weight=1e-3), 1e-5, "‖WᵀW − I‖_F/√k"),
     "block_stiefel": (BlockStiefel, dict(lr=0.05, block_size=4), 1e-5, "max over blocks ‖XᵀX − I‖_F/√k"),
@@ -62,6 +62,16 @@ CASES = {
     "grassmann": (Grassmann, dict(lr=0.05), 1e-5, "‖WᵀW − I‖_F/√k"),
     "l1_stiefel_riemannian": (L1Stiefel, dict(lr=0.5, direction="riemannian"), 1e-5, "‖WᵀW − I‖_F/√k"),
 }
+
+
+def det_tolerance(W: torch.Tensor) -> float:
+    """|det W − 1| that storing an exact (float64) point of SL(n) in float32 can cause: each entry
+    moves by at most u = eps/2 relative, which moves log det by |tr(W⁻¹δW)| ≤ ‖W⁻¹‖_F u ‖W‖_F
+    (first order, Cauchy–Schwarz), doubled for the higher orders."""
+    W = W.double()
+    return 2 * (torch.finfo(torch.float32).eps / 2) * float(torch.linalg.inv(W).norm()) * float(W.norm())
+
+
 # Matrices of the MLP (8→16→16→4) kept on each manifold; the others take the AdamW fallback.
 ON_MANIFOLD = {
     Oblique: {"0.weight", "2.weight", "4.weight"},
@@ -100,9 +110,11 @@ def test_constraint_holds_after_training(case):
     assert losses[-1] < 0.6 * losses[0], f"{case} did not train: {losses[0]:.3f} -> {losses[-1]:.3f}"
     report = opt.constraint_report()
     assert set(report) == ON_MANIFOLD[opt_cls]
+    W = dict(model.named_parameters())
+    if opt_cls is SLMuon:  # κ(W) ≈ 8e3 after these steps: 1.5e-3 (measured 3.6e-5 with AVX-512, 5.5e-5 without)
+        tol = det_tolerance(W["2.weight"].detach())
     for name, entry in report.items():
         assert 0.0 <= entry["constraint"] <= tol, (case, name, entry)
-    W = dict(model.named_parameters())
     # Independent checks of the same constraints, from the weights themselves.
     if opt_cls is Oblique:
         dim = 1 if kwargs.get("dim") == "rows" else 0
@@ -118,7 +130,7 @@ def test_constraint_holds_after_training(case):
     elif opt_cls is SLMuon:
         M = W["2.weight"].detach().double()
         assert abs(float(torch.linalg.det(M)) - 1.0) < tol
-        assert float(torch.linalg.cond(M)) < 1e5  # measured 8e3 here; |det − 1| grows with κ in float32
+        assert float(torch.linalg.cond(M)) < 1e5  # measured 8e3 here; det_tolerance ≤ eps·n·κ grows with κ
     elif opt_cls is Symplectic:
         M, J = W["2.weight"].detach().double(), symplectic_form(16)
         assert float((M.mT @ J @ M - J).abs().max()) < 1e-5 * max(1.0, float(torch.linalg.matrix_norm(M, 2)) ** 2)
