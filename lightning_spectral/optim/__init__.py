@@ -22,6 +22,7 @@ from .geometric import (
 from .linalg import TangentSpace, spectral_clip
 from .manifold import ManifoldMuon, SpectralBall
 from .msign import SCHEDULES, msign, msign_svd
+from .keller_jordan import MuonWithAuxAdam, SingleDeviceMuon, SingleDeviceMuonWithAuxAdam
 from .muon import Muon, torch_muon_state_dict
 from .param_groups import build_param_groups, routing_table
 from .registry import OPTIMIZERS, OptimizerEntry, find_optimizer, optimizer_entries, register
@@ -40,7 +41,8 @@ from .solvers import (
 __all__ = [
     "ADMMSolver", "BlockStiefel", "DoublyStochastic", "GeometricOptimizer", "Grassmann", "L1Stiefel", "Oblique",
     "SLMuon", "Symplectic", "sinkhorn", "symplectic_form", "DirectionInfo", "DualAscentSolver", "FrankWolfeSolver", "InnerSolver", "ManifoldMuon",
-    "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "NonFiniteGradientError", "OPTIMIZERS", "OPTIMIZER_TYPES",
+    "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "MuonWithAuxAdam", "SingleDeviceMuon",
+    "SingleDeviceMuonWithAuxAdam", "NonFiniteGradientError", "OPTIMIZERS", "OPTIMIZER_TYPES",
     "OptimizerEntry", "find_optimizer", "optimizer_entries", "register",
     "QuasiNewtonDualSolver", "SCHEDULES", "SOLVER_REGISTRY", "SolveInfo", "SpectralBall", "SpectralClipSolver",
     "TangentSpace", "build_param_groups", "create_optimizer", "get_inner_solver", "msign", "msign_svd", "routing_table",

@@ -15,6 +15,8 @@ An entry says what its class takes and supports:
   run by the test catalogues;
 - ``takes``: which matrices its rule takes (the others go to the fallback), and ``example_shape``,
   one it takes (for the generic tests);
+- ``package``: ``False`` for torch's own optimizers and for other code's names of ours (Keller
+  Jordan's ``MuonWithAuxAdam``/``SingleDeviceMuon``), which the test catalogues leave out;
 - features: ``constrained`` (weights moved onto a set when it is built), ``sharded`` (DTensor /
   FSDP2 parameters), ``lazy_finite`` (``check_finite="lazy"``), ``compile_variants`` (the variants
   whose ``torch.compile(opt.step)`` matches eager), ``complex`` and ``sparse`` (refused with an
@@ -30,6 +32,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import torch
 
 from .budgeted import MuonAdamW, MuonSGD
+from .keller_jordan import MuonWithAuxAdam, SingleDeviceMuon
 from .geometric import BlockStiefel, DoublyStochastic, Grassmann, L1Stiefel, Oblique, SLMuon, Symplectic
 from .manifold import ManifoldMuon, SpectralBall
 from .muon import Muon
@@ -136,6 +139,12 @@ for _entry in (
                    package=False),
     OptimizerEntry("adamw", torch.optim.AdamW, "torch.optim.AdamW on every group", ("lr", "weight_decay"),
                    package=False),
+    # Keller Jordan's muon.py names for Muon at his defaults (optim/keller_jordan.py): the same rule as
+    # "muon", which the catalogues run; package=False keeps them out of the catalogues.
+    OptimizerEntry("muon_with_aux_adam", MuonWithAuxAdam, "Muon groups (use_muon=True) and Adam groups, Keller "
+                   "Jordan's defaults", ("lr", "momentum", "weight_decay"), package=False),
+    OptimizerEntry("single_device_muon", SingleDeviceMuon, "Muon at Keller Jordan's defaults",
+                   ("lr", "momentum", "weight_decay"), package=False),
     OptimizerEntry(
         "muon", Muon, "W <- (1 - lr wd) W - lr s msign(momentum)", ("lr", "momentum", "weight_decay"),
         test_kwargs=dict(lr=0.02), compile_variants=("default",)),
