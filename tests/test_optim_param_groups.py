@@ -189,3 +189,40 @@ def test_routing_table_names_the_original_module_class_under_fsdp2(tmp_path):
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     assert {row[0]: row[-1] for row in rows} == {"0.weight": "Linear", "0.bias": "Linear",
                                                  "2.weight": "Linear (head)", "2.bias": "Linear"}, table
+
+
+class _TiedGPT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte, self.h = nn.Embedding(50, 16), nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+
+class _Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok_embeddings, self.hidden, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+
+@pytest.mark.parametrize("net, expected", [(_TiedGPT, ["wte.weight (embedding)"]),
+                                           (_Classifier, ["tok_embeddings.weight (embedding)", "fc.weight (output head)"])])
+def test_named_parameters_routed_by_shape_warn_naming_embeddings_and_the_head(net, expected):
+    """What build_param_groups(model) would give the fallback (its embedding and head rows), named
+    when an optimizer gets named parameters without a matrix/use_muon key; not from bare tensors,
+    explicit groups or the model."""
+    from lightning_spectral.optim import create_optimizer
+
+    model = net()
+    roles = parameter_roles(model)
+    with pytest.warns(UserWarning, match="routed by shape alone") as caught:
+        Muon(model.named_parameters())
+    message = str(caught[0].message)
+    assert all(name in message for name in expected) and "hidden.weight" not in message and "h.weight" not in message
+    named = dict(model.named_parameters())
+    assert {id(named[e.split(" ")[0]]) for e in expected} <= set(roles)  # the model's own rule agrees
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Muon(model.parameters())
+        create_optimizer(model, "muon")
+        Muon([{"params": [(n, p) for n, p in model.named_parameters() if p.ndim == 2], "use_muon": True}])

@@ -28,7 +28,7 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from .geometry.base import record_inner
-from .param_groups import MATRIX_KEY, named_group, split_group
+from .param_groups import MATRIX_KEY, USE_MUON_KEY, named_group, split_group, warn_misrouted
 from .distributed import step_matrices
 from .sharded import is_sharded
 
@@ -284,7 +284,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                            fallback_momentum=fallback_momentum, fallback_nesterov=fallback_nesterov,
                                            fallback_weight_decay=fallback_weight_decay)
         self._groups_added = 0
+        self._split_by_ndim: list[str] = []  # named matrices routed by shape alone (no matrix/use_muon key)
         super().__init__(params, defaults)
+        warn_misrouted(owner, self._split_by_ndim)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group``, routed like the groups given at construction:
@@ -298,7 +300,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         group = named_group(param_group)
         for i, p in enumerate(group["params"]):
             _refuse_unsupported(owner, group, index, i, p)
+        by_ndim = MATRIX_KEY not in group and USE_MUON_KEY not in group
         for part in self._route(split_group(group, index), index):
+            if by_ndim and part[MATRIX_KEY]:
+                self._split_by_ndim.extend(part.get("param_names", ()))
             if part[MATRIX_KEY]:
                 self._prepare_group(part)
             else:

@@ -228,6 +228,44 @@ def split_by_rule(params: Iterable[Any]) -> list[dict[str, Any]]:
     return out
 
 
+# Names of embedding tables in common models (nn.Embedding attributes: embed_tokens, tok_embeddings,
+# wte/wpe of GPT-2, word_embeddings of BERT, pos_emb...).
+EMBEDDING_NAMES = ("emb", "wte", "wpe")
+
+
+# Names of output heads (lm_head, head, classifier, fc of torchvision's ResNet, out, logits).
+HEAD_NAMES = ("head", "classifier", "fc", "out", "logits")
+
+
+def misrouted_by_name(names: Sequence[str]) -> list[str]:
+    """Of the named matrices an optimizer routed by shape alone (in the order given), those that
+    look like an embedding (a module name containing one of :data:`EMBEDDING_NAMES`) or the output
+    head (the last one, as :func:`parameter_roles` takes a model's last ``nn.Linear``, when its
+    module name contains one of :data:`HEAD_NAMES`: a head tied to the embedding is not in a
+    model's named parameters, and the last one is then a hidden matrix), each with its role."""
+    def named(n: str, keys: tuple[str, ...]) -> bool:
+        return any(key in part.lower() for part in (n.split(".")[:-1] or [n]) for key in keys)
+
+    found = [f"{n} (embedding)" for n in names if named(n, EMBEDDING_NAMES)]
+    if names and named(names[-1], HEAD_NAMES) and not named(names[-1], EMBEDDING_NAMES):
+        found.append(f"{names[-1]} (output head)")
+    return found
+
+
+def warn_misrouted(owner: str, names: Sequence[str]) -> None:
+    """One warning naming each embedding or head :func:`misrouted_by_name` finds among ``names``."""
+    found = misrouted_by_name(names)
+    if found:
+        warnings.warn(
+            f"{owner}: the matrix rule was given {', '.join(found)}, routed by shape alone: embeddings and the output "
+            "head usually take the AdamW/SGD fallback. Pass the model to create_optimizer (or build_param_groups(model)), "
+            "or put them in a group with matrix=False (use_muon=False); a group with matrix=True (use_muon=True) "
+            "keeps its tensors on the matrix rule without this warning.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def unsharded_class(module: nn.Module) -> type:
     """The module's own class: FSDP2's ``fully_shard`` swaps it for a dynamic subclass of ``FSDPModule``
     and the original (``FSDPLinear`` -> ``Linear``), whose first base outside FSDP is the original."""
