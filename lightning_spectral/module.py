@@ -284,7 +284,8 @@ class ManualOptimizationModule(LightningModule):
         scheduler = self.scheduler(optimizer)
         if isinstance(scheduler, ReduceLROnPlateau):
             raise TypeError(f"ReduceLROnPlateau needs a metric; {type(self).__name__} steps its scheduler every batch")
-        if isinstance(scheduler, CosineSchedule) and scheduler.total_steps is None:
+        # max_steps=0 asks for no step (Lightning ends the fit at once, as for max_epochs=0): no horizon to set.
+        if isinstance(scheduler, CosineSchedule) and scheduler.total_steps is None and self.trainer.max_steps != 0:
             total = self.trainer.estimated_stepping_batches
             if math.isinf(total):
                 raise ValueError("the cosine schedule needs trainer.max_epochs or trainer.max_steps (or total_steps)")
@@ -317,7 +318,9 @@ class ManualOptimizationModule(LightningModule):
 
     def on_fit_start(self) -> None:
         # Lightning would end a fit without batches silently; ``estimated_stepping_batches`` loads the data.
-        if self.trainer.estimated_stepping_batches <= 0 or self.trainer.num_training_batches == 0:
+        # max_steps=0 asks for no step: Lightning ends the fit saying "`max_steps=0` reached".
+        if self.trainer.max_steps != 0 and (self.trainer.estimated_stepping_batches <= 0
+                                            or self.trainer.num_training_batches == 0):
             raise ValueError(self._no_training_batches())
         self._report_routing()
 

@@ -436,6 +436,10 @@ ROWS = [
         module(scheduler=None), DigitsDataModule(batch_size=5000)), ValueError, ("batch_size 5000 exceeds",)),
     Row("no-training-batches", lambda c: trainer(c, limit_train_batches=0).fit(module(), DigitsDataModule()),
         ValueError, ("limit_train_batches is 0",)),
+    Row("max-steps-zero-ends-at-once", lambda c: _no_step(c, "max_steps")),
+    Row("max-steps-zero-constant-lr-ends-at-once", lambda c: _no_step(c, "max_steps", scheduler=None)),
+    Row("max-epochs-zero-ends-at-once", lambda c: _no_step(c, "max_epochs")),
+    Row("cli-max-steps-zero-ends-at-once", lambda c: _cli_no_step(c)),
     Row("unbounded-cosine", lambda c: trainer(c, epochs=-1).fit(module(), DigitsDataModule()), ValueError,
         ("trainer.max_epochs or trainer.max_steps",)),
     # Non-finite values never reach the weights or a checkpoint
@@ -726,6 +730,25 @@ def _scan_build(ctx, key: str, spec: dict) -> None:
             build_data({"data": spec})
         else:
             build_optimizer({"model": {"init_args": {"optimizer": spec}}}, net(), 0.1)
+
+
+def _no_step(ctx, limit: str, **kwargs) -> None:
+    """``trainer.<limit>=0`` asks for no step: as in Lightning, the fit ends at once, weights untouched."""
+    model = module(**kwargs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit = trainer(ctx, epochs=0) if limit == "max_epochs" else trainer(ctx, max_steps=0)
+    fit.fit(model, DigitsDataModule(batch_size=32))
+    assert fit.global_step == 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _cli_no_step(ctx) -> None:
+    """The issue's ``--trainer.max_steps 0`` (it said "the training dataset is empty")."""
+    from lightning_spectral.cli import cli_main
+
+    with _in(ctx):
+        cli = cli_main(["fit", "--config", str(QUICKSTART), "--trainer.max_steps=0", "--trainer.logger=false", "--trainer.callbacks=[]",
+                        "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.global_step == 0 and cli.trainer.state.finished
 
 
 def _busy_master_port() -> None:
