@@ -45,6 +45,26 @@ class LinReg(pl.LightningModule):
         return DataLoader(TensorDataset(x, x[:, :2] * 3 + torch.randn(64, 2, generator=g)), batch_size=PER_RANK)
 
 
+class ReleaseProcessGroup(Callback):
+    """Last in the list: destroy the gloo process group on every rank when the fit ends.
+
+    Lightning's ddp_spawn workers exit with their gloo group alive (Lightning registers
+    ``destroy_process_group`` at exit for NCCL only), so the group's worker threads, which run the
+    comm hook's Python ``Future.then`` callback and hold its tensors, are torn down only during
+    interpreter finalization; a gloo thread that takes the GIL then aborts the worker (SIGABRT,
+    the rare teardown failure of this file; see torch's own comment in ``destroy_process_group``
+    and pytorch/pytorch#179291). ``destroy_process_group`` waits for pending works and hooks and
+    shuts the backend down while the interpreter is alive; the barrier first lets neither rank
+    close its connections while the other still communicates. Nothing in the worker uses the
+    group after the callbacks' ``teardown``.
+    """
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 class Checker(Callback):
     """After the monitor (list order): recompute local and averaged gradients independently and compare."""
 
@@ -77,7 +97,8 @@ def test_gns_ddp_comm_hook_two_processes(tmp_path):
     monitor = GradientNoiseScaleMonitor(every_n_steps=2, ema_decay=0.5)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=[monitor, Checker(monitor)], enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[monitor, Checker(monitor), ReleaseProcessGroup()],
+        enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, default_root_dir=tmp_path,
     )
     trainer.fit(LinReg())
@@ -117,7 +138,7 @@ def test_rank_zero_values_reach_every_rank_for_early_stopping(tmp_path):
     stop = EarlyStopping(monitor="spectral_norm/max", mode="min", stopping_threshold=1e9, check_on_train_epoch_end=True)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=3, logger=False,
-        callbacks=[SpectralNormMonitor(every_n_steps=2), SeesCallbackMetrics(tmp_path), stop],
+        callbacks=[SpectralNormMonitor(every_n_steps=2), SeesCallbackMetrics(tmp_path), stop, ReleaseProcessGroup()],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
     )
     with warnings.catch_warnings():
@@ -151,7 +172,8 @@ def test_update_size_is_measured_on_rank_zero_and_reaches_every_rank(tmp_path):
 
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
-        callbacks=[UpdateSizeMonitor(every_n_steps=2, method="svd"), SeesUpdateSize(tmp_path)],
+        callbacks=[UpdateSizeMonitor(every_n_steps=2, method="svd"), SeesUpdateSize(tmp_path),
+                   ReleaseProcessGroup()],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
     )
     with warnings.catch_warnings():
