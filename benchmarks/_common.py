@@ -21,10 +21,14 @@ Shape = tuple[int, int]
 def model_shapes(name: str, quick: bool = False) -> list[Shape]:
     """``out × in·kh·kw`` of every ≥2-D parameter of the model (conv kernels flattened).
 
-    ``quick`` shrinks the widths (ResNet-18 at ``width_mult=1/16``, the MLP on 8×8 inputs with
+    ``"gpt"`` is the GPT 4×256 (four heads), its blocks' matrices only (24: q, k, v, o, fc, proj).
+    ``quick`` shrinks the widths (the GPT to 2×32, ResNet-18 at ``width_mult=1/16``, the MLP on 8×8 inputs with
     width 1/8) so the smoke test runs in seconds; the shapes keep their aspect ratios."""
-    from lightning_spectral.models import MLP, ResNet18
+    from lightning_spectral.models import GPT, MLP, ResNet18
 
+    if name == "gpt":  # the blocks' matrices (the embedding and the tied head take the fallback)
+        model = GPT(n_layer=2, n_embd=32, n_head=4, block_size=16) if quick else GPT(n_layer=4, n_embd=256, n_head=4)
+        return [tuple(p.shape) for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim >= 2]
     if name == "resnet18":
         model = ResNet18(width_mult=1 / 16 if quick else 1.0)
     elif name == "mlp":
@@ -183,20 +187,20 @@ def write_result(path: Path, result: dict, markdown: Optional[str] = None,
         path.with_suffix(".md").write_text(markdown + "\n")
 
 
-def _gloo_rank(rank: int, port: int, worker: Callable, args: Any, queue: Any) -> None:
+def _gloo_rank(rank: int, port: int, world: int, worker: Callable, args: Any, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         worker(rank, args, queue)
     finally:
         dist.destroy_process_group()
 
 
-def on_two_gloo_ranks(worker: Callable, args: Any, results: int, timeout: float) -> list:
-    """Run ``worker(rank, args, queue)`` (a module-level function) in 2 spawned processes, each
+def on_gloo_ranks(worker: Callable, args: Any, results: int, timeout: float, world: int = 2) -> list:
+    """Run ``worker(rank, args, queue)`` (a module-level function) in ``world`` spawned processes, each
     with one thread and a gloo process group on a free local port; returns the first ``results``
     items the workers put on ``queue``."""
     import torch.multiprocessing as mp
@@ -206,7 +210,7 @@ def on_two_gloo_ranks(worker: Callable, args: Any, results: int, timeout: float)
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_rank, args=(rank, port, worker, args, queue)) for rank in range(2)]
+    procs = [ctx.Process(target=_gloo_rank, args=(rank, port, world, worker, args, queue)) for rank in range(world)]
     for p in procs:
         p.start()
     items = [queue.get(timeout=timeout) for _ in range(results)]

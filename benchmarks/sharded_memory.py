@@ -9,7 +9,8 @@ Each rank builds the network (the GPT with ``n_layer=4, n_embd=256, n_head=4``; 
 and takes ``--steps`` optimizer steps on the same batch, once with the network sharded by torch's
 ``fully_shard`` over a CPU device mesh (each parameterised child of an ``nn.ModuleList`` /
 ``nn.Sequential`` its own unit, then the network, as ``SpectralModule.configure_model``) and once
-unsharded. Reported per rank: the bytes of optimizer state the rank holds (the local shard of a
+unsharded and replicated (``distribute_work = False``: every rank holds every matrix's state;
+under DDP's work split each rank keeps only the state of the matrices it owns). Reported per rank: the bytes of optimizer state the rank holds (the local shard of a
 ``DTensor``, the whole of a plain tensor), and the buffer one gathered matrix adds during the
 sharded step (full weight + full gradient + full state of the largest matrix-routed parameter,
 from the sizes).
@@ -27,7 +28,7 @@ from torch import nn
 from lightning_spectral.models import GPT, MLP
 from lightning_spectral.optim import ManifoldMuon, Muon, MuonAdamW, build_param_groups
 
-from ._common import on_two_gloo_ranks, table, write_result
+from ._common import on_gloo_ranks, table, write_result
 
 MiB = 2**20
 OPTIMIZERS = {"Muon": Muon, "MuonAdamW": MuonAdamW, "ManifoldMuon": ManifoldMuon}
@@ -97,6 +98,7 @@ def measure(name: str, opt_name: str, mesh, sharded: bool, steps: int, quick: bo
     groups = build_param_groups(net)
     matrices = [p for g in groups if g["matrix"] for p in g["params"]]
     opt = OPTIMIZERS[opt_name](groups)
+    opt.distribute_work = False  # replicated: every rank holds every state (the DDP split keeps only its own)
     x, y = _batch(name, net, quick)
     for _ in range(steps):
         opt.zero_grad()
@@ -146,7 +148,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1 (the state is created by the first step), got {args.steps}")
-    ranks = dict(on_two_gloo_ranks(_worker, args, results=2, timeout=1800))
+    ranks = dict(on_gloo_ranks(_worker, args, results=2, timeout=1800))
     result = {"quick": args.quick, "steps": args.steps, "world_size": 2, "ranks": ranks}
     text = markdown(result)
     print(text)

@@ -41,17 +41,20 @@ def test_quick_benchmark_produces_every_section(tmp_path: Path) -> None:
 
 
 def test_quick_distributed_benchmark_times_split_and_repeated_work(tmp_path: Path) -> None:
-    """``benchmarks.distributed --quick``: two gloo processes time every optimizer with its matrix
-    work split across the ranks and repeated on both."""
+    """``benchmarks.distributed --quick``: two gloo processes time Muon on the GPT's matrices with
+    its matrix work split across the ranks, repeated on both, and sharded; the split orthogonalises
+    half the matrices per rank and sends no more than the weights, in one collective."""
     out = tmp_path / "distributed.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--quick", "--repeats", "1",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--quick", "--repeats", "1", "--model", "gpt",
+                           "--optimizers", "Muon", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert {"Muon", "ManifoldMuon amortized", "SpectralBall amortized"} <= set(rows)
-    for name, row in rows.items():
-        assert row["split_s"] > 0 and row["repeated_s"] > 0, name
-        assert row["ratio"] == row["split_s"] / row["repeated_s"]
+    modes = {row["mode"]: row for row in rows.values()}
+    assert set(modes) == {"repeated", "split", "fsdp2"}
+    assert all(row["step_s"] > 0 for row in rows.values())
+    assert modes["split"]["matrices"] * 2 == modes["repeated"]["matrices"] == 12
+    assert modes["split"]["collectives"] == 1 and 0 < modes["split"]["sent_mib"] <= modes["split"]["param_mib"]
+    assert modes["repeated"]["sent_mib"] == 0
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from torch.optim.sgd import sgd
 
 from .geometry.base import record_inner
 from .param_groups import MATRIX_KEY, USE_MUON_KEY, named_group, split_group, warn_misrouted
-from .distributed import step_matrices
+from .distributed import owner_values, step_matrices, whole_state
 from .sharded import is_sharded
 
 __all__ = ["AUX_ADAMW", "FALLBACKS", "FALLBACK_ARGUMENTS", "LR_ADJUSTMENTS", "MODES", "MatrixOptimizer",
@@ -343,6 +343,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._refuse_sparse_gradients()
         for index, group in enumerate(self.param_groups):  # an lr a scheduler or a user set since
             check_group_values(type(self).__name__, group, where=f" (param group {group.get('name', index)})")
+        self._consolidated = None  # gathered before this step: stale after it
         if self.check_finite == "lazy":
             if self._sharded_grads():
                 raise ValueError(f"{type(self).__name__}: check_finite='lazy' does not support parameters sharded as "
@@ -411,9 +412,27 @@ class MatrixOptimizer(torch.optim.Optimizer):
             )
 
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, holding every matrix's state. Where the matrix work is split across
+        ranks each rank holds only the state of the matrices it owns: the others' is gathered here
+        (a collective: call it on every rank), unless :meth:`consolidate_state_dict` has gathered
+        it since the last step."""
         if self.check_finite == "lazy":
             self.raise_if_nonfinite()
-        return super().state_dict()
+        consolidated, self._consolidated = self._consolidated, None
+        if consolidated is not None:
+            return consolidated
+        with whole_state(self):
+            return super().state_dict()
+
+    _consolidated: Optional[dict[str, Any]] = None
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the whole state dict for rank ``to``'s next :meth:`state_dict` (collective: every
+        rank calls it; Lightning does before asking rank 0 alone for the optimizer's state, as for
+        ``torch.distributed.optim.ZeroRedundancyOptimizer``)."""
+        state = self.state_dict()
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._consolidated = state if rank == to else None
 
     def _masked_update(self) -> None:
         """The update, kept only where every gradient (of its device) is finite: no host sync.
@@ -577,6 +596,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             groups.append(group)
         current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(dict(state_dict, param_groups=groups + list(state_dict["param_groups"][len(groups):])))
+        self._work_split = None  # every rank holds the whole loaded state (its first step keeps its own)
         for group, before in zip(self.param_groups, current):
             for name, value in before.items():
                 group.setdefault(name, value)
@@ -604,10 +624,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if not group[MATRIX_KEY]:
                 continue
             given = group.get("param_names") or [f"{group.get('name', index)}.{i}" for i in range(len(group["params"]))]
-            for p, own in zip(group["params"], given):
+            inner = owner_values(self, group["params"], ("inner_iterations", "inner_residual"))
+            for p, own, entry in zip(group["params"], given, inner):
                 name = names.get(p, own)
                 state = self.state.get(p, {})
-                entry = {k: float(state[k]) for k in ("inner_iterations", "inner_residual") if k in state}
                 # A sharded matrix's distance is its full matrix's (an all-gather: every rank reports).
                 distance = self._constraint_distance(group, p.full_tensor() if is_sharded(p) else p, state)
                 if distance is not None:

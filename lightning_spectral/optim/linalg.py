@@ -19,9 +19,10 @@ def as_matrix(p: torch.Tensor) -> torch.Tensor:
     return p if p.ndim == 2 else p.reshape(p.shape[0], -1)
 
 
-def msign_cost(p: torch.Tensor) -> int:
-    """``m·n·min(m, n)`` of the ``m × n`` matrix view of ``p``: how an msign's work grows."""
-    rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
+def msign_cost(p: torch.Tensor | torch.Size) -> int:
+    """``m·n·min(m, n)`` of the ``m × n`` matrix view of ``p`` (a tensor or its shape): how an msign's work grows."""
+    shape = p.shape if isinstance(p, torch.Tensor) else p
+    rows, cols = shape[0], shape.numel() // max(shape[0], 1)
     return rows * cols * min(rows, cols)
 
 
