@@ -8,9 +8,9 @@ that never comes until torch's 30-minute timeout, orphaned. So:
 
 * :func:`check_main_port` refuses, before any rank is launched, a ``MASTER_PORT`` that another
   process holds (:class:`MainPortInUseError`, naming the port and the fix);
-* :class:`ReapLaunchedRanks` kills (SIGKILL, as Lightning's own child-process observer does: a
-  rank waiting in a collective ignores SIGTERM) and reaps the ranks rank 0 launched when rank 0's
-  fit, validate, test or predict raises.
+* :class:`ReapLaunchedRanks`, when rank 0's fit, validate, test or predict raises, reaps the ranks
+  it launched: those that do not end within a few seconds are killed (SIGKILL, as Lightning's own
+  child-process observer does: a rank waiting in a rendezvous or collective ignores SIGTERM).
 
 The CLI does both for every run (:meth:`~lightning_spectral.spectral_cli.SpectralCLI.before_fit`).
 """
@@ -21,6 +21,7 @@ import errno
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -66,14 +67,23 @@ def check_main_port(trainer: Any) -> None:
 
 
 class ReapLaunchedRanks(Callback):
-    """When the run raises on the rank that launched the others, SIGKILL and reap those ranks."""
+    """When the run raises on the rank that launched the others, give those ranks ``grace_s``
+    seconds to end on their own (after a SIGTERM, which Lightning forwards to them, each stops at
+    its next batch), then SIGKILL and reap the rest."""
+
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self.grace_s = grace_s
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         launcher = _launcher(trainer)
         running = [p for p in (launcher.procs if launcher else []) if p.poll() is None]
+        deadline = time.monotonic() + self.grace_s
+        while running and time.monotonic() < deadline:
+            time.sleep(0.1)
+            running = [p for p in running if p.poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGKILL)
-        for proc in running:
+        for proc in launcher.procs if launcher else []:
             proc.wait()
         if running:
             rank_zero_warn(f"{type(exception).__name__} on rank 0: stopped the {len(running)} rank(s) it launched "

@@ -85,6 +85,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_the_cli_on_a_busy_master_port_fails_at_once_and_leaves_no_process(tmp_path: Path) -> None:
     with _listening() as busy:
@@ -92,11 +93,11 @@ def test_the_cli_on_a_busy_master_port_fails_at_once_and_leaves_no_process(tmp_p
         out, code, seconds, left = _run([sys.executable, "-m", "lightning_spectral", "fit", "--config",
                                          str(QUICKSTART), "--trainer.strategy=ddp", "--trainer.devices=2",
                                          "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.callbacks=[]"],
-                                        tmp_path, _env(MASTER_PORT=str(port)), timeout=240)
+                                        tmp_path, _env(MASTER_PORT=str(port)), timeout=600)
     assert code == 1, out[-3000:]
     assert f"error: MASTER_PORT={port} is in use by another process" in out
     assert "unset MASTER_PORT" in out and "no rank was started" in out
-    assert not left and seconds < 120  # seconds of imports; before, rank 1 waited for torch's 30-minute timeout
+    assert not left and seconds < 600  # seconds of imports (minutes on a loaded machine); the hang was 30 minutes
 
 
 UNCHECKED_PORT = textwrap.dedent(
@@ -132,6 +133,7 @@ UNCHECKED_PORT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_a_failing_rank_zero_kills_and_reaps_the_rank_it_launched(tmp_path: Path) -> None:
     """Rank 0 fails on the busy port (torch retries the bind for about 30 s); rank 1, connected to the
@@ -139,7 +141,7 @@ def test_a_failing_rank_zero_kills_and_reaps_the_rank_it_launched(tmp_path: Path
     (tmp_path / "unchecked_port.py").write_text(UNCHECKED_PORT)
     with _listening() as busy:
         out, code, seconds, left = _run([sys.executable, "unchecked_port.py"], tmp_path,
-                                        _env(MASTER_PORT=str(busy.getsockname()[1])), timeout=240)
+                                        _env(MASTER_PORT=str(busy.getsockname()[1])), timeout=600)
     assert code != 0 and "EADDRINUSE" in out, out[-3000:]
     assert "stopped the 1 rank(s) it launched" in out
-    assert not left and seconds < 150  # without the callback rank 1 is left running (checked by hand)
+    assert not left and seconds < 600  # without the callback rank 1 is left running (checked by hand)
