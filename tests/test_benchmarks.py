@@ -131,3 +131,18 @@ def test_real_gradient_benchmark_chains_and_budgeted_sections(tmp_path: Path) ->
     for rows in repeats:
         for name in ("dual_ascent", "quasi_newton", "admm"):
             assert rows[name]["ratio_to_muon"] > 0 and rows[name]["gap_max"] <= 1e-3 * (1 + 1e-6), rows[name]
+
+
+@pytest.mark.slow
+def test_compiled_step_benchmark_quick(tmp_path: Path) -> None:
+    """``benchmarks.compiled_step --quick --backend eager``: every row compiles, times and matches eager."""
+    out = tmp_path / "compiled.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--quick", "--backend", "eager",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {"Muon", "MuonSGD (spectral_clip)", "MuonAdamW (spectral_clip)", "ManifoldMuon amortized",
+            "SpectralBall amortized"} <= set(rows)
+    for name, row in rows.items():
+        assert row["compile_s"] > 0 and abs(row["ratio"] - row["compiled_ms"] / row["eager_ms"]) <= 1e-9, name
+        assert row["max_weight_diff"] <= 1e-5, name  # the eager backend runs the same kernels
