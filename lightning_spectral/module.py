@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_spectral.checkpoint import checkpoint_bytes, nonfinite_entry, use_atomic_checkpoint_io
 from lightning_spectral.config_policy import enforce_in_jsonargparse
-from lightning_spectral.optim.base import first_nonfinite
+from lightning_spectral.optim.base import finite_flags, first_nonfinite
 from lightning_spectral.optim.param_groups import build_param_groups, routing_table
 from lightning_spectral.resume import CheckpointMismatchError  # noqa: F401 (its import path before resume.py)
 from lightning_spectral.resume import META_KEY, ResumeCheck, checkpoint_metadata, resume_hint
@@ -122,6 +122,27 @@ class NonFiniteStepError(FloatingPointError):
     """A NaN/Inf loss, gradient or weight stopped training before it reached the weights or a checkpoint."""
 
 
+class _StepWeightsCheck:
+    """Whether every weight stayed finite after each optimizer step since the last read, kept on
+    the device: one fused reduction per step (:func:`~lightning_spectral.optim.base.finite_flags`)
+    ANDed into a 0-d flag per device, no host sync; read (:meth:`take`) where the host syncs anyway."""
+
+    def __init__(self) -> None:
+        self._flags: dict[torch.device, torch.Tensor] = {}
+        self.steps = 0  # steps accumulated since the last read
+
+    def after_step(self, params: Any) -> None:
+        for device, flag in finite_flags(params).items():
+            self._flags[device] = flag & self._flags[device] if device in self._flags else flag
+        self.steps += 1
+
+    def take(self) -> tuple[dict[torch.device, torch.Tensor], int]:
+        """The accumulated flags and the number of steps they cover; then start afresh."""
+        taken = self._flags, self.steps
+        self._flags, self.steps = {}, 0
+        return taken
+
+
 class ManualOptimizationModule(LightningModule):
     """A network trained with one ``optimizer.step()`` per batch (manual optimization).
 
@@ -144,8 +165,13 @@ class ManualOptimizationModule(LightningModule):
     Before every optimizer step the loss and the gradients are checked for NaN/Inf (one fused
     norm and one host sync per step, whatever the optimizer; under fp16's ``GradScaler`` the
     scaler's own check): a non-finite step never reaches the weights, so a package optimizer's
-    own check (``check_finite=True``) is switched off rather than repeated. No checkpoint is
-    written from non-finite weights.
+    own check (``check_finite=True``) is switched off rather than repeated. After every optimizer
+    step the weights are checked too (a finite step can overflow them: a learning rate too
+    large, a poisoned momentum buffer): one fused norm on the device, no host sync of its own;
+    its flag is read with the next step's check (under the ``GradScaler``: every
+    :attr:`weight_check_every` steps), at the last batch of an epoch and before a checkpoint is
+    written, and stops the run naming the step and the weight. No checkpoint is written from
+    non-finite weights or optimizer state.
 
     Resuming (``ckpt_path``) follows :class:`~lightning_spectral.resume.ResumeCheck`: another
     network, ``exclude``, head/embedding routing or optimizer class than the checkpoint's raises
@@ -177,7 +203,11 @@ class ManualOptimizationModule(LightningModule):
 
     Attributes:
         skipped_steps: steps skipped by ``nonfinite="skip"`` so far (kept in checkpoints).
+        weight_check_every: under fp16's ``GradScaler`` (no check of its own before each step),
+            the steps between two reads of the weights' finite flag (one host sync each).
     """
+
+    weight_check_every = 100
 
     def __init__(
         self,
@@ -218,6 +248,7 @@ class ManualOptimizationModule(LightningModule):
         self.skipped_steps = 0
         self._consecutive_skips = 0
         self._resume = ResumeCheck()
+        self._step_weights = _StepWeightsCheck()
         self._clock: float | None = None  # when the throughput was last logged
         self._counted: dict[str, int] = {}  # samples (tokens, ...) since then
 
@@ -387,22 +418,19 @@ class ManualOptimizationModule(LightningModule):
         self.manual_backward(loss)
         if self._finite_step(loss, optimizer, batch_idx):
             optimizer.step()
+            self._step_weights.after_step(self.parameters())
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
             self._on_step_taken(batch, outputs)
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        if self._last_batch_of_epoch(batch_idx):
+        last = self._last_batch_of_epoch(batch_idx)
+        if last or self._step_weights.steps >= self.weight_check_every:
             # The epoch-end callbacks (diagnostics, checkpoints) run after this step and must
-            # not see non-finite weights: one check per epoch.
-            bad = first_nonfinite(self.named_parameters())
-            # Every rank must agree: a sharded network's ranks check different shards.
-            if not self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
-                raise NonFiniteStepError(
-                    f"the optimizer step at step {self.trainer.global_step} made the weight "
-                    f"{repr(bad) if bad else '(on another rank)'} non-finite "
-                    f"(finite loss and gradients); {self._resume_hint()}"
-                )
+            # not see non-finite weights: the flag of the steps not read yet (this one's).
+            flags, steps = self._step_weights.take()
+            self._raise_if_weights_nonfinite(self._nonfinite_weight(flags), steps)
+        if last:
             self._on_last_training_batch()
             if self.skipped_steps:
                 self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True,
@@ -418,13 +446,22 @@ class ManualOptimizationModule(LightningModule):
             return True
         grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
         loss_key = ("loss",)  # no parameter name is a tuple
-        bad = first_nonfinite([(loss_key, loss.detach()), *grads])  # one host sync while all is finite
-        loss_finite = bad != loss_key
-        culprit = bad if loss_finite else first_nonfinite(grads)
-        finite = bad is None
-        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+        named = [(loss_key, loss.detach()), *grads]
+        # The weights' flag of the steps since the last read joins this check's: one host sync.
+        weights, steps = self._step_weights.take()
+        flags = finite_flags(t for _, t in named)
+        for device, flag in weights.items():
+            flags[device] = flags[device] & flag if device in flags else flag
+        bad = weight = None
+        if not all(bool(flag) for flag in flags.values()):  # one host sync per device while all is finite
+            bad, weight = first_nonfinite(named), self._nonfinite_weight(weights)
+        if self.trainer.strategy.reduce_boolean_decision(bad is None and weight is None, all=True):
             self._consecutive_skips = 0
             return True
+        # The previous step made a weight non-finite: this step's loss and gradients follow from it.
+        self._raise_if_weights_nonfinite(weight, steps)
+        loss_finite = bad != loss_key
+        culprit = bad if loss_finite else first_nonfinite(grads)
         what = "gradient" if loss_finite else f"loss ({float(loss.detach()):g})"
         where = (f"non-finite {what} at step {self.trainer.global_step} (epoch {self.current_epoch}, batch "
                  f"{batch_idx}); first non-finite gradient: {culprit or 'none on this rank'}")
@@ -441,6 +478,24 @@ class ManualOptimizationModule(LightningModule):
         if self.skipped_steps == 1:
             rank_zero_warn(f"{where}: step skipped (nonfinite='skip'); skips are counted in train/skipped_steps")
         return False
+
+    def _nonfinite_weight(self, flags: dict[torch.device, torch.Tensor]) -> Any:
+        """The name of the first non-finite weight if the flags of :class:`_StepWeightsCheck` say
+        there may be one (a host sync per device), else ``None``."""
+        return None if all(bool(flag) for flag in flags.values()) else first_nonfinite(self.named_parameters())
+
+    def _raise_if_weights_nonfinite(self, bad: Any, steps: int) -> None:
+        """Stop if a rank found the non-finite weight ``bad`` after the last ``steps`` optimizer
+        steps (every rank takes part: a sharded network's ranks check different shards)."""
+        if not self.trainer.strategy.reduce_boolean_decision(bad is None, all=True):
+            last = self.trainer.global_step
+            which = (f"the optimizer step at step {last}" if steps <= 1
+                     else f"one of the optimizer steps {last - steps + 1} to {last}")
+            raise NonFiniteStepError(
+                f"{which} made the weight "
+                f"{repr(bad) if bad else '(on another rank)'} non-finite (finite loss and gradients); "
+                f"{self._resume_hint()}"
+            )
 
     def _resume_hint(self) -> str:
         return resume_hint(self.trainer)

@@ -380,15 +380,16 @@ def test_a_nonfinite_checkpoint_refuses_the_resume_naming_the_tensor(tmp_path: P
 
 def test_the_last_good_checkpoint_named_after_a_nonfinite_step_is_finite(tmp_path: Path) -> None:
     """Resumed (allow_nonfinite, for forensics) from a last.ckpt with an Inf momentum buffer, the
-    first step makes the weights non-finite: the error names epoch=1-step=4.ckpt, which is finite,
-    as the checkpoint to resume from; never the poisoned last.ckpt (named before)."""
+    first step makes the weights non-finite, named at the next step's check (it was taken for a
+    non-finite loss there, "the weights are those before it"); the error names epoch=1-step=4.ckpt,
+    which is finite, as the checkpoint to resume from, never the poisoned last.ckpt (named before)."""
     module, last = _fit_with_checkpoints(tmp_path / "ckpt")
     _poison(last, "momentum")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
     trainer = Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint],
                       plugins=[AtomicCheckpointIO(allow_nonfinite=True)])
-    with pytest.raises(NonFiniteStepError, match="non-finite") as info:
+    with pytest.raises(NonFiniteStepError, match="the optimizer step at step 5 made the weight") as info:
         trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
     good = tmp_path / "ckpt" / "epoch=1-step=4.ckpt"
     assert f"The last good (finite) checkpoint is {good}" in str(info.value) and validate_checkpoint(good) is None

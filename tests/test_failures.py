@@ -286,6 +286,30 @@ def _poisoned_save(ctx) -> None:
     fit.save_checkpoint(ctx.tmp / "poisoned.ckpt")
 
 
+class _OverflowAtSecondStep(torch.optim.SGD):
+    """SGD whose second step leaves a weight infinite, its gradients finite (an update that overflows)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        out = super().step(closure)
+        if self.calls == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+
+def _overflow_mid_epoch(ctx) -> None:
+    """Found at the next step's check, not taken for a non-finite loss to skip: before, two
+    skipped steps stopped the run as 'non-finite loss', the weights called 'those before it'."""
+    model = module(optimizer=lambda p: _OverflowAtSecondStep(p, lr=0.1), nonfinite="skip", max_consecutive_skips=2)
+    try:
+        trainer(ctx, limit_train_batches=6, limit_val_batches=0).fit(model, DigitsDataModule(batch_size=32))
+    finally:
+        assert model.skipped_steps == 0
+
+
 def _inf_lr(ctx) -> None:  # finite gradients, an update that overflows the weights
     trainer(ctx, limit_train_batches=1).fit(module(optimizer=lambda p: torch.optim.SGD(p, lr=float("inf")),
                                                    scheduler=None),
@@ -447,6 +471,8 @@ ROWS = [
     Row("nan-weights-not-saved", _poisoned_save, NonFiniteStepError, ("refusing to write a checkpoint",
                                                                       "net.fc1.weight")),
     Row("overflowing-update", _inf_lr, NonFiniteStepError, ("made the weight", "non-finite")),
+    Row("overflow-mid-epoch-found-at-the-next-step", _overflow_mid_epoch, NonFiniteStepError,
+        ("the optimizer step at step 2 made the weight 'net.features.0.weight' non-finite",)),
     Row("muonsgd-nan-gradient", lambda c: _nan_step(optim.MuonSGD, lr=0.1), optim.NonFiniteGradientError,
         ("holds NaN or Inf", "no weight was changed")),
     Row("muon-nan-gradient", lambda c: _nan_step(optim.Muon, lr=0.1), optim.NonFiniteGradientError,

@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_spectral.data import DigitsDataModule
 from lightning_spectral.models import MLP
-from lightning_spectral.module import SpectralModule
+from lightning_spectral.module import NonFiniteStepError, SpectralModule
 from lightning_spectral.optim import optimizer_entries
 
 # Every optimizer of the registry in its test configuration (a new entry is covered here at once).
@@ -102,3 +102,33 @@ def test_fp16_grad_scaler_path_skips_overflowing_steps(tmp_path: Path, name: str
     assert any(not torch.equal(a, b) for a, b in zip(seen[3], seen[4]))
     assert scaler.get_scale() < 2.0**10  # the overflow halved the scale
     _check_constraint(module)
+
+
+class _OverflowAtSecondStep(torch.optim.SGD):
+    """SGD whose second step leaves a weight infinite, its gradients finite (an update that overflows)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        out = super().step(closure)
+        if self.calls == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+
+def test_fp16_grad_scaler_path_checks_the_weights_every_n_steps(tmp_path: Path) -> None:
+    """Under the GradScaler (no check of the module's own before a step) the weights' device flag
+    is read every weight_check_every steps: an overflow at step 2 stops the run at step 3 with
+    weight_check_every=3, not at the end of the 45-batch epoch."""
+    module = SpectralModule(MLP(num_classes=10, in_channels=1, image_size=8, hidden_sizes=[32, 32]), 10,
+                            optimizer=lambda p: _OverflowAtSecondStep(p, lr=0.1), scheduler=None)
+    module.weight_check_every = 3
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      plugins=[plugin])
+    with pytest.raises(NonFiniteStepError, match="one of the optimizer steps 1 to 3 made the weight 'net."):
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 3 and trainer.num_training_batches > 40
