@@ -374,7 +374,8 @@ def test_a_nonfinite_checkpoint_refuses_the_resume_naming_the_tensor(tmp_path: P
     loaded = SpectralModule.load_from_checkpoint(last, net=_net(), allow_nonfinite=True)
     assert loaded.net.fc1.weight.isnan().any() == (where == "weight")
     forensic = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                       limit_val_batches=1, plugins=[AtomicCheckpointIO(allow_nonfinite=True)])
+                       enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=1,
+                       plugins=[AtomicCheckpointIO(allow_nonfinite=True)])
     forensic.validate(module, DigitsDataModule(batch_size=32), ckpt_path=last)
 
 
