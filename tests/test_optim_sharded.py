@@ -177,6 +177,42 @@ def _fsdp2_case(mesh) -> dict:
                 moved=max(_max_diff(a, b) for a, b in zip(net().parameters(), model.parameters())))
 
 
+def _split_case(mesh) -> dict:
+    """Muon's directions under DTensor: each matrix orthogonalised on one rank only (counted from
+    msign's calls), same-shaped matrices three (uneven over 2 ranks), a 1×8 matrix smaller than
+    the world (rank 1's shard is empty), mixed placements; weights and momentum against plain steps."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import lightning_spectral.optim.muon as muon_module
+
+    spec = [((6, 5), 0), ((6, 5), 0), ((6, 5), 0), ((1, 8), 0), ((5, 6), 1), ((8, 4), 1)]
+    torch.manual_seed(0)
+    full = [torch.randn(shape) for shape, _ in spec]
+    ref = [nn.Parameter(t.clone()) for t in full]
+    sharded = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(dim)])) for t, (_, dim) in zip(full, spec)]
+    ref_opt, opt = O.Muon(ref, lr=0.05), O.Muon(sharded, lr=0.05)
+    ref_opt.distribute_work = False
+    counted, original = [0], muon_module.msign
+    g = torch.Generator().manual_seed(1)
+    try:
+        for _ in range(STEPS):
+            grads = [torch.randn(shape, generator=g) for shape, _ in spec]
+            for p, q, grad, (_, dim) in zip(ref, sharded, grads, spec):
+                p.grad = grad.clone()
+                q.grad = distribute_tensor(grad.clone(), mesh, [Shard(dim)])
+            ref_opt.step()
+            muon_module.msign = lambda X, *a, **k: (counted.__setitem__(0, counted[0] + (X.shape[0] if X.ndim == 3 else 1)),
+                                                    original(X, *a, **k))[1]
+            opt.step()
+            muon_module.msign = original
+    finally:
+        muon_module.msign = original
+    return dict(weight=max(_max_diff(a, b) for a, b in zip(ref, sharded)),
+                state=max(_max_diff(ref_opt.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"])
+                          for a, b in zip(ref, sharded)),
+                per_step=counted[0] / STEPS, matrices=len(spec))
+
+
 def _fsdp1_case() -> str:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -193,7 +229,7 @@ def _worker(rank: int, port: int, tmp: str, queue) -> None:
     mesh = _init(rank, port)
     try:
         queue.put((rank, dict(dtensor=_dtensor_cases(mesh, rank, tmp), nonfinite=_nonfinite_case(mesh, rank),
-                              fsdp2=_fsdp2_case(mesh), fsdp1=_fsdp1_case())))
+                              fsdp2=_fsdp2_case(mesh), fsdp1=_fsdp1_case(), split=_split_case(mesh))))
     finally:
         dist.destroy_process_group()
 
@@ -232,6 +268,15 @@ def test_fully_shard_fsdp2(results, rank):
     case = results[rank]["fsdp2"]
     assert case["moved"] > 1e-3, "the sharded model must have trained"
     assert case["weight"] <= TOL, case
+
+
+def test_muon_directions_computed_once_across_ranks(results):
+    """Every matrix orthogonalised on exactly one rank (the counts add up to the matrices), from
+    the whole matrix: the steps equal the plain ones to float32 round-off (TOL)."""
+    cases = [results[rank]["split"] for rank in (0, 1)]
+    assert sum(c["per_step"] for c in cases) == cases[0]["matrices"], cases
+    assert all(0 < c["per_step"] < c["matrices"] for c in cases), cases
+    assert all(c["weight"] <= TOL and c["state"] <= TOL for c in cases), cases
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -16,8 +16,12 @@ during a step. The state of a matrix lives on its owner only (``1/world`` of it 
 (``distribute_work`` switched, a group added) moves it first. Set
 ``optimizer.distribute_work = False`` to repeat the work on every rank instead.
 
-Parameters sharded as ``DTensor`` (FSDP2, Lightning's ``ModelParallelStrategy``) take their
-matrix step on the gathered full matrix and keep their shard of the result (:mod:`.sharded`).
+Parameters sharded as ``DTensor`` (FSDP2, Lightning's ``ModelParallelStrategy``): where the
+optimizer's step comes in three parts (Muon: ``_momentum_update`` and ``_apply_direction``
+elementwise, ``_direction`` of the whole matrix) and the parameter is sharded on one dimension of
+a 1-D mesh, its direction is computed on one rank from an all-to-all of the shards
+(:func:`_sharded_directions`); the other optimizers take their matrix step on the gathered full
+matrix on every rank and keep their shard of the result (:mod:`.sharded`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from .linalg import msign_cost
+from .linalg import as_matrix, msign_cost
 from .param_groups import MATRIX_KEY
 from .sharded import full_matrix, is_sharded
 
@@ -44,7 +48,11 @@ def step_matrices(optimizer: Any, matrices: Matrices) -> None:
     owners = _owners(optimizer)
     me = dist.get_rank() if owners is not None else 0
     for group, params in matrices:
-        for p in [p for p in params if is_sharded(p)]:
+        sharded = [p for p in params if is_sharded(p)]
+        split = {id(p) for p in sharded if _splits_shards(optimizer, p)}
+        if split:
+            _sharded_directions(optimizer, group, [p for p in sharded if id(p) in split])
+        for p in [p for p in sharded if id(p) not in split]:
             with full_matrix(optimizer.state, p) as full:
                 optimizer._matrix_step(group, [full])
         params = [p for p in params if not is_sharded(p) and (owners is None or owners[p] == me)]
@@ -52,6 +60,91 @@ def step_matrices(optimizer: Any, matrices: Matrices) -> None:
             optimizer._matrix_step(group, params)
     if owners is not None:
         _share_weights([p for _, params in matrices for p in params if not is_sharded(p)], owners)
+
+
+def _splits_shards(optimizer: Any, p: torch.Tensor) -> bool:
+    """Whether ``p``'s direction is computed on one rank from an all-to-all of its shards: the
+    optimizer's step comes in three parts (``_momentum_update``, ``_direction``,
+    ``_apply_direction``: Muon) and ``p`` is sharded on one dimension of a 1-D mesh (FSDP2)."""
+    if not hasattr(optimizer, "_direction") or not hasattr(optimizer, "_apply_direction"):
+        return False
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard():
+        return False
+    dim = placements[0].dim
+    return tuple(p.to_local().shape) == _shard_shape(p.shape, dim, mesh.size(), mesh.get_local_rank())
+
+
+def _shard_shape(shape: torch.Size, dim: int, world: int, rank: int) -> tuple[int, ...]:
+    """The local shape of ``rank``'s ``Shard(dim)`` of ``shape`` (``torch.chunk``'s sizes, as DTensor
+    splits: ``⌈n/world⌉`` rows each, the last ranks fewer or none)."""
+    chunk = -(-shape[dim] // world)
+    rows = max(0, min(chunk, shape[dim] - rank * chunk))
+    return tuple(rows if d == dim else n for d, n in enumerate(shape))
+
+
+@torch.no_grad()
+def _sharded_directions(optimizer: Any, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    """Dion's Muon for FSDP2 (Ahn et al. 2025, github.com/microsoft/dion): the momentum stays
+    sharded and is updated on the shards; per shape, one all-to-all turns every rank's shards of
+    the shape's matrices into whole matrices on their owners (:func:`deal`), each owner computes
+    the direction of its matrices (one stacked call), and a second all-to-all returns each rank
+    its shards of the directions, applied on the shards."""
+    from torch.distributed.tensor import DTensor
+
+    by_key: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        by_key.setdefault((tuple(p.shape), p.dtype, p.device_mesh, p.placements), []).append(p)
+    start = 0
+    for (shape, dtype, mesh, placements), members in by_key.items():
+        shape, dim, world, me = torch.Size(shape), placements[0].dim, mesh.size(), mesh.get_local_rank()
+        pg = mesh.get_group()
+        updates = []
+        for p in members:  # the momentum, updated on the shards (a DTensor in the state, as p)
+            state = optimizer.state[p]
+            local = {k: v.to_local() if is_sharded(v) else v for k, v in state.items()}
+            updates.append(optimizer._momentum_update(group, local, p.grad.to_local()))
+            for k, v in local.items():
+                if k not in state:
+                    state[k] = DTensor.from_local(v, mesh, placements, run_check=False, shape=shape, stride=p.stride())
+        owners = [(start + i) % world for i in range(len(members))]  # round robin, each shape after the last
+        start = (start + len(members)) % world
+        sizes = [int(torch.Size(_shard_shape(shape, dim, world, r)).numel()) for r in range(world)]
+        # to each owner, this rank's shards of its matrices
+        send = torch.cat([updates[i].reshape(-1) for o in range(world) for i in range(len(members)) if owners[i] == o]
+                         or [updates[0].new_empty(0)])
+        mine = [i for i in range(len(members)) if owners[i] == me]
+        in_splits = [sizes[me] * owners.count(o) for o in range(world)]
+        out_splits = [sizes[r] * len(mine) for r in range(world)]
+        received = send.new_empty(sum(out_splits))
+        dist.all_to_all_single(received, send, out_splits, in_splits, group=pg)
+        pieces = received.split(out_splits)
+        wholes = [torch.cat([pieces[r][k * sizes[r]:(k + 1) * sizes[r]].view(_shard_shape(shape, dim, world, r))
+                             for r in range(world)], dim=dim) for k in range(len(mine))]
+        directions = []
+        if wholes:
+            stacked = as_matrix(wholes[0]) if len(wholes) == 1 else torch.stack([as_matrix(w) for w in wholes])
+            ortho = optimizer._direction(group, stacked)
+            directions = [ortho.view(shape)] if len(wholes) == 1 else [o.view(shape) for o in ortho]
+        # back: to each rank r its shards of this rank's directions
+        chunks = [d.tensor_split(_bounds(shape, dim, world), dim=dim) for d in directions]
+        back = torch.cat([chunks[k][r].reshape(-1) for r in range(world) for k in range(len(mine))]
+                         or [send.new_empty(0)])
+        returned = send.new_empty(sum(in_splits))
+        dist.all_to_all_single(returned, back, in_splits, out_splits, group=pg)
+        parts = returned.split(in_splits)
+        for o in range(world):
+            owned = [i for i in range(len(members)) if owners[i] == o]
+            for k, i in enumerate(owned):
+                p = members[i]
+                shard = parts[o][k * sizes[me]:(k + 1) * sizes[me]]
+                optimizer._apply_direction(group, p.to_local(), shard, shape)
+
+
+def _bounds(shape: torch.Size, dim: int, world: int) -> list[int]:
+    """Where ``tensor_split`` cuts dimension ``dim`` into the ranks' shards."""
+    chunk = -(-shape[dim] // world)
+    return [min(shape[dim], r * chunk) for r in range(1, world)]
 
 
 def deal(keys: list[tuple], world: int) -> list[int]:

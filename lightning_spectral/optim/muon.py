@@ -105,22 +105,35 @@ class Muon(MatrixOptimizer):
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         for p in params:
-            update = ema_momentum(self.state[p], p.grad, group["momentum"], group["nesterov"])
-            matrix = as_matrix(update)
+            matrix = as_matrix(self._momentum_update(group, self.state[p], p.grad))
             by_shape[matrix.shape].append((p, matrix))
-        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-        for shape, items in by_shape.items():
+        for items in by_shape.values():
             stacked = items[0][1] if len(items) == 1 else torch.stack([m for _, m in items])
-            dtype = resolve_dtype(group["ns_dtype"], stacked.device)
-            ortho = msign(stacked, group["ns_steps"], schedule_of(group), dtype=dtype, eps=group["eps"])
-            step = lr * lr_scale(shape, group["adjust_lr"])
+            ortho = self._direction(group, stacked)
             for i, (p, _) in enumerate(items):
-                o = ortho if len(items) == 1 else ortho[i]
-                if decay != 1.0:
-                    p.mul_(decay)
-                # sub_, not add_(alpha=-step): torch 2.14's inductor fuses add(p, A @ B, alpha=a) into an
-                # addmm that drops alpha (measured: a wide matrix's compiled step was -1/lr times eager's).
-                p.sub_(o.view_as(p), alpha=step)
+                self._apply_direction(group, p, ortho if len(items) == 1 else ortho[i], p.shape)
+
+    # The three parts of the step, so that a sharded matrix's elementwise parts run on its shards
+    # and only its direction on the whole matrix (:mod:`.distributed`).
+    def _momentum_update(self, group: dict[str, Any], state: dict, grad: torch.Tensor) -> torch.Tensor:
+        """The matrix msign is taken of (elementwise: a shard's is the shard of the whole's)."""
+        return ema_momentum(state, grad, group["momentum"], group["nesterov"])
+
+    def _direction(self, group: dict[str, Any], matrices: torch.Tensor) -> torch.Tensor:
+        """``msign`` of a matrix or a stack of same-shaped ones."""
+        dtype = resolve_dtype(group["ns_dtype"], matrices.device)
+        return msign(matrices, group["ns_steps"], schedule_of(group), dtype=dtype, eps=group["eps"])
+
+    def _apply_direction(self, group: dict[str, Any], p: torch.Tensor, direction: torch.Tensor,
+                         shape: torch.Size) -> None:
+        """``p ← (1 − lr·wd) p − lr·s(shape)·direction`` (elementwise: ``p`` may be a shard of a
+        matrix of ``shape``, ``direction`` the same shard of the whole's)."""
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        if decay != 1.0:
+            p.mul_(decay)
+        # sub_, not add_(alpha=-step): torch 2.14's inductor fuses add(p, A @ B, alpha=a) into an
+        # addmm that drops alpha (measured: a wide matrix's compiled step was -1/lr times eager's).
+        p.sub_(direction.reshape(p.shape), alpha=group["lr"] * lr_scale(shape, group["adjust_lr"]))
 
 
 def torch_muon_state_dict(optimizer: Muon) -> dict[str, Any]:
