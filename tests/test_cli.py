@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lightning_spectral.module import SpectralModule
+from lightning_spectral.optim import baselines_available
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -60,7 +61,11 @@ def test_every_run_config_parses(config: Path, run_cli, capsys) -> None:
     assert printed["model"]["init_args"]["net"]["class_path"].startswith("lightning_spectral.models.")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+NEEDS_BASELINES = pytest.mark.skipif(not baselines_available(), reason="pytorch-optimizer ([baselines]) not installed")
+
+
+@pytest.mark.parametrize("overlay", [pytest.param(p, marks=NEEDS_BASELINES) if p.stem in ("soap", "kron") else p
+                                     for p in OVERLAYS], ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_overlay_config_applies_to_a_run(overlay: Path, run_cli, capsys) -> None:
     printed = printed_config(run_cli, capsys, "--config", QUICKSTART, "--config", str(overlay))
     assert_applied(yaml.safe_load(overlay.read_text()), printed)

@@ -114,7 +114,7 @@ def test_features_select_entries():
     assert {e.name for e in optimizer_entries(constrained=True)} >= {"manifold_muon", "spectral_ball", "oblique"}
     assert "muon" not in {e.name for e in optimizer_entries(constrained=True)}
     assert {e.name for e in optimizer_entries(package_only=False)} - {e.name for e in optimizer_entries()} == {
-        "sgd", "adamw", "muon_with_aux_adam", "single_device_muon"}
+        "sgd", "adamw", "muon_with_aux_adam", "single_device_muon", "soap", "kron"}  # not the package's own
     assert all(not e.complex and not e.sparse for e in OPTIMIZERS.values() if e.package)
     with pytest.raises(ValueError, match="no variant"):
         OPTIMIZERS["muon"].kwargs("fast")

@@ -1,9 +1,11 @@
 """Spectral-norm optimizers in pure PyTorch (no Lightning import): msign, Muon, MuonSGD and
 MuonAdamW with five inner solvers, manifold Muon, the spectral sphere/ball, the geometric
-variants (Oblique, SL, Symplectic, L1-/Block-Stiefel, Doubly-Stochastic, Grassmann), the table
+variants (Oblique, SL, Symplectic, L1-/Block-Stiefel, Doubly-Stochastic, Grassmann), the
+second-order baselines SOAP and Kron (pytorch-optimizer's, the ``[baselines]`` extra), the table
 of them all (:mod:`.registry`) and the factory."""
 
 from .base import MatrixOptimizer, NonFiniteGradientError
+from .baselines import SOAP, Kron, baselines_available
 from .budgeted import MuonAdamW, MuonSGD
 from .directions import DirectionInfo, orthogonal_direction, spectral_ball_direction, stiefel_amortized, stiefel_direction
 from .factory import OPTIMIZER_TYPES, create_optimizer
@@ -39,7 +41,7 @@ from .solvers import (
 )
 
 __all__ = [
-    "ADMMSolver", "BlockStiefel", "DoublyStochastic", "GeometricOptimizer", "Grassmann", "L1Stiefel", "Oblique",
+    "ADMMSolver", "Kron", "SOAP", "baselines_available", "BlockStiefel", "DoublyStochastic", "GeometricOptimizer", "Grassmann", "L1Stiefel", "Oblique",
     "SLMuon", "Symplectic", "sinkhorn", "symplectic_form", "DirectionInfo", "DualAscentSolver", "FrankWolfeSolver", "InnerSolver", "ManifoldMuon",
     "MatrixOptimizer", "Muon", "MuonAdamW", "MuonSGD", "MuonWithAuxAdam", "SingleDeviceMuon",
     "SingleDeviceMuonWithAuxAdam", "NonFiniteGradientError", "OPTIMIZERS", "OPTIMIZER_TYPES",

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 
+from .baselines import SOAP, Kron
 from .budgeted import MuonAdamW, MuonSGD
 from .keller_jordan import MuonWithAuxAdam, SingleDeviceMuon
 from .geometric import BlockStiefel, DoublyStochastic, Grassmann, L1Stiefel, Oblique, SLMuon, Symplectic
@@ -188,5 +189,14 @@ for _entry in (
                    example_shape=(6, 6), **_GEOMETRIC),
     OptimizerEntry("grassmann", Grassmann, "subspaces (an orthonormal basis), horizontal steps",
                    test_kwargs=dict(lr=0.05), takes="non-square matrices", **_GEOMETRIC),
+):
+    register(_entry)
+
+# Second-order baselines (pytorch-optimizer, the [baselines] extra; without it building one names the extra).
+for _entry in (
+    OptimizerEntry("soap", SOAP, "Adam in the eigenbasis of Shampoo's preconditioner (pytorch-optimizer)",
+                   ("lr", "weight_decay"), test_kwargs=dict(lr=3e-3, precondition_frequency=2), package=False),
+    OptimizerEntry("kron", Kron, "PSGD with Kronecker-factored preconditioners (pytorch-optimizer)",
+                   ("lr", "momentum", "weight_decay"), test_kwargs=dict(lr=1e-3), package=False),
 ):
     register(_entry)
