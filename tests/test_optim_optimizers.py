@@ -517,3 +517,25 @@ def test_the_seven_fallback_arguments_mean_the_same_everywhere(name, algorithm):
     assert _fallback_run(entry, cls, kw, **given) <= 1e-7
     with pytest.raises(TypeError, match="fallback_beta"):
         entry.build([nn.Parameter(torch.randn(entry.example_shape))], fallback_beta=(0.9, 0.9))
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)])
+def test_muon_sphere_is_msign_retracted_to_the_sphere(shape) -> None:
+    """SpectralBall(multiplier=False), λ = 0: W <- R·Y/‖Y‖₂ with Y = W − lr·R·msign(G), against a float64 SVD;
+    after the step ‖W‖₂ = R. The step is computed in float32: tolerances from its epsilon."""
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    opt = SpectralBall([W], lr=0.1, multiplier=False, ns_schedule="svd", sigma_tol=1e-7)
+    W.grad = torch.randn(shape, dtype=torch.float64)
+    opt.step()  # the first step puts W on the sphere
+    start, G = W.detach().clone(), torch.randn(shape, dtype=torch.float64)
+    W.grad = G.clone()
+    opt.step()
+    R = math.sqrt(shape[0] / shape[1])
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    Y = start - 0.1 * R * (U @ Vh)
+    expected = R * Y / torch.linalg.matrix_norm(Y, ord=2)
+    eps = torch.finfo(torch.float32).eps
+    assert abs(torch.linalg.matrix_norm(W.detach(), ord=2).item() - R) <= 16 * eps * R
+    assert (W.detach() - expected).abs().max().item() <= 16 * eps * R * math.sqrt(max(shape))
+    assert opt.state[W]["dual"] == 0.0

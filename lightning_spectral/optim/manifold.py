@@ -139,6 +139,8 @@ class SpectralBall(GeometricOptimizer):
         dual_lr: amortized ``λ ← λ − dual_lr·⟨Θ, Φ⟩`` (normalised-gradient units).
         inner_tol, inner_max_iters: inner root finding: ``|⟨Θ, Φ⟩| ≤ inner_tol``, evaluation cap.
         sigma_tol: relative accuracy of ``σ₁`` after each step (the sphere's constraint error).
+        multiplier: ``False`` sets ``λ = 0``: Muon's direction ``msign(G)``, retracted to the sphere
+            (MuonSphere, the λ = 0 ablation of the spectral-sphere optimizer), the control for the dual.
         **kwargs: as :class:`ManifoldMuon`.
     """
 
@@ -158,6 +160,7 @@ class SpectralBall(GeometricOptimizer):
         ns_steps: Optional[int] = None,
         ns_schedule: Optional[str] = None,
         sigma_tol: float = 1e-6,
+        multiplier: bool = True,
         **kwargs: Any,
     ):
         check_mode(mode, "SpectralBall")
@@ -174,7 +177,7 @@ class SpectralBall(GeometricOptimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, constraint=constraint,
                         radius_mode=radius_mode, radius_scale=radius_scale, mode=mode, dual_lr=dual_lr,
                         inner_tol=inner_tol, inner_max_iters=int(inner_max_iters), ns_steps=ns_steps,
-                        ns_schedule=ns_schedule, sigma_tol=sigma_tol)
+                        ns_schedule=ns_schedule, sigma_tol=sigma_tol, multiplier=bool(multiplier))
         super().__init__(params, defaults, unsupported=None, **kwargs)
 
     _scale_free_direction = True  # msign(Ĝ + λΘ) with Ĝ = G/‖G‖₂, λ in Ĝ's units
@@ -211,7 +214,9 @@ class SpectralBall(GeometricOptimizer):
     def _direction(self, group, geometry, X, G, state):
         u, v = state["u"], state["v"]
         constraint, boundary = group["constraint"], None
-        if constraint == "ball":
+        if not group.get("multiplier", True):
+            constraint = "none"  # λ = 0: msign(G), then the retraction
+        elif constraint == "ball":
             # On the boundary (to 1e-3) the ball's multiplier is active, strictly inside it is 0.
             boundary = (u * matvec(X, v)).sum(-1) >= geometry.radius(X.shape[-2:]) * (1.0 - 1e-3)
             if group["mode"] == "inner":
