@@ -134,10 +134,13 @@ def test_the_cpu_lm_study_shares_the_sweep_run_of_the_best_lr() -> None:
     for run in runs:
         by_group.setdefault(run.group, []).append(run.seed)
     optimizers = {run.axes["optimizer"] for run in runs}
-    assert len(optimizers) == 6 and len(runs) == 6 * (3 + 2)
+    seeded = {"AdamW", "Muon", "MuonAdamW", "ManifoldMuon", "SpectralBall", "BlockStiefel"}
+    swept_only = {"MuonSphere", "SOAP", "PSGD-Kron"}  # their seeds 1 and 2 wait for the sweep's best lr
+    assert optimizers == seeded | swept_only and len(runs) == 6 * (3 + 2) + 3 * 3
     for name in optimizers:
         seeds = sorted(sorted(s) for g, s in by_group.items() if g.startswith(f"optimizer={name},"))
-        assert seeds == [[0], [0], [0, 1, 2]], name  # three swept lrs, one of them with seeds 0, 1, 2
+        # three swept lrs, one of them with seeds 0, 1, 2 where the best lr is known
+        assert seeds == ([[0], [0], [0, 1, 2]] if name in seeded else [[0], [0], [0]]), name
     section = next(s for s in spec.report["sections"] if isinstance(s, dict) and s["type"] == "lm")
     assert isinstance(section["target_loss"], float)
 
