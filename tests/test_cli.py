@@ -98,7 +98,8 @@ def test_short_class_names_resolve(run_cli, capsys) -> None:
         (["--model.net", "NoSuchNet"], "model.net: 'NoSuchNet' imports no class"),
         pytest.param(["--model.net", "MPL"], "model.net: 'MPL' imports no class; did you mean "
                      "'lightning_spectral.models.MLP'", marks=pytest.mark.slow),
-        (["--model.optimizer", "Muonn"], "did you mean 'lightning_spectral.optim.Muon' or 'torch.optim.Muon'"),
+        # the closest first; other imported optimizers of that name follow (torch's, pytorch-optimizer's with [baselines])
+        (["--model.optimizer", "Muonn"], "'Muonn' imports no class; did you mean 'lightning_spectral.optim.Muon' or '"),
         pytest.param(["--model.scheduler", "CosineSchedul"], "did you mean 'lightning_spectral.module.CosineSchedule'",
                      marks=pytest.mark.slow),
         pytest.param(["--data", "DigitDataModule"], "data: 'DigitDataModule' imports no class; did you mean "
