@@ -276,10 +276,16 @@ class DiagnosticCallback(Callback):
         self._run(trainer, pl_module, batch, log_step(trainer))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step}
+        """The last logged step, and the warm-start state of a subclass's ``tracker`` (power-iteration
+        vectors), so a resumed run continues from the same vectors."""
+        tracker = getattr(self, "tracker", None)
+        return {"last_step": self._last_step, **(tracker.state_dict() if tracker is not None else {})}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict["last_step"])
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.load_state_dict(state_dict)
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:

@@ -116,10 +116,3 @@ class SpectralNormMonitor(DiagnosticCallback):
                 for add_histogram in writers:
                     add_histogram(f"singular_values/{name}", values, global_step=step)
         return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self.tracker.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.tracker.load_state_dict(state_dict)

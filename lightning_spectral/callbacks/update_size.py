@@ -117,13 +117,6 @@ class UpdateSizeMonitor(DiagnosticCallback):
                 metrics[f"update/max/{key}"] = max(values)
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self.tracker.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.tracker.load_state_dict(state_dict)
-
 
 def _param_owners(optimizers: list[torch.optim.Optimizer]) -> dict[Tensor, tuple[torch.optim.Optimizer, dict]]:
     """``{parameter: (optimizer, its group)}`` over every optimizer of the trainer."""
