@@ -43,7 +43,21 @@ CAPTURE_STEPS = 3
 SPECTRAL_BUDGET = 0.02
 
 
+def _replay(opt, params, grads):
+    """A step function that feeds the captured gradients ``grads`` to ``params`` in turn, then steps ``opt``."""
+    counter = {"t": 0}
+
+    def step():
+        for p, g in zip(params, grads[counter["t"] % len(grads)]):
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+        counter["t"] += 1
+        opt.step()
+
+    return step
+
+
 # -- capture --------------------------------------------------------------------------------------
+
 def _network(name: str, quick: bool):
     """``(model, batch(generator) → (input, target), loss(output, target))``."""
     from lightning_spectral import models
@@ -168,13 +182,7 @@ def time_column(weights: list[torch.Tensor], grads: list[list[torch.Tensor]], co
         except Exception as err:  # noqa: BLE001
             errors[name] = f"{type(err).__name__}: {str(err)[:80]}"
             continue
-        counter = {"t": 0}
-
-        def step(opt=opt, params=params, counter=counter):
-            for p, g in zip(params, grads[counter["t"] % len(grads)]):
-                p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
-            counter["t"] += 1
-            opt.step()
+        step = _replay(opt, params, grads)
 
         cases[name] = guarded(name, step)
     results = {}
@@ -449,13 +457,7 @@ def budgeted_solvers(quick: bool, log, cache: Path = CACHE, rounds: int = 3, rep
                 solver, infos[name] = _recording(O.get_inner_solver(name, tangent=True))
                 opt = O.MuonSGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4, spectral_budget=SPECTRAL_BUDGET,
                                 inner_solver=solver)
-            counter = {"t": 0}
-
-            def step(opt=opt, params=params, counter=counter):
-                for p, g in zip(params, grads[counter["t"] % len(grads)]):
-                    p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
-                counter["t"] += 1
-                opt.step()
+            step = _replay(opt, params, grads)
 
             cases[name] = step
         timing = interleaved(cases, warmup=2, repeats=1 if quick else rounds, log=log)
