@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
+import lightning_spectral.optim as spectral_optim
 from lightning_spectral.checkpoint import last_good_checkpoint
 from lightning_spectral.optim.param_groups import unsharded_class
 
@@ -44,6 +45,22 @@ def qualname(obj: Any) -> str:
     """The import path of ``obj``'s class; a module sharded by FSDP2 is named by its own class."""
     cls = unsharded_class(obj) if isinstance(obj, nn.Module) else type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def same_class(saved: str, requested: str) -> bool:
+    """Whether the class path a checkpoint saved names the requested class. An optimizer that
+    :mod:`lightning_spectral.optim` exports is matched by its public name
+    (``lightning_spectral.optim.<Name>``), whichever module of the package defined it when the
+    checkpoint was written (``optim.manifold.ManifoldMuon`` is now ``optim.constrained.dual``'s)."""
+    return _public(saved) == _public(requested)
+
+
+def _public(path: str) -> str:
+    prefix, name = "lightning_spectral.optim.", path.rpartition(".")[2]
+    exported = getattr(spectral_optim, name, None) if name in spectral_optim.__all__ else None
+    if path.startswith(prefix) and isinstance(exported, type) and issubclass(exported, Optimizer):
+        return prefix + name
+    return path
 
 
 def checkpoint_metadata(net: nn.Module, optimizer: Optimizer | None, skipped_steps: int) -> dict[str, Any]:
@@ -190,7 +207,7 @@ class ResumeCheck:
         differ from the checkpoint's, to apply them once Lightning has restored its state."""
         resumed, self._resumed = self._resumed, {}
         self._overrides = list(resumed.get("scheduler") or [])
-        if resumed.get("optimizer") and resumed["optimizer"] != qualname(optimizer):
+        if resumed.get("optimizer") and not same_class(resumed["optimizer"], qualname(optimizer)):
             raise optimizer_mismatch(module.trainer.ckpt_path, resumed["optimizer"], qualname(optimizer))
         saved_groups = resumed.get("groups")
         if saved_groups is None:

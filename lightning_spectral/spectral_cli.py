@@ -39,7 +39,7 @@ from lightning_spectral.launch import ReapLaunchedRanks, check_main_port
 from lightning_spectral.models import MODEL_REGISTRY
 from lightning_spectral.module import ManualOptimizationModule, SpectralModule
 from lightning_spectral.parser_errors import shorten
-from lightning_spectral.resume import optimizer_mismatch
+from lightning_spectral.resume import optimizer_mismatch, same_class
 
 DEFAULT_MODEL = f"{SpectralModule.__module__}.{SpectralModule.__qualname__}"
 _CONFIG_FLAGS = ("--config", "-c")
@@ -212,7 +212,7 @@ def _check_distributed_checkpoint_optimizer(ckpt_path: Any, model: Namespace, su
     if not (saved and isinstance(requested, type) and issubclass(requested, Optimizer)):
         return  # a factory: the module compares the optimizer it builds
     name = f"{requested.__module__}.{requested.__qualname__}"
-    if name != saved:
+    if not same_class(saved, name):
         raise optimizer_mismatch(ckpt_path, saved, name)
 
 

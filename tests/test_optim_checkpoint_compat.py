@@ -6,7 +6,7 @@ weights that code produced at the fourth step. Loaded with ``weights_only=True``
 classes, the fourth step must give the same weights: same state keys, same mathematics.
 
 ManifoldMuon's amortized direction changed algorithm on its own (a fixed-point dual step,
-:func:`~lightning_spectral.optim.directions.stiefel_amortized`, replaced the gradient step on
+:func:`~lightning_spectral.optim.constrained.directions.stiefel_amortized`, replaced the gradient step on
 the dual, which did not converge); its matrices are compared with that function's direction from
 the loaded state (the multiplier ``dual``), so the test still proves that the state is read as
 it was written. With the direction of the earlier code the two agreed exactly (checked when the
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_spectral.optim import ManifoldMuon
-from lightning_spectral.optim.directions import stiefel_amortized, stiefel_direction
+from lightning_spectral.optim.constrained.directions import stiefel_amortized, stiefel_direction
 from lightning_spectral.optim.msign import polar_retraction
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))

@@ -79,7 +79,7 @@ def loss_of(model, x, y):
 
 # Every optimizer of the package that takes every matrix, in each configuration its registry entry
 # names: "name:variant" -> factory(params). The geometric ones of restricted shapes are covered on
-# models they fit in tests/test_optim_geometric.py and below through the factory.
+# models they fit in tests/test_optim_constrained_riemannian.py and below through the factory.
 OPTIMIZERS = {f"{entry.name}:{variant}": (lambda p, e=entry, v=variant: e.build(p, v))
               for entry in optimizer_entries(every_shape=True) for variant, _ in entry.configurations()}
 
@@ -404,7 +404,7 @@ def test_spectral_ball_keeps_radius(radius_mode, constraint, mode):
 
 
 # -- (i) every optimizer learns ---------------------------------------------------------------
-# The geometric types need square / block-divisible matrices: tests/test_optim_geometric.py covers
+# The geometric types need square / block-divisible matrices: tests/test_optim_constrained_riemannian.py covers
 # them on models they fit; here they go through the factory once below.
 CORE_TYPES = [name for name, entry in REGISTRY.items() if entry.every_shape]
 GEOMETRIC = {name: entry.cls for name, entry in REGISTRY.items() if not entry.every_shape}

@@ -211,6 +211,20 @@ def test_resume_with_another_optimizer_class_or_network_raises(tmp_path: Path) -
         assert "Start a new run" in str(info.value)
 
 
+def test_a_checkpoint_names_a_package_optimizer_by_its_public_path() -> None:
+    """Checkpoints written before the constrained optimizers moved into ``optim.constrained`` named
+    ManifoldMuon by ``optim.manifold``: still the same class; another class or package is not."""
+    from lightning_spectral.optim import ManifoldMuon, Oblique
+    from lightning_spectral.resume import qualname, same_class
+
+    now = f"{ManifoldMuon.__module__}.{ManifoldMuon.__qualname__}"
+    assert same_class("lightning_spectral.optim.manifold.ManifoldMuon", now)
+    assert same_class("lightning_spectral.optim.geometric.Oblique", f"{Oblique.__module__}.Oblique")
+    assert not same_class("lightning_spectral.optim.manifold.SpectralBall", now)
+    assert not same_class("other_package.optim.manifold.ManifoldMuon", now)
+    assert not same_class("torch.optim.sgd.SGD", qualname(torch.optim.AdamW([torch.zeros(1, requires_grad=True)])))
+
+
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_resume_applies_changed_hyperparameters(tmp_path: Path, scheduled: bool) -> None:
     """A new learning rate and momentum are applied to the restored optimizer (the schedule keeps

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from lightning_spectral.optim.base import lr_scale
 from lightning_spectral.optim.budgeted import BudgetedOptimizer
+from lightning_spectral.optim.constrained.dual import ManifoldMuon
 from lightning_spectral.optim.linalg import as_matrix, power_iteration
-from lightning_spectral.optim.manifold import ManifoldMuon
 from lightning_spectral.optim.muon import TORCH_ADJUST_LR, Muon
 from lightning_spectral.optim.param_groups import MATRIX_KEY
 

@@ -7,22 +7,14 @@ of them all (:mod:`.registry`) and the factory."""
 from .base import MatrixOptimizer, NonFiniteGradientError
 from .baselines import SOAP, Kron, baselines_available
 from .budgeted import MuonAdamW, MuonSGD
-from .directions import DirectionInfo, orthogonal_direction, spectral_ball_direction, stiefel_amortized, stiefel_direction
+from .constrained.directions import (DirectionInfo, orthogonal_direction, spectral_ball_direction, stiefel_amortized,
+                                     stiefel_direction)
+from .constrained.dual import ManifoldMuon, SpectralBall
+from .constrained.geometry import sinkhorn, symplectic_form
+from .constrained.riemannian import BlockStiefel, DoublyStochastic, Grassmann, L1Stiefel, Oblique, SLMuon, Symplectic
+from .constrained.skeleton import GeometricOptimizer
 from .factory import OPTIMIZER_TYPES, create_optimizer
-from .geometric import (
-    BlockStiefel,
-    DoublyStochastic,
-    GeometricOptimizer,
-    Grassmann,
-    L1Stiefel,
-    Oblique,
-    SLMuon,
-    Symplectic,
-    sinkhorn,
-    symplectic_form,
-)
 from .linalg import TangentSpace, spectral_clip
-from .manifold import ManifoldMuon, SpectralBall
 from .msign import SCHEDULES, msign, msign_svd
 from .keller_jordan import MuonWithAuxAdam, SingleDeviceMuon, SingleDeviceMuonWithAuxAdam
 from .muon import Muon, torch_muon_state_dict

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
-from .geometry.base import record_inner
+from .constrained.geometry.base import record_inner
 from .param_groups import MATRIX_KEY, USE_MUON_KEY, named_group, split_group, warn_misrouted
 from .distributed import owner_values, step_matrices, whole_state
 from .sharded import is_sharded

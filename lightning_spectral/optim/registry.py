@@ -33,9 +33,9 @@ import torch
 
 from .baselines import SOAP, Kron
 from .budgeted import MuonAdamW, MuonSGD
+from .constrained.dual import ManifoldMuon, SpectralBall
+from .constrained.riemannian import BlockStiefel, DoublyStochastic, Grassmann, L1Stiefel, Oblique, SLMuon, Symplectic
 from .keller_jordan import MuonWithAuxAdam, SingleDeviceMuon
-from .geometric import BlockStiefel, DoublyStochastic, Grassmann, L1Stiefel, Oblique, SLMuon, Symplectic
-from .manifold import ManifoldMuon, SpectralBall
 from .muon import Muon
 from .solvers import SOLVER_REGISTRY, get_inner_solver
 

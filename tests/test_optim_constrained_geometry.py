@@ -1,4 +1,4 @@
-"""The constraint sets of :mod:`lightning_spectral.optim.geometry`, one section per set.
+"""The constraint sets of :mod:`lightning_spectral.optim.constrained.geometry`, one section per set.
 
 For each set: ``project`` lands on the set; ``tangent`` is idempotent, lands in the tangent
 space and removes only a normal component (so it is the orthogonal projection: both checked
@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from lightning_spectral.optim import geometry as geo
-from lightning_spectral.optim.geometry import symplectic_form
+from lightning_spectral.optim.constrained import geometry as geo
+from lightning_spectral.optim.constrained.geometry import symplectic_form
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

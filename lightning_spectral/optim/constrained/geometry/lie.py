@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import sym
+from ...linalg import sym
 from .base import Geometry
 
 

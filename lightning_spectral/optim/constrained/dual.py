@@ -1,6 +1,6 @@
 """Spectral-norm steepest descent on a manifold (Bernstein 2025, "Modular manifolds"): manifold
 Muon on the Stiefel manifold and the spectral sphere / ball, two bindings of the constrained
-skeleton :class:`~lightning_spectral.optim.geometric.GeometricOptimizer` whose direction is the
+skeleton :class:`~lightning_spectral.optim.constrained.skeleton.GeometricOptimizer` whose direction is the
 steepest unit-spectral-norm move within the tangent space, found through its convex dual
 (:mod:`.directions`). ``mode="inner"`` solves the dual to a tolerance every step;
 ``mode="amortized"`` takes one dual step per training step from the multiplier kept in the
@@ -13,12 +13,12 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from ..base import check_mode, check_positive, check_unit_interval, lr_scale, record_inner
+from ..linalg import as_matrix, matvec, top_singular_pair
+from ..param_groups import MATRIX_KEY
 from . import geometry as geo
-from .base import check_mode, check_positive, check_unit_interval, lr_scale, record_inner
 from .directions import spectral_ball_direction, stiefel_amortized, stiefel_direction
-from .geometric import GeometricOptimizer
-from .linalg import as_matrix, matvec, top_singular_pair
-from .param_groups import MATRIX_KEY
+from .skeleton import GeometricOptimizer
 
 __all__ = ["ManifoldMuon", "SpectralBall"]
 
@@ -28,12 +28,12 @@ class ManifoldMuon(GeometricOptimizer):
     orthonormal rows if wide; a conv kernel as ``out × in·kh·kw``).
 
     ``Φ = msign(G + W X)`` with the symmetric multiplier ``X`` making ``Φ`` tangent
-    (``WᵀΦ + ΦᵀW = 0``): :func:`~lightning_spectral.optim.directions.stiefel_direction`, the
+    (``WᵀΦ + ΦᵀW = 0``): :func:`~lightning_spectral.optim.constrained.directions.stiefel_direction`, the
     steepest direction under the spectral norm within the tangent space. Retraction
-    ``W ← polar(W − lr·s·Φ)`` (:class:`~lightning_spectral.optim.geometry.Stiefel`).
+    ``W ← polar(W − lr·s·Φ)`` (:class:`~lightning_spectral.optim.constrained.geometry.Stiefel`).
     ``mode="inner"`` solves the direction's dual to a tolerance every step; ``"amortized"``
     takes ``dual_steps`` fixed-point steps of the dual per training step
-    (:func:`~lightning_spectral.optim.directions.stiefel_amortized`), warm-started from the
+    (:func:`~lightning_spectral.optim.constrained.directions.stiefel_amortized`), warm-started from the
     multiplier kept in the state (``dual``): exact at once on square matrices, and converging
     on tall and near-square ones when the gradient changes slowly.
 
@@ -119,11 +119,11 @@ class ManifoldMuon(GeometricOptimizer):
 
 class SpectralBall(GeometricOptimizer):
     """Spectral sphere ``‖W‖₂ = R`` (``constraint="sphere"``) or ball ``‖W‖₂ ≤ R`` (``"ball"``)
-    (:class:`~lightning_spectral.optim.geometry.SpectralSphere`).
+    (:class:`~lightning_spectral.optim.constrained.geometry.SpectralSphere`).
 
     ``Θ = u₁v₁ᵀ`` (top singular pair of ``W``, kept in state from the last retraction),
     ``Φ = msign(G + λΘ)`` with ``λ`` the root of ``⟨Θ, Φ⟩ = 0`` (sphere; ball: ``λ ≥ 0`` and only
-    on the boundary; :func:`~lightning_spectral.optim.directions.spectral_ball_direction`), step
+    on the boundary; :func:`~lightning_spectral.optim.constrained.directions.spectral_ball_direction`), step
     ``W − lr·R·Φ`` (so ``lr`` is the step relative to the radius), retraction by scaling with
     ``σ₁`` to ``sigma_tol``.
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import matvec, per_matrix, top_singular_pair, top_singular_triple
+from ...linalg import matvec, per_matrix, top_singular_pair, top_singular_triple
 from .base import Geometry
 
 RADIUS_MODES = ("spectral_mup", "identity")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lightning_spectral.optim import msign_svd, spectral_ball_direction, stiefel_direction
-from lightning_spectral.optim.directions import orthogonal_direction, stiefel_amortized
+from lightning_spectral.optim.constrained.directions import orthogonal_direction, stiefel_amortized
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

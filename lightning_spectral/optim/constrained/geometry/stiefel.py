@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import orient, sym
-from ..msign import polar_retraction
+from ...linalg import orient, sym
+from ...msign import polar_retraction
 from .base import Geometry
 
 

@@ -1,57 +1,19 @@
-"""Steepest-descent directions under the spectral norm on a manifold (the amortized ones also for a
-stack of same-shaped matrices, each treated as if alone).
-
-Both solve ``max ⟨G, Φ⟩  s.t.  ‖Φ‖₂ ≤ 1,  Φ ∈ T`` (``T`` the tangent space) through the convex
-dual, whose gradient is the constraint residual (Bernstein 2025, "Modular manifolds", Thinking
-Machines Lab; Bernstein & Newhouse 2024, "Old optimizer, new norm", for ``msign`` as the
-steepest direction under ``‖·‖₂``):
-
-- Stiefel (:func:`stiefel_direction`, :func:`stiefel_amortized`): ``Φ = msign(G + W X)``,
-  ``X`` symmetric, minimising ``‖G + W X‖_*``; ``∇ = sym(WᵀΦ)``. Square ``W``: the closed
-  form :func:`orthogonal_direction`.
-- Spectral sphere / ball (:func:`spectral_ball_direction`): ``Φ = msign(G + λΘ)``,
-  ``Θ = u₁v₁ᵀ``, ``λ`` minimising ``‖G + λΘ‖_*``; ``∇ = ⟨Θ, Φ⟩``, monotone in ``λ``.
-
-``mode="inner"`` iterates to a tolerance; ``mode="amortized"`` takes one step from the
-multiplier kept by the caller (the optimizer's state) and returns the new one. The multipliers
-are in units of an estimate of ``‖G‖₂``, so they live on a fixed scale whatever the gradient's
-size.
-
-Weak duality is the certificate: for any feasible ``Φ``, ``⟨G, Φ⟩ ≤ ‖G + W X‖_*`` (resp.
-``‖G + λΘ‖_*``). With ``certify=True`` the returned direction is made exactly feasible
-(projected onto ``T``, rescaled into the unit ball) and the info carries both numbers.
-"""
+"""The Stiefel direction ``Φ = msign(G + W X)``, ``X`` symmetric minimising ``‖G + W X‖_*``
+(Bernstein 2025, "Modular manifolds"): the inner solve (:func:`stiefel_direction`, L-BFGS on the
+smoothed dual in the ``k × k`` Gram space), the amortized fixed-point step with Anderson mixing
+(:func:`stiefel_amortized`) and the closed form of a square ``W`` (:func:`orthogonal_direction`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .base import check_mode
-from .linalg import (TangentSpace, addmm, estimate_spectral_norm, matvec, minimize_lbfgs, orient, per_matrix,
-                     power_iteration, rescale_into_ball, skew, sym)
-from .msign import msign, msign_svd, nuclear_norm
-
-
-@dataclass
-class DirectionInfo:
-    """What a direction solve did: dual iterations (evaluations: an msign, or a ``k × k``
-    eigensolve in the Stiefel Gram-space solves), the constraint residual of the iterate it
-    stopped at, and, when certified, primal objective and dual value."""
-
-    iterations: int
-    residual: torch.Tensor
-    objective: Optional[float] = None
-    dual_value: Optional[float] = None
-
-    @property
-    def duality_gap(self) -> float:
-        """``(dual − primal) / dual`` ≥ 0 up to round-off; needs ``certify=True``."""
-        if self.objective is None or self.dual_value is None:
-            raise ValueError("duality_gap needs a certified solve (certify=True)")
-        return (self.dual_value - self.objective) / max(abs(self.dual_value), 1e-30)
+from ...base import check_mode
+from ...linalg import (TangentSpace, addmm, estimate_spectral_norm, matvec, minimize_lbfgs, orient, per_matrix,
+                       power_iteration, rescale_into_ball, skew, sym)
+from ...msign import msign, msign_svd, nuclear_norm
+from .common import DirectionInfo
 
 
 def stiefel_direction(
@@ -379,137 +341,3 @@ def _stiefel_inner(space, Ghat, X, max_iters, tol):
         evaluations += used
     Phi = ((G + W @ X) @ smoothed(X, SMOOTHING[-1])[1]).to(Ghat.dtype)
     return X.to(Ghat.dtype), Phi, space.residual(Phi), evaluations - 1
-
-
-def spectral_ball_direction(
-    G: torch.Tensor,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    lam: float = 0.0,
-    *,
-    constraint: str = "sphere",
-    mode: str = "inner",
-    dual_lr: float = 0.1,
-    max_iters: int = 50,
-    tol: float = 1e-4,
-    msign_steps: int = 10,
-    schedule: str = "polar_express",
-    certify: bool = False,
-    boundary: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, float, DirectionInfo]:
-    """Steepest direction on the spectral sphere ``‖W‖₂ = R`` (or ball ``≤ R``) at a ``W``
-    whose top singular pair is ``(u, v)``.
-
-    The sphere's tangent space is ``{A : uᵀAv = 0}``; on the ball's boundary the tangent cone is
-    ``{A : uᵀAv ≥ 0}`` (a step ``W − lr·Φ`` must not raise ``σ₁``), whose multiplier is
-    ``λ ≥ 0``. ``h(λ) = ⟨Θ, msign(Ĝ + λΘ)⟩`` is non-decreasing from −1 to 1.
-
-    Args:
-        G: gradient (or momentum) at ``W``; in the amortized mode also a stack ``B × m × n``
-            (with ``u``, ``v`` and ``lam`` stacked alike), each matrix treated as if alone.
-        u, v: unit top left/right singular vectors of ``W``.
-        lam: warm-start multiplier (in units of the normalised gradient); a float, or a tensor
-            (then the amortized mode reads nothing back to the host and returns a tensor).
-        constraint: ``"sphere"``, ``"ball"`` (``W`` on the boundary) or ``"none"`` (``W``
-            strictly inside the ball: plain ``msign(G)``).
-        mode: ``"inner"``: warm-started bracket, then the Illinois (safeguarded secant)
-            method on ``h`` until ``|h| ≤ tol``; ``"amortized"``: ``λ ← λ − dual_lr·h(λ)``.
-        certify: make ``Φ`` exactly feasible and report ``⟨G, Φ⟩`` and ``‖G + λΘ‖_*``.
-        boundary: ``constraint="ball"`` only: a boolean per matrix, ``False`` where ``W`` is
-            strictly inside the ball (treated as ``"none"`` there); ``None``: all on the boundary.
-
-    Returns:
-        ``(Φ, λ, info)``.
-    """
-    check_mode(mode)
-    if constraint not in ("sphere", "ball", "none"):
-        raise ValueError(f"constraint must be 'sphere', 'ball' or 'none', got {constraint!r}")
-    stack = G.ndim > 2
-    if stack and (mode == "inner" or certify):
-        raise ValueError("spectral_ball_direction: a stack of matrices takes mode='amortized' without certify; "
-                         "solve the inner mode (or certify) one matrix at a time")
-    if boundary is not None and constraint != "ball":
-        raise ValueError("spectral_ball_direction: boundary= is for constraint='ball'")
-    scale = per_matrix(estimate_spectral_norm(G).clamp_min(1e-30))
-    Ghat = G / scale
-    Theta = u[..., :, None] * v[..., None, :]
-    evaluations = 0
-
-    def h(lam_):
-        """``(⟨Θ, msign(Ĝ + λΘ)⟩, msign(Ĝ + λΘ))``, per matrix (``lam_`` a float or a tensor)."""
-        nonlocal evaluations
-        evaluations += 1
-        if isinstance(lam_, torch.Tensor):
-            lam_ = per_matrix(lam_)
-        Phi_ = msign(Ghat + lam_ * Theta, msign_steps, schedule)
-        return (u * matvec(Phi_, v)).sum(-1), Phi_
-
-    if mode == "amortized" or constraint == "none":
-        # On the device throughout (a stack, or a tensor lam, is never read back): a matrix
-        # strictly inside the ball has λ = 0, and Ĝ + 0·Θ = Ĝ exactly.
-        lam_t = torch.as_tensor(lam, dtype=G.dtype, device=G.device)
-        inside = None if boundary is None else ~boundary
-        if constraint == "none":
-            lam_t = torch.zeros_like(lam_t)
-        elif constraint == "ball":
-            lam_t = lam_t.clamp_min(0.0)
-        if inside is not None:
-            lam_t = torch.where(inside, 0.0, lam_t)
-        h_t, Phi = h(lam_t)
-        if constraint != "none":
-            lam_t = lam_t - dual_lr * h_t
-            lam_t = lam_t.clamp_min(0.0) if constraint == "ball" else lam_t
-            if inside is not None:
-                lam_t = torch.where(inside, 0.0, lam_t)
-        info = DirectionInfo(iterations=evaluations, residual=h_t.abs())
-        lam = lam_t if stack or isinstance(lam, torch.Tensor) else float(lam_t)
-        project = certify and constraint != "none" and (constraint == "sphere" or float(h_t) < 0)
-    else:
-        def h_host(lam_: float) -> tuple[float, torch.Tensor]:
-            value, Phi_ = h(lam_)
-            return float(value), Phi_
-
-        lam, h_val, Phi = _root(h_host, lam, constraint == "ball", tol, max_iters)
-        info = DirectionInfo(iterations=evaluations, residual=torch.tensor(abs(h_val)))
-        project = constraint == "sphere" or h_val < 0
-    if project:
-        Phi = Phi - (u @ Phi @ v) * Theta
-    if certify:
-        Phi = rescale_into_ball(Phi, 1.0)
-        info.objective = float((G * Phi).sum())
-        info.dual_value = float(scale * nuclear_norm(Ghat + lam * Theta))
-    return Phi, lam, info
-
-
-def _root(h, lam: float, nonnegative: bool, tol: float, max_iters: int):
-    """Root of the non-decreasing ``h`` near ``lam``: expand a bracket geometrically from the
-    warm start, then Illinois steps (secant, halving the value at an end kept twice), which keep
-    the bracket and converge superlinearly; stops at ``|h| ≤ tol`` or a bracket of width
-    ``≤ 1e-9`` (``h`` jumps where ``Θ`` is a singular pair of ``G``). With ``nonnegative`` the
-    answer is ``max(root, 0)``."""
-    if nonnegative:
-        lam = max(lam, 0.0)
-        h0, Phi0 = h(0.0)
-        if h0 >= 0.0:
-            return 0.0, h0, Phi0
-    fb, Phi_b = h(lam)
-    b, width = lam, 0.05
-    direction = 1.0 if fb < 0 else -1.0
-    while abs(fb) > tol:
-        a, fa = b, fb
-        b = a + direction * width
-        fb, Phi_b = h(b)
-        if (fb > 0) != (fa > 0) or width > 1e6:
-            break
-        width *= 2.0
-    for _ in range(max_iters):
-        if abs(fb) <= tol or abs(b - a) <= 1e-9 * (1.0 + abs(b)) or fa == fb:
-            break
-        c = (a * fb - b * fa) / (fb - fa)
-        fc, Phi_c = h(c)
-        if (fc > 0) == (fb > 0):
-            fa *= 0.5
-        else:
-            a, fa = b, fb
-        b, fb, Phi_b = c, fc, Phi_c
-    return b, fb, Phi_b

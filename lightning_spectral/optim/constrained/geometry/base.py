@@ -2,7 +2,7 @@
 
 A geometry knows a set of matrices and nothing about optimizers: which shapes it can hold,
 the nearest point of the set (:meth:`Geometry.project`), the tangent projection, a retraction
-and a distance. The optimizers of :mod:`lightning_spectral.optim.geometric` bind one geometry
+and a distance. The optimizers of :mod:`lightning_spectral.optim.constrained` bind one geometry
 to a direction rule.
 
 Points and tangent vectors live in the set's own representation ``X = view(W)`` of the float32

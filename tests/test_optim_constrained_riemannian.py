@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_spectral.optim.base import AUX_ADAMW
-from lightning_spectral.optim.geometric import (
+from lightning_spectral.optim import (
     BlockStiefel,
     DoublyStochastic,
     Grassmann,

@@ -1,6 +1,6 @@
 """Constraint sets, one module each, behind one protocol (:class:`~.base.Geometry`): which shapes
 a set holds, the nearest point, the tangent projection, a retraction, a distance. Geometry
-imports only the linear algebra (:mod:`..linalg`, :mod:`..msign`), never an optimizer."""
+imports only the linear algebra (:mod:`...linalg`, :mod:`...msign`), never an optimizer."""
 
 from .base import Geometry, record_inner
 from .birkhoff import Birkhoff, sinkhorn
