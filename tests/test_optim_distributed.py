@@ -35,7 +35,7 @@ TIMEOUT_S = 300  # a hang fails the test
 # n roundings per step; all relative to max(1, |value|). Measured: 1.8e-7 and 1.3e-6.
 EPS = torch.finfo(torch.float32).eps
 WEIGHT_TOL, STATE_TOL = 2 * STEPS * EPS, 16 * STEPS * EPS
-ROUNDOFF = {"manifold_muon:default", "spectral_ball:default", "spectral_ball:ball", "muon:mixed"}
+ROUNDOFF = {"manifold_muon:default", "spectral_ball:default", "spectral_ball:ball", "spectral_ball:muon_sphere", "muon:mixed"}
 
 
 def _shapes(entry) -> list[tuple[int, ...]]:

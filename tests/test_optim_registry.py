@@ -6,6 +6,7 @@ entry is all a new optimizer needs to be found by all of them."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,31 @@ def test_features_select_entries():
     with pytest.raises(ValueError, match="no variant"):
         OPTIMIZERS["muon"].kwargs("fast")
     assert isinstance(OPTIMIZERS["muon"].build([nn.Parameter(torch.randn(3, 3))]), Muon)
+
+
+def test_muon_sphere_is_the_spectral_ball_variant_without_multiplier():
+    """MuonSphere (λ = 0): the registry's spectral_ball variant, the CLI overlay and both studies' entries are the
+    same setting, SpectralBall(multiplier=False); its steps keep λ = 0 and ‖W‖₂ = √(out/in) (float32 eps)."""
+    import yaml
+
+    entry = OPTIMIZERS["spectral_ball"]
+    assert entry.kwargs("muon_sphere")["multiplier"] is False
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(6, 4))
+    opt = entry.build([W], "muon_sphere", sigma_tol=1e-7)
+    for _ in range(3):
+        W.grad = torch.randn_like(W)
+        opt.step()
+    assert opt.state[W]["dual"] == 0.0
+    radius = (6 / 4) ** 0.5
+    assert abs(torch.linalg.matrix_norm(W.detach(), ord=2).item() - radius) <= 16 * torch.finfo(torch.float32).eps * radius
+    made = create_optimizer(nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)), "spectral_ball", multiplier=False)
+    assert [g["multiplier"] for g in made.param_groups if g["matrix"]] == [False]
+    root = Path(__file__).resolve().parents[1] / "configs"
+    overlay = yaml.safe_load((root / "optim" / "muon_sphere.yaml").read_text())["model"]["init_args"]["optimizer"]
+    studied = [v["set"]["model.init_args.optimizer"] for study in ("digits/optimizer_table.yaml", "text/lm.yaml")
+               for grid in yaml.safe_load((root / "studies" / study).read_text())["grids"]
+               for v in (grid.get("axes", grid).get("optimizer") or []) if v["name"] == "MuonSphere"]
+    assert len(studied) >= 2
+    for spec in [overlay, *studied]:
+        assert spec["class_path"].endswith(".SpectralBall") and spec["init_args"]["multiplier"] is False

@@ -171,8 +171,9 @@ for _entry in (
     OptimizerEntry(
         "spectral_ball", SpectralBall, "spectral sphere ||W||_2 = R (or ball <= R), msign(G + lambda u v^T)",
         test_kwargs=dict(lr=0.05),
+        # muon_sphere: lambda = 0, msign(G) retracted to the sphere (the spectral-sphere optimizer's ablation)
         variants={"inner": dict(mode="inner"), "ball": dict(constraint="ball", sigma_tol=1e-5),
-                  "ball_inner": dict(constraint="ball", mode="inner")},
+                  "ball_inner": dict(constraint="ball", mode="inner"), "muon_sphere": dict(multiplier=False)},
         constrained=True, compile_variants=("default",)),
     OptimizerEntry("oblique", Oblique, "unit-norm columns (or rows)", test_kwargs=dict(lr=0.05), **_GEOMETRIC),
     OptimizerEntry("sl_muon", SLMuon, "det W = 1 (volume preserving)", test_kwargs=dict(lr=0.01),
