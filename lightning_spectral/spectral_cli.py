@@ -100,6 +100,18 @@ OTHER_COMMANDS = {
 """The commands :func:`lightning_spectral.cli.cli_main` runs before LightningCLI parses (no Trainer method)."""
 
 
+def add_hparams_summary(trainer: Any, data: Any, settings: Optional[dict[str, Any]] = None) -> None:
+    """Give ``trainer`` its fit's HParams entry (:class:`~lightning_spectral.callbacks.HParamsSummary`) unless a
+    callback of the config gives one: the data module's config as ``data/<key>`` (and ``batch_size``) and
+    ``settings`` (a study's axis labels). The one form of the entry, for ``fit`` and every study run alike."""
+    if any(isinstance(c, HParamsSummary) for c in trainer.callbacks):
+        return
+    shown = dict(flat_hparams("data", data)) if isinstance(data, dict) else {}
+    if "data/batch_size" in shown:
+        shown["batch_size"] = shown["data/batch_size"]
+    trainer.callbacks.append(HParamsSummary({**shown, **(settings or {})}))
+
+
 class SpectralCLI(LightningCLI):
     """LightningCLI whose data module sizes the model (see the module docstring)."""
 
@@ -119,14 +131,8 @@ class SpectralCLI(LightningCLI):
         """:meth:`_before_launch`, then: every fit gets an HParams entry (:class:`~lightning_spectral.callbacks.HParamsSummary`, with the
         data module's config and ``batch_size`` as the studies name it), unless its config adds one."""
         self._before_launch()
-        if any(isinstance(c, HParamsSummary) for c in self.trainer.callbacks):
-            return
         data = self.config[self.subcommand].get("data")
-        data = data.as_dict() if isinstance(data, Namespace) else data
-        settings = dict(flat_hparams("data", data)) if isinstance(data, dict) else {}
-        if "data/batch_size" in settings:
-            settings["batch_size"] = settings["data/batch_size"]
-        self.trainer.callbacks.append(HParamsSummary(settings))
+        add_hparams_summary(self.trainer, data.as_dict() if isinstance(data, Namespace) else data)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's subcommands with one line of help each, and :data:`OTHER_COMMANDS` beside them

@@ -354,14 +354,19 @@ def test_tiny_study_records_provenance_routing_hparams_and_check_tells_stale_pag
     results = json.loads((tmp_path / "out" / "tiny" / "report" / "results.json").read_text())
     assert results["provenance"] == record
 
-    # TensorBoard's HParams view: hyperparameters and final metrics of each run
+    # TensorBoard's HParams view: one entry per run, HParamsSummary's (the form of every `fit`) with the axis labels
     events = EventAccumulator(str(run_dir(s, expand(s)[1], tmp_path / "out") / "tensorboard" / "version_0"))
     events.Reload()
     start = plugin_data_pb2.HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["optimizer"].string_value == "MuonSGD"
     assert start.hparams["optimizer/spectral_budget"].number_value == pytest.approx(0.1)
+    assert start.hparams["axis/optimizer"].string_value == "MuonSGD" and start.hparams["seed"].number_value == 0
+    assert start.hparams["lr/matrix"].number_value == pytest.approx(0.05)  # the resolved groups', as for `fit`
+    assert start.hparams["batch_size"].number_value == 16 and start.hparams["data"].string_value == "DigitsDataModule"
     assert events.Scalars("hparams/final_val_acc")[-1].value == pytest.approx(muon["final_val_acc"])
+    assert events.Scalars("hparams/best_val_acc")[-1].value == pytest.approx(muon["best_val_acc"])
+    assert len(events.Scalars("hparams/final_val_acc")) == 1  # one entry: no second one after the fit
 
     # --check: current; then a changed config, a changed package file, a page without provenance
     docs = tmp_path / "docs" / "tiny.md"

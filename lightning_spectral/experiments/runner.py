@@ -40,13 +40,12 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_spectral.callbacks.epoch_recorder import EpochRecorder
-from lightning_spectral.callbacks.hparams import hparam_value
 from lightning_spectral.checkpoint import _aside_name, resume_checkpoint, run_lock, write_config_marker
 from lightning_spectral.experiments import interrupt
 from lightning_spectral.experiments.files import inside, write_json
 from lightning_spectral.experiments.provenance import provenance
 from lightning_spectral.experiments.spec import DIAGNOSTIC_DEFAULTS, Run, Study, check_name, config_hash, expand
-from lightning_spectral.spectral_cli import build_cli
+from lightning_spectral.spectral_cli import add_hparams_summary, build_cli
 
 
 def study_dir(study: Study, out_dir: str | Path) -> Path:
@@ -142,36 +141,6 @@ def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
             "total_time_s": sum(h.get("time", 0.0) for h in history)}
 
 
-HPARAM_METRICS = ("final_val_acc", "best_val_acc", "final_val_loss", "final_train_loss", "final_max_spectral_norm",
-                  "final_train_eval_acc", "mean_step_time_ms")
-
-
-def hyperparameters(run: Run) -> dict[str, Any]:
-    """What TensorBoard's HParams view compares a run by: its axis labels, seed, optimizer class
-    and arguments, batch size and epochs (scalars only; other values as text, as
-    :class:`~lightning_spectral.callbacks.HParamsSummary` writes them for a single fit)."""
-    optimizer = run.config.get("model", {}).get("init_args", {}).get("optimizer") or {}
-    optimizer = {"class_path": optimizer} if isinstance(optimizer, str) else optimizer
-    params: dict[str, Any] = {f"axis/{k}": v for k, v in run.axes.items()}
-    params["seed"] = run.seed
-    params["optimizer"] = str(optimizer.get("class_path", "?")).rsplit(".", 1)[-1]
-    for key, value in (optimizer.get("init_args") or {}).items():
-        params[f"optimizer/{key}"] = hparam_value(value)
-    params["batch_size"] = run.config.get("data", {}).get("init_args", {}).get("batch_size")
-    params["max_epochs"] = run.config.get("trainer", {}).get("max_epochs")
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def _log_hparams(logger: Any, run: Run, result: dict[str, Any]) -> None:
-    """The run's hyperparameters with its final metrics (``hparams/<metric>``) for the HParams view."""
-    metrics = {f"hparams/{k}": float(result[k]) for k in HPARAM_METRICS
-               if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])}
-    if logger is None or not metrics:
-        return
-    logger.log_hyperparams(hyperparameters(run), metrics)
-    logger.finalize("success")  # flush the events file written after the fit closed it
-
-
 def _routing(trainer: Any, model: Any, directory: Path) -> str | None:
     """The table of which rule updated which parameter, from the fit's optimizer (else the
     ``routing.md`` the module wrote at fit start)."""
@@ -227,6 +196,8 @@ def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[st
                                  f"exit status {exit_.code}); fix the study file's settings for this run, see "
                                  f"{directory / 'run.yaml'}") from None
         recorder = next(c for c in cli.trainer.callbacks if isinstance(c, EpochRecorder))
+        # the HParams entry of `fit`, with the run's axis labels (added here, not to run.yaml: the config hash stays)
+        add_hparams_summary(cli.trainer, run.config.get("data"), {f"axis/{k}": v for k, v in run.axes.items()})
         status, error = "finished", None
         start = time.perf_counter()
         try:
@@ -245,7 +216,6 @@ def execute_train(study: Study, run: Run, out_dir: str | Path, log: Callable[[st
             **{f"final_{k}" if not k.startswith("final") else k: v for k, v in recorder.final.items()},
             "history": recorder.history,
         }
-        _log_hparams(cli.trainer.logger, run, result)
         with interrupt.deferred():  # the result and the removal of the checkpoints go together
             if not diagnostics(study)["keep_checkpoints"]:
                 shutil.rmtree(directory / "checkpoints", ignore_errors=True)
