@@ -1,29 +1,32 @@
-"""The optimizer step on 2 (or 4) CPU processes (gloo, one thread each): the matrix work split
-across the ranks (DDP), the same work repeated on every rank, and the matrices sharded as
-``DTensor`` (FSDP2), side by side.
+"""The optimizer step on 2 or 4 CPU processes (gloo, one thread each): the matrix work split
+across the ranks (DDP), the same work repeated on every rank, the split chosen per batch by a
+measured latency model, and the matrices sharded as ``DTensor`` (FSDP2), side by side.
 
-    python -m benchmarks.distributed [--quick] [--model gpt resnet18] [--world 2] [--repeats 3]
+    python -m benchmarks.distributed [--quick] [--model gpt resnet18 small] [--world 2 4] [--repeats 5]
 
 Each rank holds the model's matrices (``out × in·kh·kw``; the GPT 4×256's 24 block matrices,
-ResNet-18's convolutions and head) with identical gradients, as after DDP's all-reduce, and
-times ``optimizer.step()`` in three modes, interleaved round by round, median of ``--repeats``:
-``repeated`` (``distribute_work = False``: every rank does everything), ``split`` (each matrix
-updated by its owner, the new weights sent to the others) and ``fsdp2`` (every matrix a
-``DTensor`` ``Shard(0)`` over the ranks, as ``fully_shard`` leaves it). Counted per rank and
-step, not estimated: the matrices orthogonalised (every ``msign`` call's batch) and their
-Newton–Schulz FLOPs (``steps·(4m²n + 2m³)`` per ``m × n`` matrix, ``m`` the short side), and the
-bytes the rank sends (every collective seen by a dispatch mode: all-gather and broadcast send
-the rank's input to each other rank, all-to-all its chunks for the other ranks, all-reduce
-``2(w−1)/w`` of the buffer, as a ring does). Step time is the slowest rank's.
+ResNet-18's convolutions and head, ``small``: the GPT 2×32's 12) with identical gradients, as
+after DDP's all-reduce, and times ``optimizer.step()`` in four modes, interleaved round by round,
+median of ``--repeats``: ``repeated`` (``distribute_work = False``: every rank does everything),
+``split`` (each matrix updated by its owner, the new weights all-gathered), ``chosen``
+(``distribute_work`` a :class:`~lightning_spectral.optim.split_cost.LatencyModel` measured on these
+ranks first: only the batches it says pay are split) and ``fsdp2`` (every matrix a ``DTensor``
+``Shard(0)`` over the ranks, as ``fully_shard`` leaves it). Counted per rank and step, not
+estimated: the matrices orthogonalised (every ``msign`` call's batch), their Newton–Schulz FLOPs
+(``steps·(4s²l + 2s³)`` per matrix, ``s ≤ l`` its sides) and the seconds spent in msign, and the
+bytes the rank sends (every collective seen by a dispatch mode: all-gather and broadcast send the
+rank's input to each other rank, all-to-all its chunks for the other ranks, all-reduce
+``2(w−1)/w`` of the buffer, as a ring does), per collective. Step time is the slowest rank's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,8 +35,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_spectral.optim
 from lightning_spectral.optim import ManifoldMuon, Muon, MuonSGD, SpectralBall
+from lightning_spectral.optim.split_cost import LatencyModel, ns_flops
 
-from ._common import GradientStream, make_params, model_shapes, on_gloo_ranks, set_grads
+from ._common import GradientStream, make_params, model_shapes, on_gloo_ranks, set_grads, write_result
 
 OPTIMIZERS = {
     "Muon": lambda ps: Muon(ps, lr=0.02),
@@ -41,7 +45,7 @@ OPTIMIZERS = {
     "SpectralBall amortized": lambda ps: SpectralBall(ps, lr=0.02, mode="amortized"),
     "MuonSGD dual_ascent": lambda ps: MuonSGD(ps, lr=0.1, spectral_budget=0.1, inner_solver="dual_ascent"),
 }
-MODES = ("repeated", "split", "fsdp2")
+MODES = ("repeated", "split", "chosen", "fsdp2")
 
 
 class CollectiveBytes(TorchDispatchMode):
@@ -51,16 +55,21 @@ class CollectiveBytes(TorchDispatchMode):
     def __init__(self, world: int, rank: int):
         super().__init__()
         self.world, self.rank, self.bytes, self.calls = world, rank, 0, 0
+        self.by_op: dict[str, list[int]] = {}  # op name -> [calls, bytes]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.distributed.tensor import DTensor
 
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor runs first and desugars into the collectives counted here
-        sent = self._sent(func.namespace, func.__name__.split(".")[0], args)
+        name = func.__name__.split(".")[0]
+        sent = self._sent(func.namespace, name, args)
         if sent is not None:
             self.bytes += sent
             self.calls += 1
+            tally = self.by_op.setdefault(name, [0, 0])
+            tally[0] += 1
+            tally[1] += sent
         return func(*args, **(kwargs or {}))
 
     def _sent(self, namespace: str, name: str, args: tuple) -> int | None:
@@ -93,22 +102,26 @@ class CollectiveBytes(TorchDispatchMode):
 
 
 class MsignCount:
-    """Every ``msign`` call of the package's optimizers, counted: matrices (the batch) and
-    Newton–Schulz FLOPs at its step count."""
+    """Every ``msign`` call of the package's optimizers, counted: calls, matrices (the batch),
+    Newton–Schulz FLOPs at its step count, and the seconds spent in them."""
 
     def __init__(self):
-        self.matrices, self.flops = 0, 0.0
+        self.matrices, self.flops, self.calls, self.seconds = 0, 0, 0, 0.0
         self._patched = []
 
     def __enter__(self):
         from lightning_spectral.optim.msign import msign as original
 
         def counting(X, steps=5, *args, **kwargs):
-            m, n = sorted(X.shape[-2:])
+            m, n = X.shape[-2:]
             batch = X.numel() // (m * n) if m * n else 0
             self.matrices += batch
-            self.flops += batch * steps * (4 * m * m * n + 2 * m**3)
-            return original(X, steps, *args, **kwargs)
+            self.calls += 1
+            self.flops += batch * ns_flops((m, n), steps)
+            start = time.perf_counter()
+            out = original(X, steps, *args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return out
 
         for module in list(sys.modules.values()):
             if module is not None and module.__name__.startswith(lightning_spectral.optim.__name__) \
@@ -142,14 +155,19 @@ def _set_grads(mode: str, params, grads, mesh) -> None:
         p.grad = distribute_tensor(g, mesh, [Shard(0)])
 
 
+def _shapes(model: str, quick: bool):
+    return model_shapes("gpt", True) if model == "small" else model_shapes(model, quick)
+
+
 def _worker(rank: int, args, queue) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
+    latency = LatencyModel.measure(repeats=3 if args.quick else 7)
     rows: dict[str, Any] = {}
     for model in args.model:
-        shapes = model_shapes(model, args.quick)
+        shapes = _shapes(model, args.quick)
         for name, build in OPTIMIZERS.items():
             if args.optimizers and name not in args.optimizers:
                 continue
@@ -157,7 +175,7 @@ def _worker(rank: int, args, queue) -> None:
             for mode in MODES:
                 params = _params(mode, shapes, mesh)
                 opt = build(params)
-                opt.distribute_work = mode == "split"
+                opt.distribute_work = {"repeated": False, "chosen": latency}.get(mode, True)
                 stream = GradientStream(shapes, seed=1)
                 _set_grads(mode, params, stream.grads(), mesh)
                 opt.step()  # warm-up: state allocation, first solves
@@ -175,47 +193,99 @@ def _worker(rank: int, args, queue) -> None:
                     elapsed = torch.tensor([time.perf_counter() - start])
                     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's
                     times[mode].append(float(elapsed))
-                    counts[mode] = (msigns.matrices, msigns.flops, sent.bytes, sent.calls)
+                    counts.setdefault(mode, []).append((msigns, sent))
             for mode in MODES:
-                matrices, flops, sent_bytes, calls = counts[mode]
+                msigns, sent = counts[mode][-1]
                 rows[f"{model} | {name} | {mode}"] = dict(
                     model=model, optimizer=name, mode=mode, step_s=statistics.median(times[mode]),
-                    matrices=matrices, ns_gflop=flops / 1e9, sent_mib=sent_bytes / 2**20, collectives=calls,
-                    param_mib=sum(p.numel() * 4 for p in make_params(shapes)) / 2**20)
+                    matrices=msigns.matrices, flops=msigns.flops, msign_calls=msigns.calls,
+                    msign_s=statistics.median(m.seconds for m, _ in counts[mode]),
+                    sent_bytes=sent.bytes, collectives=sent.calls, by_op=sent.by_op,
+                    param_bytes=sum(p.numel() * 4 for p in make_params(shapes)))
     gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
+    dist.all_gather_object(gathered, dict(rows=rows, latency=dataclasses.asdict(latency)))
     if rank == 0:
         queue.put(gathered)
+
+
+def _predicted(r: dict, latency: LatencyModel) -> float:
+    """The model's msign and collective seconds of a row: ``γ·calls + FLOPs/R + α·collectives + β·bytes``
+    from the row's counts (the slowest rank's)."""
+    return (latency.gamma_s * r["msign_calls"] + r["flops"] / latency.flop_rate
+            + latency.alpha_s * r["collectives"] + latency.beta_s_per_byte * r["sent_bytes"])
+
+
+def summarise(per_rank: list[dict], world: int) -> dict:
+    """Rows over the ranks: counts per rank (``per_rank``) and their maxima, the slowest rank's
+    step time, ratios to the repeated and the split step, and the model's prediction."""
+    latency = LatencyModel(**per_rank[0]["latency"])
+    rows = {}
+    for key in per_rank[0]["rows"]:
+        ranks = [r["rows"][key] for r in per_rank]
+        row = dict(ranks[0], world=world, per_rank=[{k: r[k] for k in ("matrices", "flops", "msign_calls", "sent_bytes",
+                                                                       "collectives", "by_op")} for r in ranks])
+        for k in ("matrices", "flops", "msign_calls", "msign_s", "sent_bytes", "collectives"):
+            row[k] = max(r[k] for r in ranks)
+        row["ns_gflop"], row["sent_mib"], row["param_mib"] = row["flops"] / 1e9, row["sent_bytes"] / 2**20, row["param_bytes"] / 2**20
+        rows[key] = row
+    for row in rows.values():
+        base = f"{row['model']} | {row['optimizer']} | "
+        row["vs_repeated"] = row["step_s"] / rows[base + "repeated"]["step_s"]
+        row["vs_split"] = row["step_s"] / rows[base + "split"]["step_s"]
+        row["model_s"] = _predicted(row, latency)
+    return dict(world=world, latency=dataclasses.asdict(latency), crossover=latency.crossover(), rows=rows)
+
+
+def render(result: dict, quick: bool) -> str:
+    w, lat = result["world"], result["latency"]
+    lines = [f"{w} gloo ranks × 1 thread{', quick' if quick else ''}. Latency model (measured on these ranks, "
+             f"max over ranks): α = {1e6 * lat['alpha_s']:.0f} µs, 1/β = {1e-9 / max(lat['beta_s_per_byte'], 1e-30):.2f} GB/s, "
+             f"γ = {1e6 * lat['gamma_s']:.0f} µs, R = {lat['flop_rate'] / 1e9:.1f} GFLOP/s; square crossover "
+             f"{result['crossover']:.0f}.", "",
+             "| model | optimizer | mode | matrices / rank | NS GFLOP / rank | MiB sent / rank (weights) | collectives "
+             "| msign ms (model: msign+wire) | step ms | / repeated | / split |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"].values():
+        lines.append(f"| {r['model']} | {r['optimizer']} | {r['mode']} | {r['matrices']} | {r['ns_gflop']:.2f} | "
+                     f"{r['sent_mib']:.2f} ({r['param_mib']:.2f}) | {r['collectives']} | {1e3 * r['msign_s']:.0f} "
+                     f"({1e3 * r['model_s']:.0f}) | {1e3 * r['step_s']:.0f} | {r['vs_repeated']:.2f} | {r['vs_split']:.2f} |")
+    return "\n".join(lines)
+
+
+def targets(result: dict) -> list[str]:
+    """Issue 26's targets on these rows: FSDP2 ≤ 1.1× split, split ≤ 0.6× repeated, split's bytes ≤ weights,
+    the chosen mode ≤ 1.1× the better of split and repeated."""
+    out = []
+    for r in result["rows"].values():
+        if r["mode"] == "fsdp2":
+            out.append(f"{r['model']} {r['optimizer']}: FSDP2 / split {r['vs_split']:.2f} (≤ 1.1)")
+        elif r["mode"] == "split":
+            out.append(f"{r['model']} {r['optimizer']}: split / repeated {r['vs_repeated']:.2f} (≤ 0.6), sent / weights "
+                       f"{r['sent_bytes'] / r['param_bytes']:.2f} (≤ 1)")
+        elif r["mode"] == "chosen":
+            out.append(f"{r['model']} {r['optimizer']}: chosen / min(split, repeated) "
+                       f"{max(r['vs_split'], r['vs_repeated']):.2f} (≤ 1 within noise)")
+    return out
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    parser.add_argument("--model", nargs="+", default=["gpt", "resnet18"], choices=("gpt", "resnet18", "mlp"))
-    parser.add_argument("--optimizers", nargs="*", default=None, help=f"a subset of {list(OPTIMIZERS)}")
-    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--model", nargs="+", default=["gpt", "resnet18", "small"], choices=("gpt", "resnet18", "mlp", "small"))
+    parser.add_argument("--optimizers", nargs="*", default=["Muon"], help=f"a subset of {list(OPTIMIZERS)}")
+    parser.add_argument("--world", type=int, nargs="+", default=[2], help="rank counts, one launch each")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--out", default=None, help="JSON output path (the tables beside it, .md)")
     args = parser.parse_args(argv)
-    (per_rank,) = on_gloo_ranks(_worker, args, results=1, timeout=3600, world=args.world)
-    rows = {}
-    for key in per_rank[0]:
-        ranks = [r[key] for r in per_rank]
-        rows[key] = dict(ranks[0], matrices=max(r["matrices"] for r in ranks),
-                         ns_gflop=max(r["ns_gflop"] for r in ranks), sent_mib=max(r["sent_mib"] for r in ranks))
-    print(f"| model | optimizer ({args.world} gloo ranks × 1 thread{', quick' if args.quick else ''}) | mode "
-          "| matrices / rank | NS GFLOP / rank | MiB sent / rank | collectives | step (ms) | / repeated |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for key, r in rows.items():
-        base = rows[f"{r['model']} | {r['optimizer']} | repeated"]["step_s"]
-        r["vs_repeated"] = r["step_s"] / base
-        print(f"| {r['model']} | {r['optimizer']} | {r['mode']} | {r['matrices']} | {r['ns_gflop']:.2f} | "
-              f"{r['sent_mib']:.2f} (weights {r['param_mib']:.2f}) | {r['collectives']} | {1e3 * r['step_s']:.0f} | "
-              f"{r['vs_repeated']:.2f} |")
+    results, text = {}, []
+    for world in args.world:
+        (per_rank,) = on_gloo_ranks(_worker, args, results=1, timeout=3600, world=world)
+        result = summarise(per_rank, world)
+        results[str(world)] = result
+        text += [render(result, args.quick), "", "Targets: " + "; ".join(targets(result)), ""]
+    print("\n".join(text))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+        write_result(Path(args.out), results, "\n".join(text))
+    return results
 
 
 if __name__ == "__main__":

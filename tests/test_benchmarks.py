@@ -40,21 +40,56 @@ def test_quick_benchmark_produces_every_section(tmp_path: Path) -> None:
         assert heading in proc.stdout
 
 
-def test_quick_distributed_benchmark_times_split_and_repeated_work(tmp_path: Path) -> None:
-    """``benchmarks.distributed --quick``: two gloo processes time Muon on the GPT's matrices with
-    its matrix work split across the ranks, repeated on both, and sharded; the split orthogonalises
-    half the matrices per rank and sends no more than the weights, in one collective."""
+def _ns_flops(m: int, n: int, steps: int = 5) -> int:
+    s, l = min(m, n), max(m, n)
+    return steps * (4 * s * s * l + 2 * s**3)
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_quick_distributed_benchmark_counts_exactly(tmp_path: Path, world: int) -> None:
+    """``benchmarks.distributed --quick`` on 2 (and 4: slow) gloo ranks (GPT 2×32: 12 matrices): the
+    counts of every rank against the exact ones. Repeated: every matrix on every rank, nothing
+    sent. Split: each rank orthogonalises the matrices ``deal`` gives it and sends, in one
+    all-gather, its padded share (the largest rank's matrices) to each other rank. Chosen: the
+    recorded latency model's batches split, the rest repeated. FSDP2: every matrix on exactly one
+    rank, and the all-to-alls carry each matrix's other shards to its owner and back."""
+    from benchmarks._common import model_shapes
+    from lightning_spectral.optim.distributed import deal
+    from lightning_spectral.optim.split_cost import LatencyModel
+
     out = tmp_path / "distributed.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--quick", "--repeats", "1", "--model", "gpt",
-                           "--optimizers", "Muon", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--world", str(world), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
-    modes = {row["mode"]: row for row in rows.values()}
-    assert set(modes) == {"repeated", "split", "fsdp2"}
-    assert all(row["step_s"] > 0 for row in rows.values())
-    assert modes["split"]["matrices"] * 2 == modes["repeated"]["matrices"] == 12
-    assert modes["split"]["collectives"] == 1 and 0 < modes["split"]["sent_mib"] <= modes["split"]["param_mib"]
-    assert modes["repeated"]["sent_mib"] == 0
+    shapes = model_shapes("gpt", quick=True)
+    keys = [(s, "torch.float32", "cpu") for s in shapes]
+    numel = [m * n for m, n in shapes]
+    flops = [_ns_flops(m, n) for m, n in shapes]
+    for world, result in json.loads(out.read_text()).items():
+        world = int(world)
+        rows = {row["mode"]: row for row in result["rows"].values()}
+        assert set(rows) == {"repeated", "split", "chosen", "fsdp2"} and all(r["step_s"] > 0 for r in rows.values())
+        for rank in rows["repeated"]["per_rank"]:
+            assert (rank["matrices"], rank["flops"], rank["sent_bytes"], rank["collectives"]) == (12, sum(flops), 0, 0)
+        for mode in ("split", "chosen"):
+            split = LatencyModel(**result["latency"]).choose(keys, world) if mode == "chosen" else dict.fromkeys(keys, True)
+            chosen = [i for i, k in enumerate(keys) if split[k]]
+            owners = [-1] * len(keys)
+            for i, o in zip(chosen, deal([keys[i] for i in chosen], world)):
+                owners[i] = o
+            share = max(sum(numel[i] for i in chosen if owners[i] == r) for r in range(world))
+            for r, rank in enumerate(rows[mode]["per_rank"]):
+                mine = [i for i in range(len(keys)) if owners[i] in (r, -1)]
+                assert rank["matrices"] == len(mine) and rank["flops"] == sum(flops[i] for i in mine), (world, mode, r)
+                assert rank["sent_bytes"] == 4 * share * (world - 1), (world, mode, r, rank)
+                assert rank["by_op"] == ({"_allgather_base_": [1, 4 * share * (world - 1)]} if share else {})
+        assert 0 < rows["split"]["sent_bytes"] <= rows["split"]["param_bytes"]
+        fsdp = rows["fsdp2"]["per_rank"]
+        assert sum(r["matrices"] for r in fsdp) == 12 and sum(r["flops"] for r in fsdp) == sum(flops)
+        assert max(r["matrices"] for r in fsdp) == 12 // world  # the shapes' counts divide by the world
+        # every row count divides by the world: each shard is numel/world, (world − 1) of them go each way
+        assert sum(r["by_op"]["alltoall_base_"][1] for r in fsdp) == 2 * 4 * sum(numel) * (world - 1) // world
+        assert f"{world} gloo ranks" in proc.stdout
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ every rank every new weight, bit for bit the owner's. No optimizer state crosses
 during a step. The state of a matrix lives on its owner only (``1/world`` of it per rank);
 :func:`whole_state` gathers it where a checkpoint needs all of it, and a change of the layout
 (``distribute_work`` switched, a group added) moves it first. Set
-``optimizer.distribute_work = False`` to repeat the work on every rank instead.
+``optimizer.distribute_work = False`` to repeat the work on every rank instead, or to a
+:class:`~.split_cost.LatencyModel` (``"auto"``: one measured at the first step) to split only the
+batches of same-shaped matrices whose split it says pays; every rank steps the others itself.
 
 Parameters sharded as ``DTensor`` (FSDP2, Lightning's ``ModelParallelStrategy``): where the
 optimizer's step comes in three parts (Muon: ``_momentum_update`` and ``_apply_direction``
@@ -34,6 +36,7 @@ import torch.distributed as dist
 
 from .linalg import as_matrix, msign_cost
 from .param_groups import MATRIX_KEY
+from .split_cost import LatencyModel
 from .sharded import full_matrix, is_sharded
 
 __all__ = ["deal", "owner_values", "step_matrices", "whole_state"]
@@ -55,7 +58,7 @@ def step_matrices(optimizer: Any, matrices: Matrices) -> None:
         for p in [p for p in sharded if id(p) not in split]:
             with full_matrix(optimizer.state, p) as full:
                 optimizer._matrix_step(group, [full])
-        params = [p for p in params if not is_sharded(p) and (owners is None or owners[p] == me)]
+        params = [p for p in params if not is_sharded(p) and (owners is None or owners[p] in (me, EVERY_RANK))]
         if params:
             optimizer._matrix_step(group, params)
     if owners is not None:
@@ -186,7 +189,9 @@ def _owners(optimizer: Any) -> Optional[dict[torch.Tensor, int]]:
     the state is first gathered from the old owners; then each rank keeps only its own."""
     plain = _plain_matrices(optimizer)
     world = _split_world(optimizer)
-    key = (world, tuple(_key(p) for p in plain)) if world > 1 and plain else None
+    if world > 1 and plain and optimizer.distribute_work == "auto" and getattr(optimizer, "_latency", None) is None:
+        optimizer._latency = LatencyModel.measure(plain[0].device)  # collective: every rank is here
+    key = (world, tuple(_key(p) for p in plain), repr(_latency(optimizer))) if world > 1 and plain else None
     split = getattr(optimizer, "_work_split", None)
     if split is not None and split[0] == key:
         return dict(zip(plain, split[1]))
@@ -195,13 +200,35 @@ def _owners(optimizer: Any) -> Optional[dict[torch.Tensor, int]]:
     optimizer._work_split = None
     if key is None:
         return None
-    owners = deal(list(key[1]), world)
+    owners = _split_owners(list(key[1]), world, _latency(optimizer))
     me = dist.get_rank()
     for p, owner in zip(plain, owners):
-        if owner != me:
+        if owner not in (me, EVERY_RANK):
             optimizer.state.pop(p, None)
     optimizer._work_split = (key, tuple(owners))
     return dict(zip(plain, owners))
+
+
+EVERY_RANK = -1  # the owner of a matrix that every rank steps itself
+
+
+def _latency(optimizer: Any) -> Optional[LatencyModel]:
+    """The latency model that chooses the batches to split (``distribute_work`` a
+    :class:`~.split_cost.LatencyModel`, or ``"auto"``: measured at the first split step), or ``None``: split all."""
+    if isinstance(optimizer.distribute_work, LatencyModel):
+        return optimizer.distribute_work
+    return getattr(optimizer, "_latency", None) if optimizer.distribute_work == "auto" else None
+
+
+def _split_owners(keys: list[tuple], world: int, model: Optional[LatencyModel]) -> list[int]:
+    """Owners from :func:`deal` of the matrices whose batch (same key) ``model`` splits
+    (:meth:`~.split_cost.LatencyModel.choose`; every batch without one), ``EVERY_RANK`` for the rest."""
+    split = model.choose(keys, world) if model is not None else dict.fromkeys(keys, True)
+    chosen = [i for i, key in enumerate(keys) if split[key]]
+    owners = [EVERY_RANK] * len(keys)
+    for i, owner in zip(chosen, deal([keys[i] for i in chosen], world)):
+        owners[i] = owner
+    return owners
 
 
 def _key(p: torch.Tensor) -> tuple:
@@ -268,7 +295,8 @@ def owner_values(optimizer: Any, params: list[torch.Tensor], keys: tuple[str, ..
                     table[i, j] = torch.tensor([values[k], 1.0], dtype=torch.float64)
     dist.all_reduce(table)
     table = table.cpu()
-    return [{k: float(table[i, j, 0]) for j, k in enumerate(keys) if table[i, j, 1] > 0} if p in owners else values
+    return [{k: float(table[i, j, 0]) for j, k in enumerate(keys) if table[i, j, 1] > 0}
+            if owners.get(p, EVERY_RANK) != EVERY_RANK else values
             for i, (p, values) in enumerate(zip(params, local))]
 
 
