@@ -8,12 +8,11 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ..base import ON_CONSTRAINT_TOL, MatrixOptimizer, check_unit_interval, describe_param, ema_momentum
+from ..base import check_unit_interval, ema_momentum
 from ..linalg import as_matrix, msign_cost
 from ..msign import check_schedule, msign
-from ..param_groups import MATRIX_KEY
-from ..sharded import whole
 from . import geometry as geo
+from .groups import UNSUPPORTED, ConstrainedGroups
 
 __all__ = ["GeometricOptimizer"]
 
@@ -24,13 +23,13 @@ runs one large GEMM as fast as a batch of them, and stacking and writing back th
 cost more than the per-call overhead they save (measured, one thread, stacks of 3–16:
 ManifoldMuon amortized 0.8× the per-matrix time at 64 × 64, 0.85× at 128 × 128, 1.15× at
 256 × 256; SpectralBall amortized 0.25–0.95×). GPUs always stack (one kernel per stack)."""
-UNSUPPORTED = ("fallback", "error")
 
 
-class GeometricOptimizer(MatrixOptimizer):
+class GeometricOptimizer(ConstrainedGroups):
     """The skeleton: momentum → direction → retraction on the geometry of each matrix group.
 
-    A binding implements :meth:`geometry` (the set, from the group's hyperparameters) and, when
+    A binding implements :meth:`geometry` (the set, from the group's hyperparameters; which
+    matrices it holds and where the others go: :class:`~.groups.ConstrainedGroups`) and, when
     its rule is not the Riemannian/msign one, :meth:`_direction`; optionally :meth:`_step_size`
     and :meth:`_state_shapes`.
 
@@ -38,7 +37,7 @@ class GeometricOptimizer(MatrixOptimizer):
         lr: step size (``direction="msign"``: spectral norm of the step before retraction).
         momentum, nesterov: EMA momentum on the Euclidean gradient, projected at the current
             point every step.
-        direction: ``"msign"`` or ``"riemannian"`` (see the module docstring).
+        direction: ``"msign"`` or ``"riemannian"`` (see the package docstring, :mod:`..constrained`).
         ns_steps, ns_schedule: msign of the direction.
         unsupported: ``"fallback"`` (other shapes follow the fallback rule) or ``"error"``;
             ``None`` for a set that takes every shape (no ``unsupported`` hyperparameter).
@@ -68,29 +67,9 @@ class GeometricOptimizer(MatrixOptimizer):
             defaults = dict(defaults, unsupported=unsupported)
         check_schedule(defaults.get("ns_schedule", "jordan"), defaults.get("ns_steps", 5))
         defaults = dict(defaults, weight_decay=0.0)
-        # Where each group came from (see _route), the matrices that fit the set, and those that did not.
-        self._sources: list[tuple[int, list[int], bool]] = []
-        self._supported, self._unfit = 0, []
         super().__init__(params, defaults, **kwargs)
-        if self._supported == 0:
-            detail = "; ".join(self._unfit[:4]) + ("; ..." if len(self._unfit) > 4 else "")
-            raise ValueError(f"{owner}: no matrix parameter fits the manifold, so nothing would be constrained "
-                             f"({detail or 'there are no matrix parameters'})")
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Routed as at construction (matrices the set cannot hold go to a ``<name>_fallback`` group),
-        and the new matrices moved onto their set, as the constructor moves the first ones."""
-        start = len(self.param_groups)
-        super().add_param_group(param_group)
-        for index in range(start, len(self.param_groups)):
-            self._project_group(index)
 
     # -- hooks ----------------------------------------------------------------------------
-    @staticmethod
-    def geometry(group: dict[str, Any]) -> geo.Geometry:
-        """The constraint set of a matrix group, from its hyperparameters."""
-        raise NotImplementedError
-
     def _direction(self, group: dict[str, Any], geometry: geo.Geometry, X: torch.Tensor, G: torch.Tensor,
                    state: dict) -> torch.Tensor:
         """Riemannian gradient of ``G`` at ``X``, optionally ``P_T(msign(·))``."""
@@ -103,83 +82,6 @@ class GeometricOptimizer(MatrixOptimizer):
         return group["lr"]
 
     # -- the skeleton ---------------------------------------------------------------------
-    def _route(self, parts: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
-        """Move each matrix the set cannot hold into a fallback group right after its own (or
-        raise, with ``unsupported="error"``); refuse meta tensors. ``self._sources[k]`` says where
-        group ``k`` came from: ``(index of the part it was split from, positions there, whether it
-        is the fallback part)``, the parts counted over every group added (the layout of
-        checkpoints written before unsupported matrices had groups of their own)."""
-        owner, out = type(self).__name__, []
-        for part in parts:
-            source = len({k for k, _, _ in self._sources})
-            if not part[MATRIX_KEY]:
-                out.append(part)
-                self._sources.append((source, list(range(len(part["params"]))), False))
-                continue
-            settings = {**self.defaults, **part}
-            geometry = self.geometry(settings)
-            keep, off = [], []
-            for i, p in enumerate(part["params"]):
-                if p.is_meta:
-                    raise ValueError(
-                        f"{owner}: {describe_param(part, index, i)} is on the meta device, but the optimizer "
-                        "moves every matrix onto its constraint set when it is built and needs its values. "
-                        "Materialise and initialise the model first (e.g. model.to_empty(device=...) then its "
-                        "reset_parameters()), then build the optimizer."
-                    )
-                reason = geometry.unsupported_reason(as_matrix(p).shape)
-                if reason is None:
-                    keep.append(i)
-                    continue
-                if settings.get("unsupported") == "error":
-                    raise ValueError(
-                        f"{owner}: {describe_param(part, index, i)} cannot be kept on the manifold ({reason}). "
-                        "Pass unsupported='fallback' to train such matrices with the fallback rule, or put "
-                        "them in a group with matrix=False."
-                    )
-                off.append(i)
-                self._unfit.append(f"{describe_param(part, index, i)}: {reason}")
-            self._supported += len(keep)
-            names = part.get("param_names")
-            if keep:
-                kept = dict(part, params=[part["params"][i] for i in keep])
-                if names:
-                    kept["param_names"] = [names[i] for i in keep]
-                out.append(kept)
-                self._sources.append((source, keep, False))
-            if off:
-                fallback = {"params": [part["params"][i] for i in off], "name": f"{part.get('name', 'matrix')}_fallback",
-                            MATRIX_KEY: False}
-                if names:
-                    fallback["param_names"] = [names[i] for i in off]
-                out.append(fallback)
-                self._sources.append((source, off, True))
-            if not keep and not off:
-                out.append(part)
-                self._sources.append((source, [], False))
-        return out
-
-    @torch.no_grad()
-    def _project_group(self, index: int) -> None:
-        """Start on the set (when a group is added), unless already there (see
-        :data:`~lightning_spectral.optim.base.ON_CONSTRAINT_TOL`)."""
-        group = self.param_groups[index]
-        if not group[MATRIX_KEY]:
-            return
-        geometry = self.geometry(group)
-        for i, param in enumerate(group["params"]):
-            if param.numel() == 0:  # a 0 × n matrix: nothing to move
-                continue
-            with whole(self.state, param) as p:  # a DTensor shard: its full matrix
-                W = as_matrix(p).float()
-                X = geometry.view(W)
-                if not geometry.contains(X, ON_CONSTRAINT_TOL):
-                    try:
-                        X = geometry.project(X, self.state[p])
-                    except ValueError as error:
-                        raise ValueError(f"{type(self).__name__}: {self.param_name(index, i)}: {error}") from None
-                    p.copy_(geometry.unview(X, W.shape).view_as(p))
-
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         geometry = self.geometry(group)
         batches: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -280,33 +182,6 @@ class GeometricOptimizer(MatrixOptimizer):
             return None
         geometry = self.geometry(group)
         return geometry.distance(geometry.view(as_matrix(p).float()))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(dict(state_dict, param_groups=self.upgrade_param_groups(state_dict["param_groups"])))
-
-    def upgrade_param_groups(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """A checkpoint's ``param_groups`` in this optimizer's layout. Checkpoints written before
-        unsupported matrices had a group of their own (they sat in their matrix group, with the
-        fallback's hyperparameters under ``fallback_rule``) are split the way this optimizer was;
-        others are returned as they are."""
-        original = len({index for index, _, _ in self._sources})
-        if len(saved) == original != len(self.param_groups):
-            return [self._split_saved(saved, k) for k in range(len(self._sources))]
-        return saved
-
-    def _split_saved(self, saved: list[dict[str, Any]], k: int) -> dict[str, Any]:
-        """Group ``k`` of this optimizer, cut out of the old layout's groups ``saved``."""
-        index, positions, is_fallback = self._sources[k]
-        old = saved[index]
-        if is_fallback:
-            group = {key: v for key, v in self.param_groups[k].items() if key not in ("params", "param_names")}
-            group.update(old.get("fallback_rule", {}))
-        else:
-            group = {key: v for key, v in old.items() if key != "fallback_rule"}
-        group["params"] = [old["params"][i] for i in positions]
-        if "param_names" in old:
-            group["param_names"] = [old["param_names"][i] for i in positions]
-        return group
 
 
 def power_of_two_scaled(G: torch.Tensor) -> torch.Tensor:
