@@ -356,7 +356,7 @@ def msign_forms(quick: bool, log) -> dict:
         standard, gram = form_flops(*shape)
         rows.append({"shape": list(shape), "aspect": shape[1] / shape[0], "flop_ratio": gram / standard,
                      "time_ratio": t["gram"]["median_s"] / t["standard"]["median_s"],
-                     "standard_s": t["standard"]["median_s"], "auto_uses_gram": uses_gram(shape, 5, torch.float32)})
+                     "standard_s": t["standard"]["median_s"], "auto_uses_gram": uses_gram(shape, 5)})
         log(f"[forms] {shape}: gram/standard {rows[-1]['time_ratio']:.2f} (flops {rows[-1]['flop_ratio']:.2f})")
     return {"rows": rows}
 
@@ -374,9 +374,9 @@ def _jordan_float64(G: torch.Tensor) -> torch.Tensor:
 
 def ns_chains(models: list[str], quick: bool, log, cache: Path = CACHE, rounds: int = 5, repeats: int = 2) -> dict:
     """Jordan's 5-step chain on each model's captured gradients, every way it can run on this
-    device: ours in float32 (``"auto"``: the Gram form where one side is ≥ 2× the other; and the
-    standard chain), ours in bfloat16 (standard: the Gram form has no bfloat16 version, its ``Q_k``
-    grows like ``∏ aₖ`` on the small singular directions), and ``torch.optim.Muon``'s own chain
+    device: ours in float32 and in bfloat16, each ``"auto"`` (the Gram form where one side is ≥ 2×
+    the other; in bfloat16 re-synchronised every 2 steps) and the standard chain, and
+    ``torch.optim.Muon``'s own chain
     (bfloat16, per matrix). Accuracy: the largest relative Frobenius deviation over the matrices
     from the same iteration in float64 (the contract ``ns_dtype="auto"`` is held to). Time: ours
     on the gradients stacked by shape, torch's one matrix at a time (as its optimizer runs it);
@@ -392,7 +392,9 @@ def ns_chains(models: list[str], quick: bool, log, cache: Path = CACHE, rounds: 
         chains = {
             "ours float32 auto": lambda: [msign(X, 5, "jordan") for X in stacks],
             "ours float32 standard": lambda: [msign(X, 5, "jordan", method="standard") for X in stacks],
-            "ours bfloat16 standard": lambda: [msign(X, 5, "jordan", dtype=torch.bfloat16) for X in stacks],
+            "ours bfloat16 auto": lambda: [msign(X, 5, "jordan", dtype=torch.bfloat16) for X in stacks],
+            "ours bfloat16 standard": lambda: [msign(X, 5, "jordan", dtype=torch.bfloat16, method="standard")
+                                               for X in stacks],
             "torch.optim.Muon chain (bfloat16)": lambda: [_zeropower_via_newtonschulz(G, jordan, 5, 1e-7)
                                                           for G in grads],
         }

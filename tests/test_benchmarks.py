@@ -160,6 +160,8 @@ def test_real_gradient_benchmark_chains_and_budgeted_sections(tmp_path: Path) ->
     for rows in result["chains"]["models"].values():
         assert rows["ours float32 auto"]["deviation"] < 1e3 * torch.finfo(torch.float32).eps
         assert rows["ours bfloat16 standard"]["deviation"] > 10 * rows["ours float32 auto"]["deviation"]
+        assert rows["ours bfloat16 auto"]["deviation"] <= (2 * rows["ours bfloat16 standard"]["deviation"]
+                                                           + 8 * torch.finfo(torch.bfloat16).eps)
         assert all(len(r["ratio"]) == 2 for r in rows.values())
     repeats = result["budgeted"]["repeats"]
     assert len(repeats) == 2

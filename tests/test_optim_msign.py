@@ -255,9 +255,8 @@ def test_gram_form_as_accurate_as_standard_chain(case, schedule, steps):
 @pytest.mark.parametrize("shape", [(40, 320), (320, 40), (4, 32, 160)])
 @pytest.mark.parametrize("schedule,steps", [("jordan", 5), ("polar_express", 8)])
 def test_gram_form_bfloat16_stays_in_the_schedule_band(shape, schedule, steps):
-    """A bfloat16 request in the Gram form computes in float32 (a bfloat16 ``Q`` would carry
-    errors of ~∏aₖ·2⁻⁸): σ ≥ 1e-2 inputs land in the schedule's float32 band, and the result has
-    the input's dtype."""
+    """A bfloat16 request in the Gram form computes in bfloat16 (segments of 2 steps): σ ≥ 1e-2
+    inputs land in the schedule's band to bfloat16 round-off, and the result has the input's dtype."""
     G, _, s, _ = ill_conditioned(shape[-2], shape[-1], seed=12)
     G = G.expand(*shape).float()
     out = msign(G.to(torch.bfloat16), steps, schedule, method="gram")
@@ -266,10 +265,28 @@ def test_gram_form_bfloat16_stays_in_the_schedule_band(shape, schedule, steps):
     expected = polynomial_reference(s, schedule, steps)
     lo, hi = float(expected.min()), float(expected.max())
     assert float(sig.min()) >= lo - 1e-2 and float(sig.max()) <= hi + 1e-2, (sig.min(), sig.max(), lo, hi)
-    # and the same request through the standard bfloat16 chain is no better
+    # within twice the standard bfloat16 chain's σ error plus 8 ε_bf16
     std = svdvals(msign(G.to(torch.bfloat16), steps, schedule, method="standard").float())
     assert (sig - torch.sort(expected, descending=True).values).abs().max() <= \
-        (std - torch.sort(expected, descending=True).values).abs().max() + 1e-3
+        2 * (std - torch.sort(expected, descending=True).values).abs().max() + 8 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("case", list(GRAM_CASES))
+@pytest.mark.parametrize("schedule,steps", [("jordan", 5), ("jordan", 4), ("polar_express", 8), ("polar_express", 6),
+                                            ("polar_express_5", 5), ("you_quintic", 5)])
+def test_gram_form_bfloat16_as_accurate_as_the_standard_bfloat16_chain(case, schedule, steps):
+    """The bfloat16 Gram form against the float64 iteration: within twice the standard bfloat16
+    chain's round-off plus ``8·ε_bf16`` (relative Frobenius; measured: 0.9–1.9× the standard
+    chain's, 3.7× on Polar Express's 5-step set, never more than ``3.6·ε_bf16`` above 2×). The
+    standard bfloat16 chain's own round-off, a multiple of ``ε_bf16`` that grows as the
+    iteration amplifies the rounding of the small singular values, is the yardstick: it is
+    ``torch.optim.Muon``'s chain. Un-segmented (3 steps at a time) Polar Express gave NaN here."""
+    kw = dict(GRAM_CASES[case])
+    G, *_ = ill_conditioned(kw.pop("n"), kw.pop("m"), seed=14, **kw)
+    exact = msign(G, steps, schedule, method="standard")
+    deviation = {m: float((msign(G.float(), steps, schedule, dtype=torch.bfloat16, method=m).double() - exact).norm()
+                          / exact.norm()) for m in ("standard", "gram")}
+    assert deviation["gram"] <= 2 * deviation["standard"] + 8 * torch.finfo(torch.bfloat16).eps, deviation
 
 
 @pytest.mark.parametrize("lead", [(3,), (2, 3)])
@@ -283,14 +300,13 @@ def test_gram_form_batched_equals_per_matrix(lead):
 
 
 def test_gram_form_dispatch():
-    """``"auto"``: the Gram form for long-enough float matrices and more than 3 steps, else the
-    standard chain (square, bfloat16, few steps); an explicit method overrides."""
-    f32, bf16 = torch.float32, torch.bfloat16
-    assert uses_gram((64, 576), 5, f32) and uses_gram((7, 576, 64), 5, f32) and uses_gram((64, 576), 5, torch.float64)
-    assert uses_gram((100, int(100 * GRAM_MIN_ASPECT)), 5, f32)
-    assert not uses_gram((100, int(100 * GRAM_MIN_ASPECT) - 1), 5, f32)
-    assert not uses_gram((768, 768), 5, f32) and not uses_gram((64, 576), 5, bf16) and not uses_gram((64, 576), 3, f32)
-    assert uses_gram((768, 768), 5, bf16, method="gram") and not uses_gram((64, 576), 5, f32, method="standard")
+    """``"auto"``: the Gram form for long-enough matrices and more than 3 steps, in every dtype,
+    else the standard chain (square, few steps); an explicit method overrides."""
+    assert uses_gram((64, 576), 5) and uses_gram((7, 576, 64), 5)
+    assert uses_gram((100, int(100 * GRAM_MIN_ASPECT)), 5)
+    assert not uses_gram((100, int(100 * GRAM_MIN_ASPECT) - 1), 5)
+    assert not uses_gram((768, 768), 5) and not uses_gram((64, 576), 3)
+    assert uses_gram((768, 768), 5, method="gram") and not uses_gram((64, 576), 5, method="standard")
     with pytest.raises(ValueError, match="method"):
         msign(torch.ones(4, 8), method="fast")
     G = torch.randn(16, 64, generator=gen(16))
