@@ -5,8 +5,9 @@ ResNet-18 CIFAR-shaped training loop in bf16 autocast. Prints one Markdown table
     python -m benchmarks.gpu --dry-run --device cpu --out /tmp/gpu   # tiny shapes, seconds (CI)
 
 Rows: our ``Muon`` (bfloat16 and float32 Newton–Schulz) against ``torch.optim.Muon`` (whose
-Newton–Schulz runs in bfloat16) and the standard chain alone (``msign(..., method="standard")``
-on the pre-stacked matrices, both dtypes); the amortized and inner modes of ``ManifoldMuon`` and
+Newton–Schulz runs in bfloat16) and the chains alone on the pre-stacked matrices (the standard
+chain, ``msign(..., method="standard")``, and the ``"auto"`` chain, the Gram form where one side
+is ≥ 2× the other; both dtypes, each with its deviation from the float64 iteration); the amortized and inner modes of ``ManifoldMuon`` and
 ``SpectralBall``; then 200 training steps of ResNet-18 on synthetic 3×32×32 batches of 128 under
 ``torch.autocast(bfloat16)`` with our ``Muon`` and with ``torch.optim.AdamW`` (images/s). Times
 are CUDA-event medians after warm-up, with ``torch.cuda.synchronize()`` around them; peak memory
@@ -92,6 +93,8 @@ def optimizer_rows() -> dict[str, Callable[[list], object]]:
     return {
         "standard chain float32 (floor)": None,
         "standard chain bfloat16": None,
+        "auto chain float32 (Gram form where n >= 2m)": None,
+        "auto chain bfloat16 (Gram form where n >= 2m)": None,
         "torch.optim.Muon (bf16 NS)": lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.0),
         "Muon bf16": lambda ps: O.Muon(ps, ns_dtype="bfloat16"),
         "Muon float32": lambda ps: O.Muon(ps, ns_dtype="float32"),
@@ -117,9 +120,12 @@ def bench_optimizers(shapes, device, timer: Timer, warmup: int, repeats: int, de
             reset_peak(device)
             if build is None:
                 dtype = torch.bfloat16 if "bfloat16" in name else torch.float32
-                stacks = stack_by_shape([G.to(dtype) for G in grads[0]])
-                fn = lambda stacks=stacks, dtype=dtype: [msign(X, 5, "jordan", dtype=dtype, method="standard")
-                                                         for X in stacks]
+                method = "standard" if name.startswith("standard") else "auto"
+                stacks = stack_by_shape(grads[0])
+                fn = lambda stacks=stacks, dtype=dtype, method=method: [
+                    msign(X, 5, "jordan", dtype=dtype, method=method) for X in stacks]
+                exact = [msign(X.double(), 5, "jordan", method="standard") for X in stacks]
+                deviation = max(float((out.double() - e).norm() / e.norm()) for out, e in zip(fn(), exact))
             else:
                 params = [torch.nn.Parameter(w.clone()) for w in weights]
                 opt = build(params)
@@ -134,6 +140,8 @@ def bench_optimizers(shapes, device, timer: Timer, warmup: int, repeats: int, de
             slow = "inner" in name  # a dual solve per matrix per step: fewer repeats
             seconds = timer(fn, min(warmup, 1) if slow else warmup, min(repeats, 2) if slow else repeats)
             rows[name] = {"ms": seconds * 1e3, "peak_mib": peak_mib(device)}
+            if build is None:
+                rows[name]["deviation"] = deviation
             log(f"  {name}: {seconds * 1e3:.2f} ms")
         except Exception as err:  # noqa: BLE001 - one row's failure must not end the table
             rows[name] = {"error": f"{type(err).__name__}: {str(err)[:120]}"}
@@ -199,14 +207,15 @@ def render(result: dict) -> str:
     lines = [f"Device: {result['device_name']}, torch {result['torch']}; {result['mode']}."]
     for part, sec in result["optimizers"].items():
         lines += ["", f"**{part}** — {sec['shapes']} matrices, {sec['parameters'] / 1e6:.1f}M parameters", "",
-                  "| optimizer | ms/step | ÷ torch.optim.Muon | ÷ Muon bf16 | ÷ float32 floor | peak MiB |",
-                  "|---|---|---|---|---|---|"]
+                  "| optimizer | ms/step | ÷ torch.optim.Muon | ÷ Muon bf16 | ÷ float32 floor | peak MiB "
+                  "| chain's deviation from float64 |", "|---|---|---|---|---|---|---|"]
         for name, r in sec["rows"].items():
             if "error" in r:
-                lines.append(f"| {name} | {r['error']} | — | — | — | — |")
+                lines.append(f"| {name} | {r['error']} | — | — | — | — | — |")
             else:
                 lines.append(f"| {name} | {_cell(r['ms'])} | {_cell(r.get('over_torch_muon'))} | "
-                             f"{_cell(r.get('over_muon_bf16'))} | {_cell(r.get('over_floor32'))} | {_cell(r['peak_mib'], 5)} |")
+                             f"{_cell(r.get('over_muon_bf16'))} | {_cell(r.get('over_floor32'))} | {_cell(r['peak_mib'], 5)} "
+                             f"| {_cell(r.get('deviation'))} |")
     loop = result.get("training_loop", {})
     if loop:
         lines += ["", "**ResNet-18 training loop** (synthetic 3×32×32, bf16 autocast)", "",

@@ -106,6 +106,12 @@ def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
                      "ManifoldMuon amortized", "SpectralBall amortized"):
             assert rows[name]["ms"] > 0, (part, name, rows[name])
         assert rows["Muon bf16"]["over_torch_muon"] == rows["Muon bf16"]["ms"] / rows["torch.optim.Muon (bf16 NS)"]["ms"]
+        # the chains beside their deviation from the float64 iteration: float32 round-off, a multiple of bf16's ε
+        for name, tol in (("standard chain float32 (floor)", 1e3 * torch.finfo(torch.float32).eps),
+                          ("auto chain float32 (Gram form where n >= 2m)", 1e3 * torch.finfo(torch.float32).eps),
+                          ("standard chain bfloat16", 100 * torch.finfo(torch.bfloat16).eps),
+                          ("auto chain bfloat16 (Gram form where n >= 2m)", 100 * torch.finfo(torch.bfloat16).eps)):
+            assert rows[name]["ms"] > 0 and rows[name]["deviation"] < tol, (part, name, rows[name])
     for name, r in result["training_loop"].items():
         assert r["images_per_s"] > 0 and r["steps"] == 3, name
     assert "| Muon bf16 |" in proc.stdout and "images/s" in proc.stdout

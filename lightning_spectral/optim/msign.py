@@ -110,14 +110,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` is bfloat16 on CUDA (tensor cores; no GPU was measured here) and float32 on every
-    CPU, where it also gets the Gram form. The CPU contract: the chain stays within float32
-    round-off of the same iteration in float64 (``≤ 1e3·ε₃₂`` relative Frobenius; measured 4.7e-5
-    on ResNet-18's real gradients, 7e-6 on GPT's, both forms). bfloat16 chains break it by three
-    orders: measured 5–17 % from the float64 iteration (ours and ``torch.optim.Muon``'s alike), so "auto"
-    does not pick them even where the CPU has native bfloat16 (AVX512-BF16/AMX: there the bfloat16
-    chain took 0.84–0.86× our float32 one on ResNet-18, 0.63–0.68× on the GPT); ``"bfloat16"`` asks for that speed at that accuracy. The measured table is in the
-    README (``benchmarks.real_gradients --sections chains``)."""
+    """``"auto"``: float32 on every CPU, bfloat16 on CUDA; both run the Gram form where one side
+    is ≥ 2× the other. The CPU contract: Jordan's 5-step chain within float32 round-off of the
+    same iteration in float64 (``≤ 1e3·ε₃₂`` relative Frobenius; measured 4.7e-5 on ResNet-18's
+    real gradients, 7e-6 on GPT's). Every bfloat16 chain misses it by three orders (5–17 %,
+    ``torch.optim.Muon``'s included), the bfloat16 Gram form too (it keeps the standard
+    bfloat16 chain's accuracy, :func:`msign`), so "auto" does not pick bfloat16 even where the
+    CPU has it natively: there ``"bfloat16"`` is the fastest chain, faster than
+    ``torch.optim.Muon``'s at its accuracy (the README's measured table,
+    ``benchmarks.real_gradients --sections chains``). On CUDA the contract is the bfloat16
+    chain's (tensor cores; no GPU was measured here: ``benchmarks.gpu`` times both forms)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _DTYPES:

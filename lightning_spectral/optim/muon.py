@@ -27,7 +27,8 @@ class Muon(MatrixOptimizer):
     ``nesterov=True``, Jordan's ``ns_coefficients``, ``eps=1e-7``, ``ns_steps=5``,
     ``adjust_lr_fn=None`` = ``"original"``), and the same state key (``momentum_buffer``).
     The differences: the Newton–Schulz iteration runs in float32 on CPUs (``ns_dtype="auto"``;
-    bfloat16 on CUDA, where torch always uses bfloat16), conv kernels are accepted (viewed as
+    bfloat16 on CUDA, where torch always uses bfloat16), in the Gram form where one side is
+    ≥ 2× the other (:func:`~.msign.msign`), conv kernels are accepted (viewed as
     ``out × in·k·k``), same-shaped matrices are orthogonalised together in one batched chain,
     and tensors with fewer than two dimensions (which torch refuses) take the AdamW fallback.
 
@@ -49,7 +50,8 @@ class Muon(MatrixOptimizer):
             :data:`~lightning_spectral.optim.msign.SCHEDULES` (per-step schedules such as
             ``"polar_express"``) or ``"svd"`` for the exact polar factor; give this or
             ``ns_coefficients``.
-        ns_dtype: ``"auto"``, ``"float32"`` or ``"bfloat16"``.
+        ns_dtype: ``"auto"``, ``"float32"`` or ``"bfloat16"`` (:func:`~.msign.resolve_dtype`:
+            the accuracy each keeps, and which "auto" picks on which device).
         adjust_lr: this package's name for the step scale (``"original"``, ``"match_rms_adamw"``,
             ``"spectral"``, ``"none"``, see :func:`~lightning_spectral.optim.base.lr_scale`); give
             this or ``adjust_lr_fn``.
