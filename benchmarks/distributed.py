@@ -164,7 +164,7 @@ def _worker(rank: int, args, queue) -> None:
 
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    latency = LatencyModel.measure(repeats=3 if args.quick else 7)
+    latency = LatencyModel.measure(repeats=3 if args.quick else 15)
     rows: dict[str, Any] = {}
     for model in args.model:
         shapes = _shapes(model, args.quick)
@@ -267,6 +267,74 @@ def targets(result: dict) -> list[str]:
     return out
 
 
+# -- the cost model on paper (docs/distributed_cost_model.md) ---------------------------------------
+# NVIDIA H100 Tensor Core GPU datasheet (SXM): bf16 dense Tensor Core 989 TFLOP/s (1,979 with
+# sparsity), NVLink 900 GB/s per GPU (both directions together); NVIDIA ConnectX-7 / Quantum-2 NDR
+# InfiniBand: 400 Gb/s = 50 GB/s per GPU (one adapter per GPU, as in a DGX H100).
+H100_BF16_FLOPS = 989e12
+NVLINK_BYTES_S = 900e9 / 2  # one direction
+IB_NDR_BYTES_S = 400e9 / 8
+GPUS_PER_NODE = 8
+PAPER_MODELS = {  # name: (n_layer, d, parameters, tokens per step)
+    "GPT-2 small (124M)": (12, 768, 124e6, 2**19),
+    "GPT 1B (20 x 2048)": (20, 2048, 1.11e9, 2**20),
+}
+
+
+def gpt_matrices(n_layer: int, d: int) -> list[tuple[int, int]]:
+    """The hidden matrices of a GPT block stack: Q, K, V, O (d × d), MLP 4d × d and d × 4d per layer."""
+    return [(d, d)] * 4 * n_layer + [(4 * d, d), (d, 4 * d)] * n_layer
+
+
+def cost_model(gpus=(8, 64, 256), ns_efficiency: float = 0.5, mfu: float = 0.4) -> list[dict]:
+    """Per model and GPU count (strong scaling: the tokens per step fixed), in seconds per step:
+    ``train`` = 6·P·tokens/(w·mfu·peak) (forward and backward), ``allreduce`` = DDP's bf16 gradient
+    ring all-reduce 2(w−1)/w·P·2/B, the optimizer ``repeated`` = F/R (F every matrix's NS FLOPs,
+    R = ns_efficiency·peak), its compute split by :func:`deal` (the busiest rank's FLOPs/R), the
+    DDP ``split`` all-gather of the new weights (w−1)·slot·b/B (slot: the busiest rank's share of
+    elements, b = 4 or 2 bytes) and FSDP2's two all-to-alls 2(w−1)/w²·P_m·b/B; B the per-GPU
+    bandwidth, NVLink within a node, InfiniBand across nodes. Latency terms are left out."""
+    from lightning_spectral.optim.distributed import deal
+
+    rate = ns_efficiency * H100_BF16_FLOPS
+    rows = []
+    for name, (n_layer, d, params, tokens) in PAPER_MODELS.items():
+        shapes = gpt_matrices(n_layer, d)
+        flops = [ns_flops(s) for s in shapes]
+        numel = [m * n for m, n in shapes]
+        for w in gpus:
+            owners = deal([(s, "torch.float32", "cuda") for s in shapes], w)
+            busiest = max(sum(f for f, o in zip(flops, owners) if o == r) for r in range(w))
+            slot = max(sum(n for n, o in zip(numel, owners) if o == r) for r in range(w))
+            bw = NVLINK_BYTES_S if w <= GPUS_PER_NODE else IB_NDR_BYTES_S
+            row = dict(model=name, gpus=w, matrices=len(shapes), matrix_params=sum(numel), ns_tflop=sum(flops) / 1e12,
+                       bandwidth_gb_s=bw / 1e9, train=6 * params * tokens / (w * mfu * H100_BF16_FLOPS),
+                       allreduce=2 * (w - 1) / w * params * 2 / bw, repeated=sum(flops) / rate, split_compute=busiest / rate,
+                       crossover_fp32=(4 / bw) * rate / 30, crossover_bf16=(2 / bw) * rate / 30)
+            for b, tag in ((4, "fp32"), (2, "bf16")):
+                row[f"ddp_split_{tag}"] = row["split_compute"] + (w - 1) * slot * b / bw
+                row[f"fsdp2_{tag}"] = row["split_compute"] + 2 * (w - 1) / w**2 * sum(numel) * b / bw
+            step = row["train"] + row["allreduce"]
+            for key in ("repeated", "ddp_split_fp32", "ddp_split_bf16", "fsdp2_fp32", "fsdp2_bf16"):
+                row[f"share_{key}"] = row[key] / (step + row[key])
+            rows.append(row)
+    return rows
+
+
+def render_cost_model(rows: list[dict]) -> str:
+    lines = ["| model | GPUs | link GB/s | train ms | grad all-reduce ms | optimizer repeated ms (share) | split compute ms "
+             "| DDP split fp32 / bf16 ms (share) | FSDP2 all-to-all fp32 / bf16 ms (share) | crossover side fp32 / bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['gpus']} | {r['bandwidth_gb_s']:.0f} | {1e3 * r['train']:.1f} | {1e3 * r['allreduce']:.1f} | "
+                     f"{1e3 * r['repeated']:.2f} ({100 * r['share_repeated']:.0f}%) | {1e3 * r['split_compute']:.3f} | "
+                     f"{1e3 * r['ddp_split_fp32']:.2f} / {1e3 * r['ddp_split_bf16']:.2f} ({100 * r['share_ddp_split_fp32']:.0f}% / "
+                     f"{100 * r['share_ddp_split_bf16']:.0f}%) | {1e3 * r['fsdp2_fp32']:.3f} / {1e3 * r['fsdp2_bf16']:.3f} "
+                     f"({100 * r['share_fsdp2_fp32']:.1f}% / {100 * r['share_fsdp2_bf16']:.1f}%) | "
+                     f"{r['crossover_fp32']:.0f} / {r['crossover_bf16']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
@@ -275,16 +343,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--world", type=int, nargs="+", default=[2], help="rank counts, one launch each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="JSON output path (the tables beside it, .md)")
+    parser.add_argument("--cost-model", action="store_true", help="print the H100 cost model's table only (no ranks)")
     args = parser.parse_args(argv)
+    if args.cost_model:
+        rows = cost_model()
+        print(render_cost_model(rows))
+        return {"cost_model": rows}
     results, text = {}, []
     for world in args.world:
         (per_rank,) = on_gloo_ranks(_worker, args, results=1, timeout=3600, world=world)
         result = summarise(per_rank, world)
         results[str(world)] = result
         text += [render(result, args.quick), "", "Targets: " + "; ".join(targets(result)), ""]
-    print("\n".join(text))
-    if args.out:
-        write_result(Path(args.out), results, "\n".join(text))
+        print("\n".join(text[-4:]), flush=True)
+        if args.out:  # after every world, so a long run keeps what it measured
+            write_result(Path(args.out), results, "\n".join(text))
     return results
 
 

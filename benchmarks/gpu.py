@@ -3,13 +3,17 @@ ResNet-18 CIFAR-shaped training loop in bf16 autocast. Prints one Markdown table
 
     python -m benchmarks.gpu [--out logs/gpu] [--device cuda] [--budget-s 420]
     python -m benchmarks.gpu --dry-run --device cpu --out /tmp/gpu   # tiny shapes, seconds (CI)
+    torchrun --nproc-per-node 8 -m benchmarks.gpu                      # + the distributed steps (NCCL)
 
 Rows: our ``Muon`` (bfloat16 and float32 Newton–Schulz) against ``torch.optim.Muon`` (whose
 Newton–Schulz runs in bfloat16) and the chains alone on the pre-stacked matrices (the standard
 chain, ``msign(..., method="standard")``, and the ``"auto"`` chain, the Gram form where one side
 is ≥ 2× the other; both dtypes, each with its deviation from the float64 iteration); the amortized and inner modes of ``ManifoldMuon`` and
 ``SpectralBall``; then 200 training steps of ResNet-18 on synthetic 3×32×32 batches of 128 under
-``torch.autocast(bfloat16)`` with our ``Muon`` and with ``torch.optim.AdamW`` (images/s). Times
+``torch.autocast(bfloat16)`` with our ``Muon`` and with ``torch.optim.AdamW`` (images/s); the
+distributed cost model's inputs (msign per matrix of GPT-2 small's and a 1B GPT's shapes, the fitted
+``γ + FLOPs/R``) and, under ``torchrun`` with several GPUs, the latency model measured over NCCL and
+``Muon``'s step repeated, split and chosen by it. Times
 are CUDA-event medians after warm-up, with ``torch.cuda.synchronize()`` around them; peak memory
 is ``torch.cuda.max_memory_allocated`` since the row's start. Every row is guarded: a failure
 (or a row past the time budget) is reported in the table, never ends the run. JSON and Markdown
@@ -19,7 +23,9 @@ go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -195,6 +201,83 @@ def training_loop(device, timer: Timer, steps: int, batch: int, scale: float, lo
     return out
 
 
+def distributed_inputs(device, timer: Timer, scale: float, warmup: int, repeats: int, deadline: float, log) -> dict:
+    """The cost model's device inputs (docs/distributed_cost_model.md): one msign (and a stack of
+    8) of each distinct matrix shape of GPT-2 small and the 1B GPT, in bfloat16 and float32, and
+    per dtype the fitted ``γ`` (seconds per call) and ``R`` (FLOP/s) of ``t = γ + FLOPs/R``."""
+    from benchmarks.distributed import PAPER_MODELS, gpt_matrices
+    from lightning_spectral.optim.msign import msign
+    from lightning_spectral.optim.split_cost import line_fit, ns_flops
+
+    shapes = sorted({s for n_layer, d, _, _ in PAPER_MODELS.values()
+                     for s in gpt_matrices(1, max(8, int(d * scale)))})
+    out: dict = {"rows": {}, "fit": {}}
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        samples = []
+        for m, n in shapes:
+            for k in (1, 8):
+                name = f"{str(dtype).removeprefix('torch.')} {k}x{m}x{n}"
+                if time.perf_counter() > deadline:
+                    out["rows"][name] = {"error": "skipped: time budget spent"}
+                    continue
+                try:
+                    X = torch.randn(k, m, n, generator=g).to(device)
+                    seconds = timer(lambda X=X, dtype=dtype: msign(X, 5, dtype=dtype), warmup, repeats)
+                    flops = k * ns_flops((m, n))
+                    out["rows"][name] = {"ms": seconds * 1e3, "tflop_s": flops / seconds / 1e12}
+                    samples.append((flops, seconds))
+                    log(f"  msign {name}: {seconds * 1e3:.3f} ms")
+                except Exception as err:  # noqa: BLE001
+                    out["rows"][name] = {"error": f"{type(err).__name__}: {str(err)[:120]}"}
+        try:
+            gamma, per_flop = line_fit(samples, "msign")
+            out["fit"][str(dtype).removeprefix("torch.")] = {"gamma_us": gamma * 1e6, "tflop_s": 1 / per_flop / 1e12}
+        except (ValueError, ZeroDivisionError) as err:
+            out["fit"][str(dtype).removeprefix("torch.")] = {"error": str(err)[:120]}
+    return out
+
+
+def distributed_steps(device, scale: float, repeats: int, log) -> dict:
+    """Under ``torchrun`` with several GPUs (NCCL): the latency model measured on the ranks and
+    ``Muon``'s step on GPT-2 small's matrices repeated, split and chosen by that model (interleaved,
+    medians, the slowest rank's)."""
+    import torch.distributed as dist
+
+    from benchmarks.distributed import gpt_matrices
+    from lightning_spectral.optim import Muon
+    from lightning_spectral.optim.split_cost import LatencyModel
+
+    latency = LatencyModel.measure(device)
+    shapes = gpt_matrices(12, max(8, int(768 * scale)))
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(m, n, generator=g).to(device) / math.sqrt(m * n) for m, n in shapes]
+    runs = {}
+    for mode, work in (("repeated", False), ("split", True), ("chosen", latency)):
+        params = [torch.nn.Parameter(torch.randn(m, n, generator=g).to(device) / math.sqrt(n)) for m, n in shapes]
+        opt = Muon(params, lr=0.02)
+        opt.distribute_work = work
+        runs[mode] = (opt, params)
+    times: dict[str, list[float]] = {mode: [] for mode in runs}
+    for round_ in range(repeats + 1):
+        for mode, (opt, params) in runs.items():
+            for p, G in zip(params, grads):
+                p.grad = G.clone()
+            torch.cuda.synchronize(device)
+            dist.barrier()
+            start = time.perf_counter()
+            opt.step()
+            torch.cuda.synchronize(device)
+            elapsed = torch.tensor([time.perf_counter() - start], device=device)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if round_:
+                times[mode].append(float(elapsed))
+    out = {"world": dist.get_world_size(), "latency": dataclasses.asdict(latency),
+           "rows": {mode: {"ms": statistics.median(t) * 1e3} for mode, t in times.items()}}
+    log(f"  distributed: {out}")
+    return out
+
+
 def _cell(x, digits: int = 3) -> str:
     if x is None:
         return "—"
@@ -226,6 +309,20 @@ def render(result: dict) -> str:
             else:
                 lines.append(f"| {name} | {r['steps']} × {r['batch']} | {_cell(r['s_per_step'] * 1e3)} | "
                              f"{_cell(r['images_per_s'], 5)} | {_cell(r['peak_mib'], 5)} |")
+    dist_in = result.get("distributed_inputs", {})
+    if dist_in:
+        lines += ["", "**msign per matrix** (the distributed cost model's inputs; fit t = γ + FLOPs/R: "
+                  + "; ".join(f"{k}: " + (f"γ {v['gamma_us']:.0f} µs, R {v['tflop_s']:.1f} TFLOP/s" if "error" not in v
+                                           else v["error"]) for k, v in dist_in["fit"].items()) + ")", "",
+                  "| dtype, k × m × n | ms | TFLOP/s |", "|---|---|---|"]
+        for name, r in dist_in["rows"].items():
+            lines.append(f"| {name} | {r['error']} | — |" if "error" in r else f"| {name} | {_cell(r['ms'])} | {_cell(r['tflop_s'])} |")
+    steps = result.get("distributed_steps")
+    if steps:
+        lines += ["", f"**Muon on GPT-2 small's matrices, {steps.get('world', '?')} GPUs** (slowest rank, median)", "",
+                  "| mode | ms |", "|---|---|"] + [f"| {m} | {_cell(r['ms'])} |" for m, r in steps.get("rows", {}).items()]
+        if "error" in steps:
+            lines.append(f"| error | {steps['error']} |")
     lines += ["", f"Total {result['wall_s']:.0f} s."]
     return "\n".join(lines)
 
@@ -241,6 +338,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; use --device cpu (with --dry-run for the tiny CI mode)")
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) if device.type == "cuda" else 1
+    if ranks > 1:  # under torchrun: one GPU per rank, rank 0 writes
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -261,11 +362,23 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as err:  # noqa: BLE001
             result["optimizers"][part] = {"shapes": len(shapes), "parameters": 0,
                                           "rows": {"setup": {"error": f"{type(err).__name__}: {err}"}}}
+    log("[gpu] distributed cost model inputs")
+    result["distributed_inputs"] = distributed_inputs(device, timer, scale, warmup, repeats, deadline, log)
+    if ranks > 1:
+        import torch.distributed as dist
+
+        try:
+            dist.init_process_group("nccl", device_id=device)
+            result["distributed_steps"] = distributed_steps(device, scale, repeats, log)
+        except Exception as err:  # noqa: BLE001
+            result["distributed_steps"] = {"error": f"{type(err).__name__}: {str(err)[:120]}"}
     log("[gpu] training loop")
     result["training_loop"] = training_loop(device, timer, steps, batch, 1 / 16 if args.dry_run else 1.0, log)
     result["wall_s"] = time.perf_counter() - start
     text = render(result)
     result["markdown"] = text
+    if ranks > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return result
     print(text)
     out = Path(args.out)
     write_result(out / "gpu.json", result, text)

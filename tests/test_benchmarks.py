@@ -115,6 +115,9 @@ def test_gpu_script_dry_run_on_cpu(tmp_path: Path) -> None:
     for name, r in result["training_loop"].items():
         assert r["images_per_s"] > 0 and r["steps"] == 3, name
     assert "| Muon bf16 |" in proc.stdout and "images/s" in proc.stdout
+    inputs = result["distributed_inputs"]  # the cost model's msign times: 6 shapes × 2 stacks × 2 dtypes, fitted
+    assert len(inputs["rows"]) == 24 and all(r["ms"] > 0 for r in inputs["rows"].values())
+    assert all(fit["tflop_s"] > 0 for fit in inputs["fit"].values()) and "msign per matrix" in proc.stdout
 
 
 def test_gpu_script_refuses_a_missing_device(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["LatencyModel", "ns_flops"]
+__all__ = ["LatencyModel", "line_fit", "ns_flops"]
 
 
 def ns_flops(shape: Sequence[int], steps: int = 5) -> int:
@@ -101,16 +101,17 @@ class LatencyModel:
             steps: int = 5) -> "LatencyModel":
         """Least squares of ``(bytes sent, seconds)`` and ``(FLOPs, seconds)`` samples (at least
         two distinct sizes each); intercepts and slopes clipped at 0."""
-        (alpha, beta), (gamma, per_flop) = _line(collectives, "collective"), _line(msigns, "msign")
+        (alpha, beta), (gamma, per_flop) = line_fit(collectives, "collective"), line_fit(msigns, "msign")
         if per_flop <= 0:
             raise ValueError("the msign samples do not grow with their FLOPs: time larger matrices")
         return cls(alpha, beta, gamma, 1 / per_flop, steps)
 
     @classmethod
-    def measure(cls, device: Optional[torch.device] = None, group=None, repeats: int = 5,
+    def measure(cls, device: Optional[torch.device] = None, group=None, repeats: int = 9,
                 sizes: Sequence[int] = (16, 64, 128, 256), elements: Sequence[int] = (1, 2**14, 2**17, 2**19),
                 dtype: torch.dtype = torch.float32, steps: int = 5) -> "LatencyModel":
-        """Time ``all_gather_into_tensor`` of ``elements`` per rank and msign of ``sizes × sizes``
+        """Time ``all_gather_into_tensor`` of ``elements`` per rank (each call after an msign, so
+        that the ranks' drift and waiting count, as in a step) and msign of ``sizes × sizes``
         matrices here (medians of ``repeats``), fit, and take every constant's largest value over
         the ranks, so that every rank makes the same choice. Collective: every rank calls it."""
         from .msign import msign
@@ -132,14 +133,22 @@ class LatencyModel:
                 times.append(time.perf_counter() - start)
             return statistics.median(times)
 
+        g = torch.Generator(device=device).manual_seed(0)
+        work = torch.randn(sizes[-1], sizes[-1], generator=g, device=device, dtype=dtype)
         collectives = []
         for n in elements:
             inp = torch.zeros(n, dtype=dtype, device=device)
             out = torch.empty(world * n, dtype=dtype, device=device)
             dist.barrier(group)
-            collectives.append(((world - 1) * n * inp.element_size(),
-                                median_s(lambda: dist.all_gather_into_tensor(out, inp, group=group))))
-        g = torch.Generator(device=device).manual_seed(0)
+            times = []
+            for _ in range(repeats + 1):  # each after an msign, as in a step: the ranks arrive apart
+                msign(work, steps)
+                sync()
+                start = time.perf_counter()
+                dist.all_gather_into_tensor(out, inp, group=group)
+                sync()
+                times.append(time.perf_counter() - start)
+            collectives.append(((world - 1) * n * inp.element_size(), statistics.median(times[1:])))
         msigns = [(ns_flops((m, m), steps), median_s(lambda X=torch.randn(m, m, generator=g, device=device, dtype=dtype):
                                                     msign(X, steps))) for m in sizes]
         local = cls.fit(collectives, msigns, steps)
@@ -150,8 +159,10 @@ class LatencyModel:
         return cls(alpha, beta, gamma, 1 / per_flop, steps)
 
 
-def _line(samples: Sequence[tuple[float, float]], what: str) -> tuple[float, float]:
-    """Least-squares intercept and slope of ``(x, y)`` samples, each clipped at 0."""
+def line_fit(samples: Sequence[tuple[float, float]], what: str = "latency") -> tuple[float, float]:
+    """Intercept and slope of ``(x, y)`` samples: the least-squares slope, and the intercept
+    through the smallest sample (where the latency dominates; a least-squares intercept is an
+    extrapolation from the large sizes, noise included), each clipped at 0."""
     xs = [float(x) for x, _ in samples]
     if len(set(xs)) < 2:
         raise ValueError(f"fitting the {what} latency needs samples at two sizes or more, got sizes {sorted(set(xs))}")
@@ -159,4 +170,5 @@ def _line(samples: Sequence[tuple[float, float]], what: str) -> tuple[float, flo
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     slope = max(slope, 0.0)
-    return max(my - slope * mx, 0.0), slope
+    x0, y0 = min(zip(xs, ys))
+    return max(y0 - slope * x0, 0.0), slope
