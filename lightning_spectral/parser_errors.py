@@ -60,7 +60,7 @@ def suggest(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
     return [path for match in close for path in by_short[match]][:n]
 
 
-def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
+def did_you_mean(name: str, candidates: Sequence[str]) -> str:
     close = suggest(name, candidates)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
@@ -120,16 +120,16 @@ def _explain(leaf: str, keys: list[str], owner: Optional[str], parser: Any) -> s
         if owner is not None:
             name = name.split(".")[0]  # optimzer.lr: the argument is optimzer
             valid = _class_arguments(owner)
-            text = f"{where + ': ' if where else ''}{owner} takes no argument {name!r}{_did_you_mean(name, valid)}"
+            text = f"{where + ': ' if where else ''}{owner} takes no argument {name!r}{did_you_mean(name, valid)}"
             return f"{text.rstrip('?')}{'?' if text.endswith('?') else '.'} Its arguments: {', '.join(valid)}." \
                 if valid else text
         options = [o[2:] for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
-        return f"unknown option --{name}{_did_you_mean(name, options)}"
+        return f"unknown option --{name}{did_you_mean(name, options)}"
     missing = _UNKNOWN_CLASS.search(leaf)
     if missing and keys:
         name = missing.group(1)
         classes = _classes_for(_key_hint(keys[-1], owner, parser))
-        return f"{where}: {name!r} imports no class{_did_you_mean(name, classes)}"
+        return f"{where}: {name!r} imports no class{did_you_mean(name, classes)}"
     return f"{where}: {leaf}" if where else leaf
 
 

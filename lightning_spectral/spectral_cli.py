@@ -47,7 +47,15 @@ _CONFIG_FLAGS = ("--config", "-c")
 
 class SpectralArgumentParser(LightningArgumentParser):
     """A parser whose error for an unknown network lists the networks there are, and whose
-    ``--print_config`` shows the model sized by what the data module declares."""
+    ``--print_config`` shows the model sized by what the data module declares.
+
+    Long options are never abbreviated (``allow_abbrev=False``): argparse would take
+    ``--trainer.max_epoc`` for ``--trainer.max_epochs`` silently, and a prefix that is unique today
+    would change meaning when Lightning adds an option; the error names the option meant."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def _printing(self) -> bool:
         """Whether this dump answers ``--print_config`` (jsonargparse keeps the request on the

@@ -107,6 +107,8 @@ def test_short_class_names_resolve(run_cli, capsys) -> None:
         pytest.param(["--trainer.callbacks+", "SpectralNormMonitr"],
                      "did you mean 'lightning_spectral.callbacks.SpectralNormMonitor'", marks=pytest.mark.slow),
         (["--trainr.max_epochs", "3"], "unknown option --trainr.max_epochs; did you mean 'trainer.max_epochs'"),
+        # no abbreviations: argparse would read --trainer.max_epoc as --trainer.max_epochs without a word
+        (["--trainer.max_epoc", "3"], "unknown option --trainer.max_epoc; did you mean 'trainer.max_epochs'"),
         (["--model.net.init_args.depth", "3"], "lightning_spectral.models.SmallCNN takes no argument 'depth'. Its "
                                                "arguments: num_classes, in_channels, image_size, width_mult."),
     ],

@@ -207,6 +207,19 @@ def test_print_runs_and_cli_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "## Summary" in out and "| SGD | 1 |" in out and "| MuonSGD |" not in out
 
 
+def test_study_options_are_not_abbreviated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``--out`` for ``--out_dir`` was read, but the per-run commands of --print_runs (and --jobs) pass options on by
+    their full names, so those runs went to logs/studies: an abbreviation is refused, naming the option meant."""
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["study", "--config", str(path), "--out", "elsewhere", "--print_runs"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --out elsewhere" in err and "unknown option --out; did you mean '--out_dir'" in err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_study_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """0 when every run finished, 1 when one failed (here: a negative learning rate), 2 for a bad file."""
     monkeypatch.chdir(tmp_path)

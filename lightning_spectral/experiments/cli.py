@@ -38,10 +38,11 @@ in its own process), then collects the report and prints its summary table. SIGT
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
@@ -50,13 +51,31 @@ from lightning_spectral.experiments.report import collect, group_results, load_r
 from lightning_spectral.experiments.report.summary import summary_section
 from lightning_spectral.experiments.runner import pending_runs, run_commands, run_dir, run_study, study_dir
 from lightning_spectral.experiments.spec import StudySpecError, expand, load_study
+from lightning_spectral.parser_errors import did_you_mean
 
 PASS_THROUGH = ("--out_dir", "--seeds", "--max_epochs", "--set", "--threads")
 COMMAND = ["python", "-m", "lightning_spectral", "study"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options are never abbreviated (``--out`` for ``--out_dir`` would be read here but not repeated in
+    the per-run commands of ``--print_runs`` and ``--jobs``, which pass the options on by their full
+    names); an unknown option gets the closest ones."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            for given in (a.split("=", 1)[0] for a in unknown.group(1).split() if a.startswith("--")):
+                message += f"\nunknown option {given}" + did_you_mean(given, options)
+        super().error(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m lightning_spectral study",
         description="Run a study (a grid of Lightning runs) from configs/studies/<name>.yaml, resumably, and collect "
                     "its tables and figures.", epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
