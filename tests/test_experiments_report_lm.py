@@ -107,7 +107,65 @@ def test_section_lm_on_a_fake_study(tmp_path: Path) -> None:
     sweep = next(line for line in text.splitlines() if line.startswith("| AdamW | 0.001:"))
     assert "0.001: 1.400 · **0.003: 1.200** · 0.01: diverged" in sweep and sweep.endswith("|  |")
     muon_sweep = next(line for line in text.splitlines() if line.startswith("| Muon | 0.02:"))
-    assert "**0.05: 1.000**" in muon_sweep and "not the learning rate with the most seeds" in muon_sweep
+    assert "**0.05: 1.000**" in muon_sweep and "not the setting with the most seeds" in muon_sweep
+    # the winners: AdamW at equal steps (1.2 ± 0.1 against Muon's 1.417 ± 0.225: 1.5 standard errors), Muon at
+    # equal time (1.461 against 1.717 at 5 s); what would change it, read from these runs
+    wins = table["winners"]
+    assert wins["equal_steps"]["optimizer"] == "AdamW" and wins["equal_steps"]["runner_up"] == "Muon"
+    muon_finals = [1.65, 1.4, 1.2]
+    se = math.sqrt(0.1 ** 2 / 3 + (sum((x - sum(muon_finals) / 3) ** 2 for x in muon_finals) / 2) / 3)
+    assert wins["equal_steps"]["gap"] == pytest.approx(sum(muon_finals) / 3 - 1.2)
+    assert wins["equal_steps"]["standard_errors"] == pytest.approx((sum(muon_finals) / 3 - 1.2) / se)
+    assert wins["equal_time"]["optimizer"] == "Muon" and wins["equal_time"]["runner_up"] == "AdamW"
+    winners = text.split("### Winners")[1].split("### Learning-rate sweep")[0]
+    assert "**Equal steps (final validation loss): AdamW**, 1.200 ± 0.100 (n = 3), ahead of Muon, 1.417 ± 0.225 " \
+           "(n = 3), by 0.217 nats (1.5 standard errors)." in winners
+    assert "**Equal time (validation loss at 5 s): Muon**" in winners
+    changes = table["what_would_change_it"]
+    assert any(c.startswith("Seeds (equal steps): AdamW's lead over Muon is 1.5 standard errors") for c in changes)
+    assert "Sweep (Muon): its best learning rate 0.05 is the largest swept, so its optimum may lie beyond it, " \
+           "with a lower loss." in changes
+    assert "Sweep (Muon): its seeds ran at lr 0.02, but the sweep's best is lr 0.05." in changes
+    assert not any(c.startswith("Sweep (AdamW)") for c in changes)  # 0.003 lies inside 0.001 … 0.01
+    # the last two evaluations: AdamW's mean falls 0.2333 per 25 steps, Muon's 0.0833: no catching up
+    assert any(c.startswith("Horizon: over the last quarter of the run Muon's loss falls no faster") for c in changes)
+    assert any("the winners differ (AdamW at equal steps, Muon at equal time)" in c for c in changes)
+    assert all(f"- {c}" in winners for c in changes)
+
+
+def test_winners_with_a_runner_up_that_catches_up_and_settings_beside_the_lr(tmp_path: Path) -> None:
+    """B trails A by 0.05 at the end but falls 0.25 per 25 steps against A's 0.1: it catches up in
+    0.05 / (0.01 − 0.004) = 8 steps at those rates; the lead is 3.9 standard errors, so seeds would not reverse
+    it. A is swept over lr × beta2: the sweep labels each entry with its beta2, and its edge is read per beta2."""
+    def run(opt, lr, seed, losses, seconds, beta2=None):
+        axes = {"optimizer": opt, "lr": str(lr), **({"beta2": beta2} if beta2 else {})}
+        r = Run("__".join(f"{k}={v}" for k, v in axes.items()) + f"__seed={seed}", axes,
+                {**axes, "lr": lr}, seed, {})
+        return r, {"seed": seed, "status": "finished", "history": history(losses, seconds)}
+
+    results = [run("A", 0.01, seed, [2.0 + d, 1.5 + d, 1.4 + d, 1.3 + d], [1.0] * 4, "0.95")
+               for seed, d in enumerate((-0.01, 0.0, 0.01))]
+    results += [run("A", 0.01, 0, [2.0, 1.8, 1.7, 1.6], [1.0] * 4, "0.99"),
+                run("A", 0.02, 0, [2.0, 1.9, 1.8, 1.7], [1.0] * 4, "0.99")]
+    results += [run("B", 0.05, seed, [2.5 + d, 2.0 + d, 1.6 + d, 1.35 + d], [2.0] * 4)
+                for seed, d in enumerate((-0.02, 0.0, 0.02))]
+    text, _ = section_lm(study(), group_results(results), tmp_path, {"target_loss": 1.0})
+    table = json.loads((tmp_path / "lm_table.json").read_text())
+    wins, changes = table["winners"], table["what_would_change_it"]
+    assert wins["equal_steps"]["optimizer"] == "A" and wins["equal_steps"]["gap"] == pytest.approx(0.05)
+    se = math.sqrt(0.01 ** 2 / 3 + 0.02 ** 2 / 3)
+    assert wins["equal_steps"]["standard_errors"] == pytest.approx(0.05 / se)  # 3.9
+    assert wins["equal_time"]["optimizer"] == "A" and wins["equal_time"]["gap"] == pytest.approx(2.0 - 1.3)  # at 4 s
+    assert not any(c.startswith("Seeds") for c in changes)
+    assert any(c.startswith("Horizon: over the last quarter of the run B's loss falls faster than A's (-10.000 "
+                            "against -4.000 nats per 1000 steps): at those rates it would catch up after about 8 "
+                            "more steps (the run is 100)") for c in changes)
+    assert any(c.startswith("Budget: the same optimizer wins both.") for c in changes)
+    # A's best at beta2 0.99 is lr 0.01, the smallest of that beta2's lrs: but the best of A is at beta2 0.95
+    assert not any(c.startswith("Sweep (A)") for c in changes)
+    sweep = next(line for line in text.splitlines() if line.startswith("| A | **0.01 ("))
+    assert "| A | 0.01 (beta2 0.95) | 3 | 1.300 ± 0.010 |" in text and table["rows"][0]["settings"] == "beta2 0.95"
+    assert "**0.01 (beta2 0.95): 1.290**" in sweep and "0.01 (beta2 0.99): 1.600 · 0.02 (beta2 0.99): 1.700" in sweep
 
 
 def test_a_diverged_run_does_not_set_the_equal_time(tmp_path: Path) -> None:
@@ -143,6 +201,37 @@ def test_the_cpu_lm_study_shares_the_sweep_run_of_the_best_lr() -> None:
         assert seeds == ([[0], [0], [0, 1, 2]] if name in seeded else [[0], [0], [0]]), name
     section = next(s for s in spec.report["sections"] if isinstance(s, dict) and s["type"] == "lm")
     assert isinstance(section["target_loss"], float)
+
+
+def test_the_long_lm_study_tunes_adamw_over_lr_beta2_and_warmup() -> None:
+    """lm_long.yaml: 2000 steps, validation every 100; AdamW swept over 4 lrs × β₂ {0.95, 0.99} × warm-up {100, 300},
+    the others over 4 lrs (warm-up 100); seeds 1 and 2 at one setting of each, a setting of its sweep."""
+    spec = load_study(ROOT / "configs" / "studies" / "text" / "lm_long.yaml")
+    runs = expand(spec)
+    base = spec.base
+    assert base["trainer"]["max_epochs"] * base["data"]["init_args"]["windows_per_epoch"] // \
+        base["data"]["init_args"]["batch_size"] == 2000
+    assert base["data"]["init_args"]["windows_per_epoch"] // base["data"]["init_args"]["batch_size"] == 100
+    adamw = [r for r in runs if r.axes["optimizer"] == "AdamW" and r.seed == 0]
+    assert len(adamw) == 16
+    settings = {(r.config["model"]["init_args"]["optimizer"]["init_args"]["lr"],
+                 tuple(r.config["model"]["init_args"]["optimizer"]["init_args"]["betas"]),
+                 r.config["model"]["init_args"]["scheduler"]["init_args"]["warmup_steps"]) for r in adamw}
+    assert settings == {(lr, (0.9, b2), w) for lr in (6e-4, 1.2e-3, 2.4e-3, 4.8e-3) for b2 in (0.95, 0.99)
+                        for w in (100, 300)}
+    seeds: dict[str, list[int]] = {}
+    for run in runs:
+        seeds.setdefault(run.group, []).append(run.seed)
+    for name in {r.axes["optimizer"] for r in runs}:
+        groups = {g: s for g, s in seeds.items() if g.startswith(f"optimizer={name},")}
+        assert sorted(map(sorted, groups.values())).count([0, 1, 2]) == 1, name  # one seeded setting, in the sweep
+        assert len(groups) == (16 if name == "AdamW" else 4), name
+        others = [r for r in runs if r.axes["optimizer"] == name and name != "AdamW"]
+        assert all(r.config["model"]["init_args"]["scheduler"]["init_args"]["warmup_steps"] == 100 for r in others)
+    assert len(runs) == 16 + 4 * 8 + 2 * 9
+    assert {r.axes["optimizer"] for r in runs if r.axes["optimizer"] == "MuonSphere"} and all(
+        r.config["model"]["init_args"]["optimizer"]["init_args"]["multiplier"] is False
+        for r in runs if r.axes["optimizer"] == "MuonSphere")
 
 
 def test_collect_writes_the_lm_section_from_result_files(tmp_path: Path) -> None:
