@@ -159,7 +159,8 @@ def test_real_gradient_benchmark_quick(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_gradient_benchmark_chains_and_budgeted_sections(tmp_path: Path) -> None:
     """``--sections chains,budgeted --quick``: every chain's time beside its deviation from the
-    float64 iteration (float32 at round-off, bfloat16 far above it), and every budgeted solver's
+    float64 iteration (float32 at round-off, bfloat16 far above it; the bfloat16 Gram form within
+    twice the standard bfloat16 chain's), the square matrices' schedules against the SVD, and every budgeted solver's
     ratio to Muon for two repeats beside its certified gap (at most the default tol 1e-3)."""
     out = tmp_path / "sections.json"
     cmd = [sys.executable, "-m", "benchmarks.real_gradients", "--quick", "--models", "", "--sections",
@@ -173,6 +174,10 @@ def test_real_gradient_benchmark_chains_and_budgeted_sections(tmp_path: Path) ->
         assert rows["ours bfloat16 auto"]["deviation"] <= (2 * rows["ours bfloat16 standard"]["deviation"]
                                                            + 8 * torch.finfo(torch.bfloat16).eps)
         assert all(len(r["ratio"]) == 2 for r in rows.values())
+    squares = result["chains"]["squares"]["gpt"]["rows"]  # the square matrices: schedules against the SVD
+    assert squares["jordan 5 float32"]["ratio"] == 1.0
+    for label, r in squares.items():  # ⟨G, O⟩ ≤ ‖G‖_* ‖O‖₂ (duality), with equality at O = U Vᵀ
+        assert 0 < r["steepest_share"] <= 1 + 1e-6 and 0 < r["polar_distance"] < 1, (label, r)
     repeats = result["budgeted"]["repeats"]
     assert len(repeats) == 2
     for rows in repeats:
