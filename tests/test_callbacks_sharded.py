@@ -2,11 +2,12 @@
 gloo processes.
 
 A hang is the failure that matters: a callback that gathers or runs a forward pass on rank 0 alone
-would leave the other rank waiting. So each callback either measures on every rank and logs what a
-one-process fit logs (``SpectralNormMonitor``, ``ConstraintMonitor``, ``EpochRecorder``), or raises its
-clear error on both ranks (``SharpnessMonitor``, ``GradientNoiseScaleMonitor``). Every run has a
-timeout, so a hang fails the test. Both ranks read the same batches, so the sharded fit takes the
-one-process steps and the logged values must agree.
+would leave the other rank waiting. So each callback measures on every rank and logs what a
+one-process fit logs (``SpectralNormMonitor``, ``ConstraintMonitor``, ``EpochRecorder``,
+``SharpnessMonitor``), or, with its ranks' own batches, what one process computes from the same
+batches (``GradientNoiseScaleMonitor``). Every run has a timeout, so a hang fails the test. In the
+other cases both ranks read the same batches, so the sharded fit takes the one-process steps and the
+logged values must agree.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 TOL = 1e-5
 
@@ -42,6 +44,7 @@ SCRIPT = textwrap.dedent(
         SharpnessMonitor,
         SpectralNormMonitor,
     )
+    from lightning_spectral.diagnostics import grad_sq_norms
     from lightning_spectral.models.mlp import MLP
     from lightning_spectral.module import SpectralModule
 
@@ -63,12 +66,32 @@ SCRIPT = textwrap.dedent(
             pass
 
 
+    class Reference(L.Callback):
+        """At the first batch, one process's squared gradient norms of the two ranks' halves, on a plain copy of
+        the gathered weights (every rank gathers; the values are the same on each)."""
+
+        def __init__(self):
+            self.values = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx:
+                return
+            full = {n: p.full_tensor().detach() for n, p in pl_module.net.named_parameters()}
+            net = MLP(in_features=64, num_classes=10, hidden_sizes=[32, 32])
+            net.load_state_dict(full)
+            self.values = dict(zip(("small", "big"), grad_sq_norms(
+                lambda b: torch.nn.functional.cross_entropy(net(b[0]), b[1]), list(net.parameters()),
+                [(x[:16], y[:16]), (x[16:32], y[16:32])])))
+
+
     def callbacks(case):
         if case == "measure":
             return [SpectralNormMonitor(every_n_steps=1, method="svd", log_histograms=False),
                     SpectralNormMonitor(every_n_steps=2, method="power", max_iter=50, log_histograms=False),
                     ConstraintMonitor(every_n_steps=1), EpochRecorder()]
-        return [SharpnessMonitor(every_n_steps=1)] if case == "sharpness" else [GradientNoiseScaleMonitor(every_n_steps=1)]
+        if case == "sharpness":  # tol=1e-12: every run takes all max_iter steps, so the Ritz values are comparable
+            return [SharpnessMonitor(every_n_steps=1, method="lanczos", max_iter=20, tol=1e-12, warm_start=False)]
+        return [Reference(), GradientNoiseScaleMonitor(every_n_steps=1, ema_decay=0.0)]
 
 
     if __name__ == "__main__":
@@ -78,25 +101,33 @@ SCRIPT = textwrap.dedent(
 
         x, y = load_digits(return_X_y=True)
         x, y = torch.tensor(x[:128] / 16.0, dtype=torch.float32), torch.tensor(y[:128])
-        loader = torch.utils.data.DataLoader([(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)], batch_size=None)
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+        if case == "gns":  # each rank its own 16 examples of every 32, so the local gradients differ
+            batches = [(bx[16 * rank:16 * rank + 16], by[16 * rank:16 * rank + 16]) for bx, by in batches]
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
         torch.manual_seed(0)
         model = SpectralModule(MLP(in_features=64, num_classes=10, hidden_sizes=[32, 32]),
                                optimizer=partial(O.SpectralBall, lr=0.05))
-        extra = dict(devices=2, strategy=ModelParallelStrategy()) if sharded else dict(devices=1)
+        # data_parallel_size=2: the default ("auto") gives 2 tensor-parallel ranks and a data-parallel mesh of 1,
+        # over which fully_shard shards nothing and reduces nothing.
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        extra = dict(devices=2, strategy=strategy) if sharded else dict(devices=1)
         logger = Recorder()
         cbs = callbacks(case)
         trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, num_sanity_val_steps=0,
                             use_distributed_sampler=False, logger=logger, callbacks=cbs, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, **extra)
-        rank = int(os.environ.get("LOCAL_RANK", "0"))
         try:
             trainer.fit(model, loader)
         except Exception as error:  # noqa: BLE001 - the test reads the message
             json.dump({"error": f"{type(error).__name__}: {error}"}, open(f"{out}.rank{rank}.json", "w"))
             sys.exit(0)
         result = {"rows": logger.rows, "steps": trainer.global_step,
+                  "shard_numel": sum(p.to_local().numel() for p in model.parameters()) if sharded else 0,
+                  "numel": sum(p.numel() for p in model.parameters()),
                   "types": sorted({type(p).__name__ for p in model.parameters()}),
-                  "final_norms": cbs[-1].final["spectral_norms"] if case == "measure" else {}}
+                  "final_norms": cbs[-1].final["spectral_norms"] if case == "measure" else {}, "reference": cbs[0].values if case == "gns" else {}}
         json.dump(result, open(f"{out}.rank{rank}.json", "w"))
     '''
 )
@@ -126,6 +157,7 @@ def test_measuring_callbacks_log_the_one_process_values(tmp_path):
     sharded, (plain,) = _fit(tmp_path, "measure", "sharded"), _fit(tmp_path, "measure", "plain")
     assert all("error" not in r for r in sharded), sharded
     assert sharded[0]["types"] == ["DTensor"] and plain["types"] == ["Parameter"]
+    assert sum(r["shard_numel"] for r in sharded) == plain["numel"]  # really split over the two ranks
     assert sharded[0]["steps"] == plain["steps"] == 3
     got, want = _by_step(sharded[0]["rows"]), _by_step(plain["rows"])
     assert got.keys() == want.keys() and len(want) >= 3
@@ -145,12 +177,47 @@ def test_measuring_callbacks_log_the_one_process_values(tmp_path):
             assert abs(rank["final_norms"][name] - sigma) <= TOL * max(1.0, sigma), name
 
 
-@pytest.mark.parametrize("case,callback", [("sharpness", "SharpnessMonitor"), ("gns", "GradientNoiseScaleMonitor")])
-def test_rank_zero_callbacks_refuse_sharded_parameters_on_every_rank(tmp_path, case, callback):
-    """The callbacks whose measurement is a forward/backward on rank 0 alone raise, on both ranks, an
-    error naming the callback, the strategy and the fix, instead of hanging."""
-    ranks = _fit(tmp_path, case, "sharded")
-    for rank in ranks:
-        message = rank.get("error", "")
-        assert f"{callback} does not support sharded (DTensor) parameters" in message, rank
-        assert "ModelParallelStrategy" in message and "DDPStrategy" in message, message
+def test_sharpness_monitor_logs_the_one_process_values(tmp_path):
+    """SharpnessMonitor on FSDP2 shards (exact double backward on the network unsharded for the measurement,
+    vectors as shards, inner products summed over the ranks; both ranks read the same batch, so the ranks'
+    mean loss is the one-process loss) logs the one-process λ_max and the AdamW fallback's preconditioned
+    sharpness: 20 Lanczos steps from the same start vector on the same operator, apart from float32
+    round-off (20·64·eps relative). Training continues on the resharded network (3 steps)."""
+    sharded, (plain,) = _fit(tmp_path, "sharpness", "sharded"), _fit(tmp_path, "sharpness", "plain")
+    assert all("error" not in r for r in sharded), sharded
+    got, want = _by_step(sharded[0]["rows"]), _by_step(plain["rows"])
+    keys = {k for m in want.values() for k in m if k.startswith("sharpness/")}
+    assert "sharpness/lambda_max" in keys and any(k.startswith("sharpness/preconditioned/") for k in keys), keys
+    bound = 20 * 64 * torch.finfo(torch.float32).eps
+    compared = 0
+    for step, metrics in want.items():
+        for key in keys & metrics.keys():
+            if key.startswith("sharpness/hvp_count"):
+                assert got[step][key] == metrics[key]
+                continue
+            assert abs(got[step][key] - metrics[key]) <= bound * abs(metrics[key]), (step, key, got[step][key])
+            compared += 1
+    assert compared >= 6 and len(want) == 3 and sharded[0]["steps"] == plain["steps"] == 3
+
+
+def test_noise_scale_monitor_measures_each_ranks_local_gradient(tmp_path):
+    """GradientNoiseScaleMonitor under FSDP2 ("fsdp" mode, auto): each rank's 16 examples are the small
+    batch, both ranks' 32 the big one. Its first logged ‖G‖² and tr Σ (ema_decay=0: that step's
+    measurement) give back ‖G_16‖² = ‖G‖² + tr Σ/16 and ‖G_32‖² = ‖G‖² + tr Σ/32, which equal one process's
+    grad_sq_norms on the same two halves to float32 round-off of the gradient sums and of that inversion."""
+    ranks = _fit(tmp_path, "gns", "sharded")
+    assert all("error" not in r for r in ranks), ranks
+    rows = {s: m for s, m in _by_step(ranks[0]["rows"]).items() if "gns/count" in m}
+    assert [rows[s]["gns/count"] for s in sorted(rows)] == [1.0, 2.0, 3.0]
+    first = rows[min(rows)]
+    grad_sq, trace = first["gns/grad_sq"], first["gns/trace"]
+    ref = ranks[0]["reference"]
+    assert ref == ranks[1]["reference"]
+    tol = 256 * torch.finfo(torch.float32).eps * ref["small"]
+    assert abs(grad_sq + trace / 16 - ref["small"]) <= tol, (first, ref)
+    assert abs(grad_sq + trace / 32 - ref["big"]) <= tol, (first, ref)
+    assert ref["small"] > ref["big"] > 0
+    if grad_sq > 0:
+        assert first["gns/b_simple"] == pytest.approx(trace / grad_sq, rel=1e-6) and first["gns/negative"] == 0
+    else:  # one pair of 16-example halves: the unbiased ‖G‖² estimate may be negative
+        assert first["gns/b_simple"] == 0 and first["gns/negative"] == 1

@@ -21,11 +21,11 @@ from lightning_spectral.callbacks._base import (
     check_choice,
     check_loss_protocol,
     check_positive_int,
+    has_sharded_parameters,
     log_step,
-    refuse_sharded,
 )
-from lightning_spectral.diagnostics._utils import LossFn, isolated, trainable_parameters
-from lightning_spectral.diagnostics.noise_scale import GradientNoiseScale, grad_sq_norms
+from lightning_spectral.diagnostics._utils import LossFn, isolated, shard_reduce, trainable_parameters
+from lightning_spectral.diagnostics.noise_scale import GradientNoiseScale, ShardedGradientNorms, grad_sq_norms
 
 
 class _NormRecorder:
@@ -70,8 +70,8 @@ def split_batch(batch: Any, num_chunks: int) -> list[Any]:
 class GradientNoiseScaleMonitor(DiagnosticCallback):
     r"""Log the simple gradient noise scale :math:`B_{simple}` (McCandlish et al. 2018) and its parts.
 
-    Two paths, chosen by ``mode`` (``"auto"``: ``"ddp"`` when the strategy wraps the model in
-    ``DistributedDataParallel``, else ``"split"``):
+    Three paths, chosen by ``mode`` (``"auto"``: ``"fsdp"`` when the parameters are FSDP2 shards,
+    ``"ddp"`` when the strategy wraps the model in ``DistributedDataParallel``, else ``"split"``):
 
     * ``"ddp"``: a DDP communication hook (registered in ``on_fit_start``) records each rank's
       local gradient, the small batch (:math:`b` = per-rank examples per optimizer step), and
@@ -84,7 +84,11 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
       takes per-slice gradients with ``torch.autograd.grad`` (one extra forward+backward over
       the batch; ``.grad``, RNG and BatchNorm statistics untouched; eval mode by default).
 
-    Refused (on every rank, at fit start) with DTensor-sharded parameters (FSDP2, ``ModelParallelStrategy``).
+    * ``"fsdp"`` (FSDP2 ``fully_shard``, Lightning's ``ModelParallelStrategy``): the same two batch
+      sizes as ``"ddp"``, each rank's local gradient measured inside FSDP2's reduce-scatter
+      (:class:`~lightning_spectral.diagnostics.noise_scale.ShardedGradientNorms`, installed with
+      ``set_custom_reduce_scatter`` in ``on_fit_start``; refused beside another custom
+      reduce-scatter); no extra forward or backward; the same skips and loss-scale handling.
 
     Keys: ``gns/b_simple``, ``gns/grad_sq`` and ``gns/trace`` (the smoothed :math:`\|G\|^2` and
     :math:`\mathrm{tr}\,\Sigma`; ``b_simple`` is their ratio), ``gns/count`` (measurements so far),
@@ -97,7 +101,7 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
         every_n_epochs: at the end of every N-th epoch (``"split"``: on its last batch).
         ema_decay: decay of the moving averages, per measurement.
         num_chunks: slices per batch in ``"split"`` mode (at least 2).
-        mode: ``"auto"``, ``"ddp"`` or ``"split"``.
+        mode: ``"auto"``, ``"ddp"``, ``"fsdp"`` or ``"split"``.
         loss_fn, eval_mode: as for :class:`~lightning_spectral.callbacks.SharpnessMonitor` (``"split"`` only;
             the loss is found as :func:`~lightning_spectral.callbacks._base.batch_loss` says).
     """
@@ -108,7 +112,7 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
         every_n_epochs: int | None = None,
         ema_decay: float = 0.95,
         num_chunks: int = 4,
-        mode: Literal["auto", "ddp", "split"] = "auto",
+        mode: Literal["auto", "ddp", "fsdp", "split"] = "auto",
         loss_fn: LossFn | None = None,
         eval_mode: bool = True,
     ) -> None:
@@ -116,7 +120,7 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
         check_positive_int("num_chunks", num_chunks)
         if num_chunks < 2:
             raise ValueError(f"num_chunks must be at least 2, got {num_chunks}")
-        check_choice("mode", mode, ("auto", "ddp", "split"))
+        check_choice("mode", mode, ("auto", "ddp", "fsdp", "split"))
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.estimator = GradientNoiseScale(ema_decay)
@@ -125,7 +129,9 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
         self.loss_fn = loss_fn
         self.eval_mode = eval_mode
         self._recorder: _NormRecorder | None = None
+        self._sharded: ShardedGradientNorms | None = None
         self._examples = 0
+        self._passes = 0  # backward passes since the last optimizer step ("fsdp")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -135,8 +141,14 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         model = trainer.strategy.model
-        refuse_sharded(type(self).__name__, trainer, pl_module,
-                       "its 'split' mode takes per-slice gradients on rank 0 alone, and there is no DDP comm hook")
+        if has_sharded_parameters(pl_module):  # on every rank: each sees the same parameters
+            self._attach_sharded(trainer, pl_module)
+            return
+        if self.mode == "fsdp":
+            raise MisconfigurationException(
+                "GradientNoiseScaleMonitor(mode='fsdp') needs FSDP2-sharded (DTensor) parameters; "
+                f"{type(trainer.strategy).__name__} gives plain ones. Use mode='auto'."
+            )
         if not isinstance(model, DistributedDataParallel):
             if self.mode == "ddp":
                 raise MisconfigurationException(
@@ -150,24 +162,58 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
         self._recorder = _NormRecorder(model.process_group, trainer.world_size)
         model.register_comm_hook(self._recorder, _recording_allreduce)
 
+    def _attach_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        name = type(self).__name__
+        if self.mode in ("ddp", "split"):
+            why = "there is no DDP comm hook" if self.mode == "ddp" else "its per-slice gradients run on rank 0 alone"
+            raise MisconfigurationException(
+                f"{name}(mode={self.mode!r}) cannot measure FSDP2-sharded parameters "
+                f"({type(trainer.strategy).__name__}): {why}. Use mode='auto' or 'fsdp' (the local "
+                "gradients, measured in FSDP2's reduce-scatter)."
+            )
+        params = trainable_parameters(pl_module)
+        try:
+            shard_reduce(params)
+            self._sharded = ShardedGradientNorms()
+            self._sharded.attach(pl_module)
+        except ValueError as error:
+            raise MisconfigurationException(f"{name}: {error}") from None
+        if params and params[0].device_mesh.size() == 1:
+            raise MisconfigurationException(
+                f"{name}: the parameters are sharded over a data-parallel mesh of 1 rank, so there is no "
+                "per-rank gradient to compare with an average (ModelParallelStrategy's default splits the "
+                "devices into tensor-parallel ranks). Use ModelParallelStrategy(data_parallel_size=<devices>, "
+                "tensor_parallel_size=1), or remove GradientNoiseScaleMonitor."
+            )
+
     @property
     def needs_batch(self) -> bool:
-        return self._recorder is None
+        return self._recorder is None and self._sharded is None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._recorder = None  # holds the process group; also keeps the callback picklable for a next fit
+        # hold the process group; also keeps the callback picklable for a next fit. A ShardedGradientNorms
+        # stays installed (a plain SUM reduce-scatter); the next fit's attach replaces it.
+        self._recorder = self._sharded = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._recorder is None:
+        if self.needs_batch:
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         else:
             self._examples += extract_batch_size(batch)
 
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sharded is not None:  # the reduced gradient before any clipping
+            self._passes += 1
+            self._sharded.record_reduced([p.grad for p in trainable_parameters(pl_module) if p.grad is not None])
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if self._sharded is not None:
+            self._sharded_step(trainer, pl_module)
+            return
         recorder = self._recorder
         if recorder is None:
             return
@@ -187,8 +233,28 @@ class GradientNoiseScaleMonitor(DiagnosticCallback):
         if self._step_due(step):
             self._run(trainer, pl_module, None, step)
 
+    def _sharded_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fold in the local (b) and reduced (world·b) gradient norms FSDP2's reduce-scatter recorded."""
+        start = time.perf_counter()
+        recorder, passes, examples = self._sharded, self._passes, self._examples
+        self._passes = self._examples = 0
+        if passes == 1 and examples > 0 and recorder.calls:  # identical on all ranks: the collectives are safe
+            small_sq, big_sq = recorder.norms()
+            stats = torch.tensor([examples, examples**2], dtype=torch.float64, device=pl_module.device)
+            b_sum, b2_sum = trainer.strategy.reduce(stats, reduce_op="sum").tolist()
+            world = trainer.world_size
+            if b2_sum * world == b_sum**2:  # every rank saw the same number of examples
+                scale_sq = _loss_scale(trainer) ** 2
+                b = b_sum / world
+                self.estimator.update(small_sq / scale_sq, big_sq / scale_sq, b, b * recorder.group.size())
+        recorder.reset()
+        self.elapsed_s += time.perf_counter() - start
+        step = log_step(trainer)
+        if self._step_due(step):
+            self._run(trainer, pl_module, None, step)
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:
-        if self._recorder is None:
+        if self.needs_batch:
             if not trainer.is_global_zero:
                 return {}
             chunks = split_batch(batch, self.num_chunks)

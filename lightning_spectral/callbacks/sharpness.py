@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_spectral.callbacks._base import (
@@ -15,10 +17,17 @@ from lightning_spectral.callbacks._base import (
     check_choice,
     check_loss_protocol,
     check_positive_int,
-    refuse_sharded,
+    has_sharded_parameters,
 )
-from lightning_spectral.diagnostics._utils import LossFn, isolated, trainable_parameters
-from lightning_spectral.diagnostics.sharpness import HessianVectorProduct, hessian_top_eigenvalue
+from lightning_spectral.diagnostics._utils import (
+    LossFn,
+    isolated,
+    local,
+    random_vector,
+    shard_reduce,
+    trainable_parameters,
+)
+from lightning_spectral.diagnostics.sharpness import ShardedHVP, hessian_top_eigenvalue, hessian_vector_products
 from lightning_spectral.diagnostics.stability import StabilityRule, adam_inverse_preconditioner, stability_rule
 
 
@@ -29,7 +38,13 @@ class SharpnessMonitor(DiagnosticCallback):
     ``torch.autograd.grad`` (``.grad`` untouched), in fp32, RNG forked, in eval mode by default
     (the curvature of the eval-mode loss; ``eval_mode=False`` uses train mode and restores the
     buffers). Under DDP rank 0 measures its local batch. Needs double backward, so not through
-    ``torch.compile``. Refused (on every rank, at fit start) with DTensor-sharded parameters.
+    ``torch.compile``. With FSDP2-sharded parameters (``ModelParallelStrategy``) every rank
+    measures and the Hessian is that of the ranks' mean loss (every rank's batch), the vectors held
+    as local shards and their inner products summed over the ranks; ``sharded_hvp`` picks the
+    products (:func:`~lightning_spectral.diagnostics.sharpness.hessian_vector_products`): ``"exact"``
+    (double backward on the network unsharded for the measurement: the whole parameters on every
+    rank) or ``"finite_difference"`` (everything stays sharded; smooth losses only, relative error
+    :math:`O(\mathrm{eps}^{2/3})`; biased by ReLU kinks).
 
     Keys: ``sharpness/lambda_max``, ``sharpness/hvp_count``, and per *rule* (the parameter groups
     that share an optimizer, an update rule and its hyperparameters, named by their group names
@@ -63,6 +78,7 @@ class SharpnessMonitor(DiagnosticCallback):
         seed: seed of the first start vector (the global RNG is not used).
         preconditioned: also measure each Adam-family rule's preconditioned sharpness (one more
             eigenvalue solve per rule, on the same Hessian-vector products).
+        sharded_hvp: ``"exact"`` or ``"finite_difference"``, for FSDP2-sharded parameters only.
     """
 
     default_every_n_steps = 100
@@ -80,9 +96,11 @@ class SharpnessMonitor(DiagnosticCallback):
         warm_start: bool = True,
         seed: int = 0,
         preconditioned: bool = True,
+        sharded_hvp: ShardedHVP = "exact",
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs)
         check_choice("method", method, ("power", "lanczos"))
+        check_choice("sharded_hvp", sharded_hvp, ("exact", "finite_difference"))
         check_positive_int("max_iter", max_iter)
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol!r}")
@@ -96,6 +114,7 @@ class SharpnessMonitor(DiagnosticCallback):
         self.warm_start = warm_start
         self.seed = seed
         self.preconditioned = preconditioned
+        self.sharded_hvp = sharded_hvp
         self._vectors: dict[str, Tensor] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -104,8 +123,10 @@ class SharpnessMonitor(DiagnosticCallback):
             check_loss_protocol(type(self).__name__, pl_module, self.loss_fn)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refuse_sharded(type(self).__name__, trainer, pl_module,
-                       "its Hessian-vector products run a forward and double backward on rank 0 alone")
+        try:  # on every rank: each sees the same parameters
+            shard_reduce(trainable_parameters(pl_module))
+        except ValueError as error:
+            raise MisconfigurationException(f"{type(self).__name__}: {error}") from None
         super().on_fit_start(trainer, pl_module)
 
     def charts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[str]]:
@@ -120,14 +141,15 @@ class SharpnessMonitor(DiagnosticCallback):
         return out
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> dict[str, float]:
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero or has_sharded_parameters(pl_module)):
             return {}
         params = trainable_parameters(pl_module)
         rules = stability_rules(trainer)
         metrics: dict[str, float] = {}
-        with isolated(pl_module, self.eval_mode):
-            hvp = HessianVectorProduct(batch_loss(pl_module, batch, self.loss_fn), params)
-            lam, used = self._top(hvp, hvp.numel, "", step, hvp.grad)
+        loss = functools.partial(batch_loss, pl_module, batch, self.loss_fn)
+        with isolated(pl_module, self.eval_mode), hessian_vector_products(pl_module, loss, params,
+                                                                          self.sharded_hvp) as hvp:
+            lam, used = self._top(hvp, params, "", step)
             metrics["sharpness/lambda_max"] = lam
             measured = set(params)
             for name, (optimizer, rule, members) in rules.items():
@@ -138,33 +160,35 @@ class SharpnessMonitor(DiagnosticCallback):
                     inverse = adam_inverse_preconditioner(optimizer, members, rule)
                     if inverse is None:  # no Adam step yet
                         continue
-                    preconditioned, more = self._top(_block(hvp, params, members, inverse.to(hvp.grad)),
-                                                     inverse.numel(), name, step, hvp.grad)
+                    preconditioned, more = self._top(_block(hvp, params, members, inverse.to(hvp.like)),
+                                                     members, name, step, hvp.reduce)
                     used += more
                     metrics[f"sharpness/preconditioned/{name}"] = preconditioned
                 metrics[f"sharpness/threshold/{name}"] = rule.threshold
         metrics["sharpness/hvp_count"] = float(used)
         return metrics
 
-    def _top(self, matvec: Any, numel: int, key: str, step: int, like: Tensor) -> tuple[float, int]:
-        """The top eigenvalue of ``matvec`` (warm-started from the vector kept under ``key``)."""
+    def _top(self, matvec: Any, params: list[Tensor], key: str, step: int, reduce: Any = None) -> tuple[float, int]:
+        """The top eigenvalue of ``matvec`` on vectors over ``params`` (warm-started from the vector kept
+        under ``key``); ``reduce`` sums inner products over the ranks (default: ``matvec.reduce``)."""
+        reduce = matvec.reduce if reduce is None else reduce
+        numel = sum(local(p).numel() for p in params)
         v0 = self._vectors.get(key)
         if v0 is None or v0.numel() != numel:
-            generator = torch.Generator().manual_seed(self.seed + step)
-            v0 = torch.randn(numel, generator=generator).to(like)
-        lam, vector, used = hessian_top_eigenvalue(matvec, v0, self.method, self.max_iter, self.tol)
+            v0 = random_vector(params, torch.Generator().manual_seed(self.seed + step)).to(local(params[0]).detach())
+        lam, vector, used = hessian_top_eigenvalue(matvec, v0, self.method, self.max_iter, self.tol, reduce)
         if self.warm_start:
             self._vectors[key] = vector
         return lam, used
 
 
-def _block(hvp: HessianVectorProduct, params: list[Tensor], members: list[Tensor], inverse: Tensor) -> Any:
+def _block(hvp: Any, params: list[Tensor], members: list[Tensor], inverse: Tensor) -> Any:
     r"""``x ↦ S H_{bb} S x`` with :math:`S = P^{-1/2}` on the block ``b`` of ``members`` (the rest of the
-    vector zero): symmetric, with the eigenvalues of :math:`P^{-1}H_{bb}`."""
+    vector zero): symmetric, with the eigenvalues of :math:`P^{-1}H_{bb}`. Sharded: on the local shards."""
     offsets, start = {}, 0
     for p in params:
-        offsets[p] = (start, p.numel())
-        start += p.numel()
+        offsets[p] = (start, local(p).numel())
+        start += local(p).numel()
     index = torch.cat([torch.arange(offsets[p][0], offsets[p][0] + offsets[p][1]) for p in members]).to(inverse.device)
     scale = inverse.sqrt()
 

@@ -8,15 +8,19 @@ from lightning_spectral.diagnostics.lr_scan import lr_stability_scan
 from lightning_spectral.diagnostics.metrics_logger import MetricsLogger
 from lightning_spectral.diagnostics.noise_scale import (
     GradientNoiseScale,
+    ShardedGradientNorms,
     estimate_gradient_noise_scale,
     grad_sq_norms,
     noise_components,
 )
 from lightning_spectral.diagnostics.sharpness import (
+    FiniteDifferenceHVP,
     HessianVectorProduct,
+    ShardedHessianVectorProduct,
     estimate_sam_sharpness,
     estimate_sharpness,
     hessian_top_eigenvalue,
+    hessian_vector_products,
 )
 from lightning_spectral.diagnostics.spectral import (
     SpectralNormTracker,
@@ -31,9 +35,12 @@ from lightning_spectral.diagnostics.spectral import (
 from lightning_spectral.diagnostics.update_size import UpdateSizeTracker, promised_update_norm
 
 __all__ = [
+    "FiniteDifferenceHVP",
     "GradientNoiseScale",
     "HessianVectorProduct",
     "MetricsLogger",
+    "ShardedGradientNorms",
+    "ShardedHessianVectorProduct",
     "SpectralNormTracker",
     "UpdateSizeTracker",
     "compute_singular_values",
@@ -45,6 +52,7 @@ __all__ = [
     "estimate_sharpness",
     "grad_sq_norms",
     "hessian_top_eigenvalue",
+    "hessian_vector_products",
     "isolated",
     "noise_components",
     "power_iteration",

@@ -9,6 +9,11 @@ norms measured at two batch sizes :math:`b<B` give unbiased estimates (paper, ap
 
 Their ratio is biased, so :class:`GradientNoiseScale` smooths numerator and denominator
 separately and divides the averages. The loss must be a mean over the batch.
+
+Data-parallel training gives both batch sizes for free: each rank's local gradient is a small
+batch (:math:`b` examples) and the averaged gradient the big one (:math:`B=b\cdot` world size).
+Under FSDP2 the local gradients exist only inside its reduce-scatter, where
+:class:`ShardedGradientNorms` measures them.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_spectral.diagnostics._utils import LossFn, isolated, trainable_parameters, xy_batch
+from lightning_spectral.diagnostics._utils import LossFn, isolated, local, trainable_parameters, xy_batch
 
 
 def noise_components(small_sq: float, big_sq: float, b_small: float, b_big: float) -> tuple[float, float]:
@@ -49,6 +55,84 @@ def grad_sq_norms(
     m = len(batches)
     big = float(sum(t.div_(m).pow(2).sum() for t in total))
     return small / m, big
+
+
+class ShardedGradientNorms:
+    r"""Squared norms of the ranks' local gradients under FSDP2, recorded in its reduce-scatter.
+
+    :meth:`attach` installs it with ``FSDPModule.set_custom_reduce_scatter`` on every FSDP2 module
+    of a network (it refuses one that already has another custom reduce-scatter). Rank :math:`r`'s
+    reduce-scatter input is its local gradient :math:`g_r` times FSDP's pre-divide factor
+    :math:`1/k` (zero-padded, concatenated over the module's parameters): the recorder sums
+    :math:`\|u_r\|^2` of the inputs and, reducing by ``SUM`` itself (then dividing for ``AVG``,
+    so the result FSDP receives is unchanged), :math:`\|\sum_r u_r\|^2`. Right after the backward,
+    :meth:`record_reduced` reads the reduced gradient :math:`G=\frac1W\sum_r g_r` from ``.grad`` (before
+    any clipping), which fixes :math:`k^2=\|G\|^2/\|\frac1W\sum_r u_r\|^2`; :meth:`norms` returns
+    :math:`(\frac1W\sum_r\|g_r\|^2,\ \|G\|^2)`, the squared norms at batch sizes :math:`b` and
+    :math:`Wb`. Plain torch; collective (:meth:`norms` on every rank).
+    """
+
+    def __init__(self) -> None:
+        self.group: dist.ProcessGroup | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.local_sq: Tensor | float = 0.0
+        self.sum_sq: Tensor | float = 0.0
+        self.grad_sq: Tensor | float = 0.0
+        self.calls = 0  # reduce-scatters recorded (one per FSDP2 module per backward)
+
+    def attach(self, module: nn.Module) -> int:
+        """Install on every FSDP2 module of ``module`` (``fully_shard``); returns how many."""
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in module.modules() if isinstance(m, FSDPModule)]
+        for m in modules:
+            for group in getattr(m._get_fsdp_state(), "_fsdp_param_groups", []):
+                comm = getattr(group, "_reduce_scatter_comm", None)
+                if not isinstance(comm, ShardedGradientNorms) and type(comm).__name__ != "DefaultReduceScatter":
+                    raise ValueError(
+                        f"{type(m).__name__} already has a custom reduce-scatter ({type(comm).__name__}); the "
+                        "gradient noise scale records the local gradients in its own. Remove one of the two."
+                    )
+        for m in modules:
+            m.set_custom_reduce_scatter(self)
+        return len(modules)
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: Tensor, input_tensor: Tensor, group: dist.ProcessGroup, op,
+                 async_op: bool = False) -> None:
+        self.group, self.device = group, input_tensor.device
+        self.local_sq = self.local_sq + input_tensor.detach().double().pow(2).sum()
+        own = op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG)
+        summed = output_tensor if own else torch.empty_like(output_tensor)
+        dist.reduce_scatter_tensor(summed, input_tensor, op=dist.ReduceOp.SUM, group=group)
+        self.sum_sq = self.sum_sq + summed.detach().double().pow(2).sum()
+        if op == dist.ReduceOp.AVG:
+            output_tensor.div_(group.size())
+        elif not own:  # e.g. PREMUL_SUM, from set_gradient_divide_factor
+            dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
+        self.calls += 1
+
+    def record_reduced(self, grads: Sequence[Tensor]) -> None:
+        """Fold in this rank's share of ``‖G‖²``: ``grads``, the parameters' reduced ``.grad`` (``DTensor``
+        shards), read right after the backward."""
+        self.grad_sq = self.grad_sq + sum((local(g).detach().double().pow(2).sum() for g in grads),
+                                          torch.zeros((), dtype=torch.float64))
+
+    def norms(self) -> tuple[float, float]:
+        r"""``(mean_r ‖g_r‖², ‖G‖²)`` of the backward recorded since :meth:`reset`. Collective over the
+        recorded group."""
+        if self.group is None:
+            raise RuntimeError("ShardedGradientNorms.norms: no reduce-scatter recorded; attach() it and run backward")
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).to(self.device)
+                             for v in (self.local_sq, self.sum_sq, self.grad_sq)])
+        dist.all_reduce(stats, group=self.group)
+        world = self.group.size()
+        local_sq, mean_sq, big_sq = stats[0].item() / world, stats[1].item() / world**2, stats[2].item()
+        return (local_sq * big_sq / mean_sq if mean_sq > 0 else 0.0), big_sq
 
 
 class GradientNoiseScale:

@@ -33,6 +33,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from lightning_spectral.diagnostics._utils import local
 from lightning_spectral.optim.base import MatrixOptimizer
 from lightning_spectral.optim.budgeted import BudgetedOptimizer
 from lightning_spectral.optim.param_groups import MATRIX_KEY
@@ -99,7 +100,8 @@ def _adam(lr: float, group: Mapping[str, Any], amsgrad: bool) -> StabilityRule:
 
 def adam_inverse_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
                                 rule: StabilityRule) -> Optional[Tensor]:
-    r"""The diagonal of :math:`P^{-1}` of the latest Adam step for ``params`` (flat, concatenated), or
+    r"""The diagonal of :math:`P^{-1}` of the latest Adam step for ``params`` (flat, concatenated; the
+    local shards of ``DTensor`` state), or
     ``None`` before the first step: :math:`P = (1-\beta_1^t)(\sqrt{v_t/(1-\beta_2^t)} + \epsilon)`
     from each parameter's ``step`` and ``exp_avg_sq`` (``max_exp_avg_sq`` with AMSGrad)."""
     beta1, beta2 = rule.betas
@@ -109,7 +111,7 @@ def adam_inverse_preconditioner(optimizer: torch.optim.Optimizer, params: Sequen
         if "step" not in state:
             return None
         t = float(state["step"])
-        v = state["max_exp_avg_sq" if rule.amsgrad else "exp_avg_sq"].detach().float()
+        v = local(state["max_exp_avg_sq" if rule.amsgrad else "exp_avg_sq"].detach()).float()
         denom = (v / (1 - beta2**t)).sqrt().add(rule.eps).mul(1 - beta1**t)
         parts.append(denom.reciprocal().reshape(-1))
     return torch.cat(parts) if parts else None
