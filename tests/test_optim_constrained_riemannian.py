@@ -299,7 +299,13 @@ def test_constraint_report_names_every_matrix_on_the_manifold():
     opt = SLMuon(named_params(model))
     report = opt.constraint_report()
     assert list(report) == ["2.weight"] and report["2.weight"]["constraint"] < 1e-5
-    ds = DoublyStochastic(named_params(mlp()))
+    net = mlp()
+    ds = DoublyStochastic(named_params(net))
+    # Built: the state is empty (as torch's distributed checkpoint expects); the Sinkhorn statistics follow the first step.
+    assert not ds.state and set(ds.constraint_report()["2.weight"]) == {"constraint"}
+    X, y = data()
+    nn.functional.cross_entropy(net(X), y).backward()
+    ds.step()
     entry = ds.constraint_report()["2.weight"]
     assert {"constraint", "inner_iterations", "inner_residual"} <= set(entry)
 

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_spectral.optim import Muon, optimizer_entries
-from lightning_spectral.optim.distributed import _plain_matrices, deal
+from lightning_spectral.optim.distributed import _split_matrices, deal
 
 # Every registry entry in each of its configurations ("name:variant"), on four matrices of shapes it takes.
 CASES = [(f"{entry.name}:{variant}", entry) for entry in optimizer_entries() for variant, _ in entry.configurations()]
@@ -126,7 +126,7 @@ def _run(distribute: bool, shapes, build, steps: int = STEPS, resume_at: int | N
             opt.step()
         del opt._matrix_step
     split = getattr(opt, "_work_split", None)
-    owners = dict(zip(_plain_matrices(opt), split[1])) if split else {}
+    owners = dict(zip(_split_matrices(opt), split[1])) if split else {}
     foreign = sum(1 for p, owner in owners.items() if owner != dist.get_rank() and opt.state.get(p))
     return dict(weights=[p.detach().clone() for p in params], state=_clone_state(opt.state_dict()),
                 report=opt.constraint_report(), calls=sum(calls) // steps, foreign=foreign, gathers=wire.gathers,

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_spectral.optim import Muon
-from lightning_spectral.optim.distributed import EVERY_RANK, _plain_matrices
+from lightning_spectral.optim.distributed import EVERY_RANK, _split_matrices
 from lightning_spectral.optim.split_cost import LatencyModel, ns_flops
 
 F32 = "torch.float32"
@@ -112,7 +112,7 @@ def _run(distribute, resume: bool = False):
             dist.all_gather_into_tensor = inner
     split = getattr(opt, "_work_split", None)
     owners = list(split[1]) if split else []
-    held = [bool(opt.state.get(p)) for p in _plain_matrices(opt)]
+    held = [bool(opt.state.get(p)) for p in _split_matrices(opt)]
     state = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
              for k, s in opt.state_dict()["state"].items()}
     return dict(weights=[p.detach().clone() for p in params], owners=owners, held=held, state=state,

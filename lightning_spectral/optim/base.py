@@ -10,10 +10,12 @@ non-finite gradient before touching any weight, then updates every group: one
 State is only tensors and plain Python values in ``self.state[p]``, so ``state_dict()`` loads
 with ``torch.load(weights_only=True)``.
 
-Under ``torch.distributed`` the matrix work is split across the ranks, and parameters sharded
-as ``DTensor`` (FSDP2) take their matrix step on whole matrices: :mod:`.distributed`, which
-runs :meth:`MatrixOptimizer._matrix_step` where each matrix's update is computed. The fallback
-steps run on every rank (on the shards of a sharded parameter).
+A matrix rule comes in three parts (:meth:`MatrixOptimizer._pre_step` elementwise,
+:meth:`MatrixOptimizer._whole_step` on whole matrices, :meth:`MatrixOptimizer._apply_step`
+elementwise). Under ``torch.distributed`` the matrix work is split across the ranks
+(:mod:`.distributed`): each matrix's whole step runs on one rank, on plain parameters (DDP) and on
+parameters sharded as ``DTensor`` (FSDP2), whose elementwise parts run on their shards. The
+fallback steps run on every rank (on the shards of a sharded parameter).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
 from .constrained.geometry.base import record_inner
+from .linalg import as_matrix
 from .param_groups import MATRIX_KEY, USE_MUON_KEY, named_group, split_group, warn_misrouted
 from .distributed import owner_values, step_matrices, whole_state
 from .sharded import is_sharded
@@ -215,8 +218,11 @@ def ema_momentum(state: dict, grad: torch.Tensor, beta: float, nesterov: bool) -
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base class: routes groups, runs the fallback, checks gradients, reports constraints.
 
-    Subclasses implement :meth:`_matrix_step` (and optionally :meth:`_constraint_distance`, and
-    :meth:`_state_shapes` for state tensors not shaped like their parameter).
+    Subclasses implement the matrix rule in three parts, :meth:`_pre_step`, :meth:`_whole_step`
+    and :meth:`_apply_step` (with :attr:`_elementwise_state`, :meth:`_needs_weight`), or
+    :meth:`_matrix_step` itself (then a sharded matrix is stepped whole on every rank); optionally
+    :meth:`_constraint_distance`, and :meth:`_state_shapes` for state tensors not shaped like
+    their parameter.
 
     Every group is routed when it is added, at construction or later through
     :meth:`add_param_group` alike (:func:`~lightning_spectral.optim.param_groups.split_group`):
@@ -487,9 +493,75 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # Split the matrix work across the ranks of torch.distributed (:mod:`.distributed`); ``False``
     # repeats it on every rank.
     distribute_work = True
+    # The dtype the whole steps' results return to the shards' ranks in under FSDP2 (``None``: their
+    # own; ``torch.bfloat16`` halves the bytes, each update entry rounded to nearest, :mod:`.distributed`).
+    communication_dtype: Optional[torch.dtype] = None
+
+    # -- the matrix rule in three parts -----------------------------------------------------
+    # A subclass implements :meth:`_pre_step`, :meth:`_whole_step` and :meth:`_apply_step` (or
+    # overrides :meth:`_matrix_step` itself). :meth:`_matrix_step` runs the three in one process;
+    # under FSDP2 (:mod:`.distributed`) the two elementwise parts run on every rank's shards and
+    # the whole-matrix part once per matrix, on its owner, from an all-to-all of the shards.
+
+    # The state keys :meth:`_pre_step` reads and writes: shaped like the parameter (kept sharded as
+    # the parameter is) or plain values every rank keeps alike. Every other key is the whole-matrix
+    # part's (a dual, singular vectors, a solver's warm start), kept by the matrix's owner only.
+    _elementwise_state: tuple[str, ...] = ("momentum_buffer",)
+
+    def _pre_step(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        """Elementwise (``p``, ``grad`` and ``state``'s tensors may be the same shard of each):
+        update the momentum-like state, return the matrix (``p``'s shape) the whole step takes."""
+        raise NotImplementedError
+
+    def _needs_weight(self, group: dict[str, Any]) -> bool:
+        """Whether :meth:`_whole_step` reads the weights (a tangent space or a retraction at ``W``)."""
+        return False
+
+    def _needs_whole(self, group: dict[str, Any]) -> bool:
+        """``False`` where the whole step is the identity (an unbudgeted step): nothing is gathered."""
+        return True
+
+    def _whole_step(self, group: dict[str, Any], W: Optional[torch.Tensor], M: torch.Tensor,
+                    states: list[dict]) -> torch.Tensor:
+        """The part of the rule that needs whole matrices, on a stack of ``k`` same-shaped ones:
+        ``M`` (``k × m × n``) from :meth:`_pre_step`, the weights ``W`` (same shape, ``None``
+        unless :meth:`_needs_weight`), ``states[i]`` matrix ``i``'s whole-matrix state (every key
+        but :attr:`_elementwise_state`). Returns the ``k`` results :meth:`_apply_step` takes."""
+        raise NotImplementedError
+
+    def _apply_step(self, group: dict[str, Any], p: torch.Tensor, result: torch.Tensor, shape: torch.Size) -> None:
+        """Elementwise: update ``p`` (a shard of a matrix of ``shape``, or the matrix) from its
+        (shard of the) result."""
+        raise NotImplementedError
+
+    def _whole_with_state(self, group: dict[str, Any], W: Optional[torch.Tensor], M: torch.Tensor,
+                          states: list[dict]) -> torch.Tensor:
+        """:meth:`_whole_step` on the whole-matrix part of each of ``states`` (full state dicts),
+        written back: keys it added, replaced or deleted."""
+        views = [{k: v for k, v in st.items() if k not in self._elementwise_state} for st in states]
+        result = self._whole_step(group, W, M, views)
+        for st, view in zip(states, views):
+            for key in [k for k in st if k not in self._elementwise_state and k not in view]:
+                del st[key]
+            st.update(view)
+        return result
 
     def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        raise NotImplementedError
+        """One process's step of a matrix group's ``params``: :meth:`_pre_step` of each, then
+        :meth:`_whole_step` once per stack of same-shaped matrices, then :meth:`_apply_step`."""
+        batches: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in params:
+            M = as_matrix(self._pre_step(group, p, p.grad, self.state[p]))
+            batches.setdefault((M.shape, M.dtype, M.device), []).append((p, M))
+        whole = self._needs_whole(group)
+        for items in batches.values():
+            members = [p for p, _ in items]
+            results = [M for _, M in items]
+            if whole:
+                W = torch.stack([as_matrix(p) for p in members]) if self._needs_weight(group) else None
+                results = self._whole_with_state(group, W, torch.stack(results), [self.state[p] for p in members])
+            for p, result in zip(members, results):
+                self._apply_step(group, p, result, p.shape)
 
     def _fallback_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         grads = [p.grad for p in params]

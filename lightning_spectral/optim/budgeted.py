@@ -51,16 +51,30 @@ class BudgetedOptimizer(MatrixOptimizer):
             budget = budget * float(group["lr"]) / float(group["initial_lr"])
         return budget
 
+    # The step in the three parts of MatrixOptimizer: the base rule elementwise (_pre_step gives
+    # its raw step Δ), the solver on the whole matrix, the step added elementwise.
+    def _needs_whole(self, group: dict[str, Any]) -> bool:
+        return self.budget(group) is not None
+
+    def _needs_weight(self, group: dict[str, Any]) -> bool:
+        return self.inner_solver.tangent  # the tangent space at W
+
+    def _whole_step(self, group: dict[str, Any], W: Optional[torch.Tensor], M: torch.Tensor,
+                    states: list[dict]) -> torch.Tensor:
+        """The solver's step for each raw step ``M[i]``, one matrix at a time (without tangency the
+        solver does not read ``W``: ``M[i]`` stands in for it)."""
+        return torch.stack([self._constrain(group, M[i] if W is None else W[i], M[i], states[i])
+                            for i in range(M.shape[0])])
+
+    def _apply_step(self, group: dict[str, Any], p: torch.Tensor, result: torch.Tensor, shape: torch.Size) -> None:
+        p.add_(result.reshape(p.shape))
+
     # Run eagerly under torch.compile: the solvers read norms back to the host (graph breaks), and
     # torch 2.14's dynamo resumes such a break inside this call with another parameter's tensors
     # (measured: 'W and delta must have the same shape' at the second compiled step).
     @torch.compiler.disable
-    def _constrain(self, group: dict[str, Any], p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        budget = self.budget(group)
-        if budget is None:
-            return delta
-        state = self.state[p]
-        step = self.inner_solver(p, delta, budget, state=state)
+    def _constrain(self, group: dict[str, Any], W: torch.Tensor, delta: torch.Tensor, state: dict) -> torch.Tensor:
+        step = self.inner_solver(W, delta, self.budget(group), state=state)
         info = self.inner_solver.last_info
         record_inner(state, info.iterations, info.tangent_residual)
         return step
@@ -117,19 +131,18 @@ class MuonSGD(BudgetedOptimizer):
                         nesterov=nesterov, dampening=dampening, budget_follows_lr=budget_follows_lr)
         super().__init__(params, defaults, inner_solver, **kwargs)
 
-    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _pre_step(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        """The SGD step ``Δ = −lr·d`` (``p``, ``grad`` and the buffer may be shards)."""
         mu, wd = group["momentum"], group["weight_decay"]
-        for p in params:
-            d = p.grad.add(p, alpha=wd) if wd else p.grad
-            if mu:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(mu).add_(d, alpha=1.0 - group["dampening"])
-                d = d.add(buf, alpha=mu) if group["nesterov"] else buf
-            p.add_(self._constrain(group, p, d.mul(-group["lr"])))
+        d = grad.add(p, alpha=wd) if wd else grad
+        if mu:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d.clone()
+            else:
+                buf.mul_(mu).add_(d, alpha=1.0 - group["dampening"])
+            d = d.add(buf, alpha=mu) if group["nesterov"] else buf
+        return d.mul(-group["lr"])
 
 
 class MuonAdamW(BudgetedOptimizer):
@@ -162,21 +175,22 @@ class MuonAdamW(BudgetedOptimizer):
                         spectral_budget=spectral_budget, budget_follows_lr=budget_follows_lr)
         super().__init__(params, defaults, inner_solver, **kwargs)
 
-    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    _elementwise_state = ("step", "exp_avg", "exp_avg_sq")
+
+    def _pre_step(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        """The moments, the decoupled decay of ``p``, and the AdamW step ``Δ`` (elementwise)."""
         beta1, beta2 = group["betas"]
         lr = group["lr"]
-        for p in params:
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = float(state["step"])
-            state["exp_avg"].lerp_(p.grad, 1.0 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
-            denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
-            delta = state["exp_avg"].div(denom).mul_(-lr / (1.0 - beta1**t))
-            if group["weight_decay"]:
-                p.mul_(1.0 - lr * group["weight_decay"])
-            p.add_(self._constrain(group, p, delta))
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = float(state["step"])
+        state["exp_avg"].lerp_(grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (state["exp_avg_sq"] / (1.0 - beta2**t)).sqrt_().add_(group["eps"])
+        delta = state["exp_avg"].div(denom).mul_(-lr / (1.0 - beta1**t))
+        if group["weight_decay"]:
+            p.mul_(1.0 - lr * group["weight_decay"])  # before the solver: its W is the decayed one
+        return delta

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from .base import LR_ADJUSTMENTS, MatrixOptimizer, check_positive, check_unit_interval, ema_momentum, lr_scale
-from .linalg import as_matrix
 from .msign import SCHEDULES, check_schedule, msign, resolve_dtype
 from .param_groups import MATRIX_KEY
 
@@ -104,38 +102,28 @@ class Muon(MatrixOptimizer):
             check_ns_steps(group.get("ns_schedule", self.defaults["ns_schedule"]),
                            group.get("ns_steps", self.defaults["ns_steps"]))
 
-    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for p in params:
-            matrix = as_matrix(self._momentum_update(group, self.state[p], p.grad))
-            by_shape[matrix.shape].append((p, matrix))
-        for items in by_shape.values():
-            stacked = items[0][1] if len(items) == 1 else torch.stack([m for _, m in items])
-            ortho = self._direction(group, stacked)
-            for i, (p, _) in enumerate(items):
-                self._apply_direction(group, p, ortho if len(items) == 1 else ortho[i], p.shape)
-
-    # The three parts of the step, so that a sharded matrix's elementwise parts run on its shards
-    # and only its direction on the whole matrix (:mod:`.distributed`).
-    def _momentum_update(self, group: dict[str, Any], state: dict, grad: torch.Tensor) -> torch.Tensor:
-        """The matrix msign is taken of (elementwise: a shard's is the shard of the whole's)."""
+    # The step in the three parts of MatrixOptimizer (the momentum and the update elementwise, msign
+    # of the whole matrix), so that under FSDP2 only msign needs whole matrices (:mod:`.distributed`).
+    def _pre_step(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        """The matrix msign is taken of: the (Nesterov) EMA momentum."""
         return ema_momentum(state, grad, group["momentum"], group["nesterov"])
 
-    def _direction(self, group: dict[str, Any], matrices: torch.Tensor) -> torch.Tensor:
-        """``msign`` of a matrix or a stack of same-shaped ones."""
-        dtype = resolve_dtype(group["ns_dtype"], matrices.device)
-        return msign(matrices, group["ns_steps"], schedule_of(group), dtype=dtype, eps=group["eps"])
+    def _whole_step(self, group: dict[str, Any], W: Optional[torch.Tensor], M: torch.Tensor,
+                    states: list[dict]) -> torch.Tensor:
+        """``msign`` of a stack of same-shaped matrices, in one batched chain (one alone unbatched)."""
+        dtype = resolve_dtype(group["ns_dtype"], M.device)
+        single = M.shape[0] == 1
+        ortho = msign(M[0] if single else M, group["ns_steps"], schedule_of(group), dtype=dtype, eps=group["eps"])
+        return ortho[None] if single else ortho
 
-    def _apply_direction(self, group: dict[str, Any], p: torch.Tensor, direction: torch.Tensor,
-                         shape: torch.Size) -> None:
-        """``p ← (1 − lr·wd) p − lr·s(shape)·direction`` (elementwise: ``p`` may be a shard of a
-        matrix of ``shape``, ``direction`` the same shard of the whole's)."""
+    def _apply_step(self, group: dict[str, Any], p: torch.Tensor, result: torch.Tensor, shape: torch.Size) -> None:
+        """``p ← (1 − lr·wd) p − lr·s(shape)·msign(m)`` (``p`` may be a shard, ``result`` the same shard)."""
         decay = 1.0 - group["lr"] * group["weight_decay"]
         if decay != 1.0:
             p.mul_(decay)
         # sub_, not add_(alpha=-step): torch 2.14's inductor fuses add(p, A @ B, alpha=a) into an
         # addmm that drops alpha (measured: a wide matrix's compiled step was -1/lr times eager's).
-        p.sub_(direction.reshape(p.shape), alpha=group["lr"] * lr_scale(shape, group["adjust_lr"]))
+        p.sub_(result.reshape(p.shape), alpha=group["lr"] * lr_scale(shape, group["adjust_lr"]))
 
 
 def torch_muon_state_dict(optimizer: Muon) -> dict[str, Any]:

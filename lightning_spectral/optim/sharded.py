@@ -1,19 +1,20 @@
 """Matrix steps on parameters sharded as ``DTensor`` (FSDP2 ``fully_shard``, Lightning's
-``ModelParallelStrategy``).
+``ModelParallelStrategy``) taken on the gathered full matrix.
 
 msign, the retractions and the spectral constraints are functions of the whole matrix, not of
-its rows or columns: the update of a shard is not computed from the shard alone. So the step of
-a sharded matrix runs on the full matrix, one matrix at a time: every rank of its mesh gathers
-the full gradient, weight and optimizer state (``DTensor.full_tensor``, an all-gather), runs the
+its rows or columns. Where the optimizer's rule comes in three parts and the parameter is
+sharded on one dimension of a 1-D mesh, :mod:`.distributed` steps each matrix once, on its
+owner, from an all-to-all of the shards. Elsewhere (a rule that overrides ``_matrix_step``, a
+2-D mesh, ``distribute_work = False``, and the projection onto a constraint set when an
+optimizer is built) the step runs here, one matrix at a time: every rank of its mesh gathers the
+full gradient, weight and optimizer state (``DTensor.full_tensor``, an all-gather), runs the
 optimizer's own matrix rule on these plain tensors, and keeps only its shard of the results
-(local slicing by the placements, no communication). Every rank computes the same update (the
-same inputs and kernels), so the work is repeated on each rank rather than split as under DDP.
+(local slicing by the placements, no communication): the same update on every rank, repeated.
 
-Memory per rank: the state shaped like the parameter (momentum, Adam moments) stays sharded, a
-``DTensor`` with the parameter's placements (``1/world`` of DDP's); other state tensors (a
-``k × k`` dual, singular vectors, step counters) and plain values are kept whole on every rank;
-the transient buffers are the full weight, gradient and state of one matrix at a time.
-Elementwise rules (the AdamW/SGD fallback) run on the shards directly.
+State shaped like the parameter (momentum, Adam moments) stays sharded, a ``DTensor`` with the
+parameter's placements (``1/world`` of DDP's); other state tensors and plain values are kept
+whole on every rank; the transient buffers are the full weight, gradient and state of one
+matrix at a time. Elementwise rules (the AdamW/SGD fallback) run on the shards directly.
 """
 
 from __future__ import annotations

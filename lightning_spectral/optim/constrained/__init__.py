@@ -3,7 +3,8 @@
 :class:`~.dual.SpectralBall`, whose directions solve a convex dual (:mod:`.directions`), in
 :mod:`.dual`; the seven others, Riemannian / msign / mirror steps, in :mod:`.riemannian`.
 
-Every step of every one of them (:meth:`~.skeleton.GeometricOptimizer._matrix_step`) is
+Every step of every one of them (:class:`~.skeleton.GeometricOptimizer`: the momentum its
+elementwise part, direction and retraction its whole-matrix part) is
 
 1. momentum: ``M`` = EMA of the Euclidean gradient (``momentum=0``: the gradient itself);
 2. direction: ``D`` from ``M`` at the current point ``X``, by the binding's rule;

@@ -191,18 +191,16 @@ class SpectralBall(GeometricOptimizer):
     def radius(group: dict[str, Any], p: torch.Tensor) -> float:
         return SpectralBall.geometry(group).radius(as_matrix(p).shape)
 
-    def _matrix_step(self, group, params):
+    def _whole_step(self, group, W, M, states):
         # The top singular pair of each matrix is found at its first step, not when the optimizer
         # is built: an optimizer whose state is empty until it steps is what torch's distributed
         # checkpoint expects (it reads a non-empty state as initialised and then creates no state
         # for the fallback parameters before loading). The weights are on the sphere since then.
-        for p in params:
-            state = self.state[p]
+        for i, state in enumerate(states):
             if "u" not in state:
-                X = self.geometry(group).view(as_matrix(p).float())
-                _, u, v = top_singular_pair(X)
+                _, u, v = top_singular_pair(self.geometry(group).view(W[i].float()))
                 state.update(u=u.clone(), v=v.clone(), dual=0.0)  # not views of the SVD's factors (saved whole)
-        super()._matrix_step(group, params)
+        return super()._whole_step(group, W, M, states)
 
     # λ is a float per matrix in the state; a stack carries the stack's λ as one tensor.
     _per_matrix_values = ("dual",)

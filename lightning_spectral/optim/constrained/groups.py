@@ -121,7 +121,9 @@ class ConstrainedGroups(MatrixOptimizer):
                 X = geometry.view(W)
                 if not geometry.contains(X, ON_CONSTRAINT_TOL):
                     try:
-                        X = geometry.project(X, self.state[p])
+                        # (no inner statistics kept: a fresh optimizer's state stays empty, which torch's
+                        # distributed checkpoint reads as not initialised, and so initialises it before loading)
+                        X = geometry.project(X)
                     except ValueError as error:
                         raise ValueError(f"{type(self).__name__}: {self.param_name(index, i)}: {error}") from None
                     p.copy_(geometry.unview(X, W.shape).view_as(p))

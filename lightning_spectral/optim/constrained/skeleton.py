@@ -81,28 +81,45 @@ class GeometricOptimizer(ConstrainedGroups):
     def _step_size(self, group: dict[str, Any], geometry: geo.Geometry, p: torch.Tensor) -> float:
         return group["lr"]
 
-    # -- the skeleton ---------------------------------------------------------------------
-    def _matrix_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    # -- the skeleton: the matrix rule in MatrixOptimizer's three parts ---------------------
+    # (the momentum elementwise; direction and retraction on the whole matrix, which returns the
+    # new weights; the copy elementwise), so that under FSDP2 each matrix is stepped once, on its owner.
+    def _pre_step(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        return ema_momentum(state, grad, group["momentum"], group["nesterov"])
+
+    def _needs_weight(self, group: dict[str, Any]) -> bool:
+        return True
+
+    # The whole step's results are the new weights, not an update (see :mod:`..distributed`).
+    _result_is_weight = True
+
+    def _whole_step(self, group: dict[str, Any], W: Optional[torch.Tensor], M: torch.Tensor,
+                    states: list[dict]) -> torch.Tensor:
+        """Direction and retraction of each matrix, same-shaped ones with equal :meth:`_batch_key`
+        as one stack; returns the new weights (float32)."""
         geometry = self.geometry(group)
-        batches: dict[Any, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for p in params:
-            state = self.state[p]
-            G = as_matrix(ema_momentum(state, p.grad, group["momentum"], group["nesterov"])).float()
-            if self._scale_free_direction:
-                G = power_of_two_scaled(G)
-            key = self._batch_key(group, geometry, p, state)
-            batches.setdefault(id(p) if key is None else key, []).append((p, G))
-        for items in batches.values():
-            if len(items) == 1:
-                p, G = items[0]
-                state = self.state[p]
-                W = as_matrix(p).float()
-                X = geometry.view(W)
-                D = self._direction(group, geometry, X, geometry.view(G), state)
-                X = geometry.retract(X, D, self._step_size(group, geometry, p), state)
-                p.copy_(geometry.unview(X, W.shape).view_as(p))
+        batches: dict[Any, list[int]] = {}
+        Gs = []
+        for i, state in enumerate(states):
+            G = M[i].float()
+            Gs.append(power_of_two_scaled(G) if self._scale_free_direction else G)
+            key = self._batch_key(group, geometry, W[i], state)
+            batches.setdefault(("alone", i) if key is None else key, []).append(i)
+        out = torch.empty(W.shape, dtype=torch.float32, device=W.device)
+        for members in batches.values():
+            if len(members) == 1:
+                i = members[0]
+                X = geometry.view(W[i].float())
+                D = self._direction(group, geometry, X, geometry.view(Gs[i]), states[i])
+                X = geometry.retract(X, D, self._step_size(group, geometry, W[i]), states[i])
+                out[i] = geometry.unview(X, W[i].shape)
             else:
-                self._batched_step(group, geometry, items)
+                out[members] = self._batched_step(group, geometry, W[members].float(),
+                                                  torch.stack([Gs[i] for i in members]), [states[i] for i in members])
+        return out
+
+    def _apply_step(self, group: dict[str, Any], p: torch.Tensor, result: torch.Tensor, shape: torch.Size) -> None:
+        p.copy_(result.reshape(p.shape))
 
     def _batch_key(self, group: dict[str, Any], geometry: geo.Geometry, p: torch.Tensor, state: dict) -> Any:
         """Matrices with equal keys are stepped together as one stack; ``None``: alone. The
@@ -127,18 +144,14 @@ class GeometricOptimizer(ConstrainedGroups):
     # a tensor, and writes them back as floats, rather than splitting the batch by their value.
     _per_matrix_values: tuple[str, ...] = ()
 
-    def _batched_step(self, group: dict[str, Any], geometry: geo.Geometry,
-                      items: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """The step of same-shaped matrices as one stack: ``W``, ``G`` and every state tensor
-        stacked along a new first dimension, the binding's direction and the geometry's
-        retraction run once on the stack, then weights and state written back per matrix with
-        the keys, shapes and types a step of each matrix alone leaves (plain values that came
-        back as a tensor over the stack, and per-matrix flags, as Python numbers: one host
-        sync per such key)."""
-        params = [p for p, _ in items]
-        states = [self.state[p] for p in params]
-        W = torch.stack([as_matrix(p).float() for p in params])
-        G = torch.stack([G for _, G in items])
+    def _batched_step(self, group: dict[str, Any], geometry: geo.Geometry, W: torch.Tensor, G: torch.Tensor,
+                      states: list[dict]) -> torch.Tensor:
+        """The step of same-shaped matrices as one stack (``W``, ``G`` and every state tensor
+        stacked along a new first dimension): the binding's direction and the geometry's
+        retraction run once on the stack, the state written back per matrix with the keys, shapes
+        and types a step of each matrix alone leaves (plain values that came back as a tensor over
+        the stack, and per-matrix flags, as Python numbers: one host sync per such key). Returns
+        the stack of new weights."""
         plain = {key for key, value in states[0].items() if not isinstance(value, torch.Tensor)}
         stacked: dict[str, Any] = {}
         for key, value in states[0].items():
@@ -150,9 +163,7 @@ class GeometricOptimizer(ConstrainedGroups):
                 stacked[key] = value
         versions = {key: (value, value._version) for key, value in stacked.items() if isinstance(value, torch.Tensor)}
         D = self._direction(group, geometry, W, G, stacked)
-        X = geometry.retract(W, D, self._step_size(group, geometry, params[0]), stacked)
-        for i, p in enumerate(params):
-            p.copy_(X[i].view_as(p))
+        X = geometry.retract(W, D, self._step_size(group, geometry, W[0]), stacked)
 
         def untouched(key: str, value: Any) -> bool:
             """A stack neither replaced nor written to in place (e.g. the momentum): no write-back."""
@@ -175,6 +186,7 @@ class GeometricOptimizer(ConstrainedGroups):
                     _write(state, key, value[i])
                 else:
                     state[key] = value
+        return X
 
     @torch.no_grad()
     def _constraint_distance(self, group, p, state) -> Optional[float]:
