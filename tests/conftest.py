@@ -20,6 +20,21 @@ from lightning_spectral.cli import SpectralCLI, cli_main
 QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
 
 
+class OverflowAtSecondStep(torch.optim.SGD):
+    """SGD whose second step leaves a weight infinite, its gradients finite (an update that overflows).
+    Shared by the failure and precision tests (``from conftest import OverflowAtSecondStep``)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        out = super().step(closure)
+        if self.calls == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One BLAS thread for modules of tiny-matrix tests: faster, and immune to a loaded machine."""

@@ -143,6 +143,7 @@ from lightning_spectral.data import DigitsDataModule  # noqa: E402
 from lightning_spectral.launch import MainPortInUseError  # noqa: E402
 from lightning_spectral.experiments.spec import StudySpecError, expand, load_study  # noqa: E402
 from lightning_spectral.models import SmallCNN  # noqa: E402
+from conftest import OverflowAtSecondStep  # noqa: E402
 from lightning_spectral.module import CheckpointMismatchError, CosineSchedule, SpectralModule  # noqa: E402
 
 
@@ -286,24 +287,10 @@ def _poisoned_save(ctx) -> None:
     fit.save_checkpoint(ctx.tmp / "poisoned.ckpt")
 
 
-class _OverflowAtSecondStep(torch.optim.SGD):
-    """SGD whose second step leaves a weight infinite, its gradients finite (an update that overflows)."""
-
-    calls = 0
-
-    def step(self, closure=None):
-        self.calls += 1
-        out = super().step(closure)
-        if self.calls == 2:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("inf"))
-        return out
-
-
 def _overflow_mid_epoch(ctx) -> None:
     """Found at the next step's check, not taken for a non-finite loss to skip: before, two
     skipped steps stopped the run as 'non-finite loss', the weights called 'those before it'."""
-    model = module(optimizer=lambda p: _OverflowAtSecondStep(p, lr=0.1), nonfinite="skip", max_consecutive_skips=2)
+    model = module(optimizer=lambda p: OverflowAtSecondStep(p, lr=0.1), nonfinite="skip", max_consecutive_skips=2)
     try:
         trainer(ctx, limit_train_batches=6, limit_val_batches=0).fit(model, DigitsDataModule(batch_size=32))
     finally:
@@ -632,24 +619,21 @@ ROWS = [
                                                                 str(_write(c, "evil.yaml", yaml.safe_dump(
                                                                     {"model": {"init_args": {"optimizer": OS_SYSTEM}}})))),
         CLIError, ("'os.system' is a built-in function, not a class", "register_config_function")),
-    Row("config-optimizer-os-system-command-line", lambda c: _cli_error(
-        c, "fit", "--config", str(QUICKSTART), f"--model.init_args.optimizer={json.dumps(OS_SYSTEM)}"),
-        CLIError, ("'os.system' is a built-in function, not a class",)),
-    Row("config-optimizer-returns-optimizer", lambda c: _cli_error(
-        c, "fit", "--config", str(QUICKSTART), "--model.init_args.optimizer=ls_payload.sgd"),
-        CLIError, ("'ls_payload.sgd' is a function, not a class", "may name any class of the kind its key expects")),
-    Row("config-scheduler-os-system", lambda c: _cli_error(
-        c, "fit", "--config", str(QUICKSTART), f"--model.init_args.scheduler={json.dumps(OS_SYSTEM)}"),
-        CLIError, ("'os.system' is a built-in function, not a class",)),
-    Row("config-scheduler-function", lambda c: _cli_error(
-        c, "fit", "--config", str(QUICKSTART), "--model.init_args.scheduler=ls_payload.scheduler"),
-        CLIError, ("'ls_payload.scheduler' is a function, not a class",)),
-    Row("config-net-function", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART),
-                                                    "--model.init_args.net=ls_payload.net"),
-        CLIError, ("'ls_payload.net' is a function, not a class",)),
-    Row("config-callback-function", lambda c: _cli_error(c, "fit", "--config", str(QUICKSTART),
-                                                         "--trainer.callbacks+=ls_payload.callback"),
-        CLIError, ("'ls_payload.callback' is a function, not a class",)),
+    # A function named on the command line where a class goes, refused before it runs:
+    # (row id, key, value; None: os.system as a class_path dict)
+    *(Row(row_id, lambda c, key=key, value=value: _cli_error(c, "fit", "--config", str(QUICKSTART),
+                                                            f"{key}={value or json.dumps(OS_SYSTEM)}"),
+          CLIError, (f"'{value}' is a function, not a class" if value else
+                     "'os.system' is a built-in function, not a class", *more))
+      for row_id, key, value, more in [
+          ("config-optimizer-os-system-command-line", "--model.init_args.optimizer", None, ()),
+          ("config-optimizer-returns-optimizer", "--model.init_args.optimizer", "ls_payload.sgd",
+           ("may name any class of the kind its key expects",)),
+          ("config-scheduler-os-system", "--model.init_args.scheduler", None, ()),
+          ("config-scheduler-function", "--model.init_args.scheduler", "ls_payload.scheduler", ()),
+          ("config-net-function", "--model.init_args.net", "ls_payload.net", ()),
+          ("config-callback-function", "--trainer.callbacks+", "ls_payload.callback", ()),
+      ]),
     Row("study-variant-os-system", lambda c: _study_run_error(c, {"model.init_args.optimizer": OS_SYSTEM}),
         CLIError, ("'os.system' is a built-in function, not a class", "its config does not parse")),
     Row("study-variant-scheduler-os-system", lambda c: _study_run_error(c, {"model.init_args.scheduler": OS_SYSTEM}),

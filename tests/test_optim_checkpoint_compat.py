@@ -32,6 +32,14 @@ from make_optim_checkpoints import CASES, HERE, take_step, tiny_groups, tiny_mod
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+# The fourth step is the same float32 arithmetic done by two versions of the code, so they may differ
+# only by rounding in another summation order: about 30 products of 6 × 6 matrices per step (Newton-Schulz
+# iterations, retractions, the update), each rounding an entry by at most 6·eps of the magnitudes
+# involved (Higham, Accuracy and Stability of Numerical Algorithms, §3.5, γ_n). 64·eps per unit of the
+# largest weight allows a few eps per stage (the largest seen: 5.4 eps, SpectralBall and BlockStiefel); a
+# changed rule moves the weights by lr·|direction|, about 1e-2 here, 10^4 times more.
+ROUND_OFF = 64 * torch.finfo(torch.float32).eps
+
 
 def param_state_keys(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, set[str]]:
     index = {id(p): name for name, p in model.named_parameters()}
@@ -76,4 +84,5 @@ def test_old_checkpoint_loads_and_takes_the_same_next_step(name):
         expected.update(manifold_muon_reference(opt, model, saved["x"], saved["y"]))
     take_step(model, opt, saved["x"], saved["y"])
     for key, value in model.state_dict().items():
-        assert torch.allclose(value, expected[key], rtol=0, atol=1e-6), (name, key, (value - expected[key]).abs().max())
+        atol = ROUND_OFF * max(1.0, expected[key].abs().max().item())
+        assert torch.allclose(value, expected[key], rtol=0, atol=atol), (name, key, (value - expected[key]).abs().max())

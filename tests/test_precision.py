@@ -23,6 +23,8 @@ from lightning_spectral.models import MLP
 from lightning_spectral.module import NonFiniteStepError, SpectralModule
 from lightning_spectral.optim import optimizer_entries
 
+from conftest import OverflowAtSecondStep
+
 # Every optimizer of the registry in its test configuration (a new entry is covered here at once).
 ENTRIES = {entry.name: entry for entry in optimizer_entries()}
 OPTIMIZERS = {name: (lambda groups, e=entry: e.build(groups)) for name, entry in ENTRIES.items()}
@@ -104,26 +106,12 @@ def test_fp16_grad_scaler_path_skips_overflowing_steps(tmp_path: Path, name: str
     _check_constraint(module)
 
 
-class _OverflowAtSecondStep(torch.optim.SGD):
-    """SGD whose second step leaves a weight infinite, its gradients finite (an update that overflows)."""
-
-    calls = 0
-
-    def step(self, closure=None):
-        self.calls += 1
-        out = super().step(closure)
-        if self.calls == 2:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("inf"))
-        return out
-
-
 def test_fp16_grad_scaler_path_checks_the_weights_every_n_steps(tmp_path: Path) -> None:
     """Under the GradScaler (no check of the module's own before a step) the weights' device flag
     is read every weight_check_every steps: an overflow at step 2 stops the run at step 3 with
     weight_check_every=3, not at the end of the 45-batch epoch."""
     module = SpectralModule(MLP(num_classes=10, in_channels=1, image_size=8, hidden_sizes=[32, 32]), 10,
-                            optimizer=lambda p: _OverflowAtSecondStep(p, lr=0.1), scheduler=None)
+                            optimizer=lambda p: OverflowAtSecondStep(p, lr=0.1), scheduler=None)
     module.weight_check_every = 3
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
