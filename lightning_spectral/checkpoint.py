@@ -10,7 +10,9 @@
   CRC-32 of every record is checked first, so a truncated or bit-flipped file is named as such
   (torch's legacy format, which has no checksums, is accepted when whole).
   :class:`~lightning_spectral.module.SpectralModule` installs it on its trainer
-  (:func:`use_atomic_checkpoint_io`) unless a custom ``CheckpointIO`` is configured.
+  (:func:`use_atomic_checkpoint_io`) unless a custom ``CheckpointIO`` is configured; whichever
+  ``CheckpointIO`` reads or writes, the module refuses to resume from or to write a checkpoint
+  holding NaN or Inf (its ``on_load_checkpoint`` and ``on_save_checkpoint`` hooks).
 * :func:`validate_checkpoint` says why a file cannot be resumed from (``None`` if it can);
   :func:`resume_checkpoint` picks the checkpoint a study run resumes from: ``last.ckpt`` if it
   is valid and was written for the same config, else the newest valid one, else none (restart),
@@ -226,21 +228,38 @@ def load_checkpoint_safely(path: _PATH | BinaryIO, map_location: Any = None,
     ``allow_nonfinite`` (to inspect a poisoned checkpoint). Raises ``FileNotFoundError``,
     :class:`CorruptCheckpointError` or :class:`UnsafeCheckpointError` naming ``path``."""
     checkpoint = _deserialize(_checked_source(path), path, map_location)
-    entry = None if allow_nonfinite else nonfinite_entry(checkpoint)
-    if entry is not None:
-        local = local_path(path) if isinstance(path, (str, Path)) else None
-        siblings = sorted((p for p in local.parent.glob("*.ckpt") if p.name != local.name), key=_mtime,
-                          reverse=True) if local else []
-        earlier = last_good_checkpoint(siblings)
-        raise NonFiniteCheckpointError(
-            f"checkpoint {path} holds NaN or Inf in the {entry}: it was written after a non-finite step, and "
-            "training from it would make the weights NaN. "
-            + (f"The newest finite checkpoint beside it is {earlier}: resume from that one. " if earlier else "")
-            + "To load it anyway for inspection, pass allow_nonfinite=True (load_checkpoint_safely, "
-            "SpectralModule.load_from_checkpoint, or the trainer plugin "
-            "lightning_spectral.checkpoint.AtomicCheckpointIO(allow_nonfinite=True))."
-        )
+    if not allow_nonfinite:
+        refuse_nonfinite(checkpoint, path)
     return checkpoint
+
+
+def refuse_nonfinite(checkpoint: Any, path: Any) -> None:
+    """Raise :class:`NonFiniteCheckpointError` if the checkpoint ``checkpoint`` read from ``path``
+    holds NaN or Inf (:func:`nonfinite_entry`), naming the entry and the newest finite checkpoint
+    beside ``path`` (a local file)."""
+    entry = nonfinite_entry(checkpoint)
+    if entry is None:
+        return
+    local = local_path(path) if isinstance(path, (str, Path)) else None
+    siblings = sorted((p for p in local.parent.glob("*.ckpt") if p.name != local.name), key=_mtime,
+                      reverse=True) if local else []
+    earlier = last_good_checkpoint(siblings)
+    raise NonFiniteCheckpointError(
+        f"checkpoint {path} holds NaN or Inf in the {entry}: it was written after a non-finite step, and "
+        "training from it would make the weights NaN. "
+        + (f"The newest finite checkpoint beside it is {earlier}: resume from that one. " if earlier else "")
+        + "To load it anyway for inspection, pass allow_nonfinite=True (load_checkpoint_safely, "
+        "SpectralModule.load_from_checkpoint, or the trainer plugin "
+        "lightning_spectral.checkpoint.AtomicCheckpointIO(allow_nonfinite=True); a CheckpointIO of your own: "
+        "set its attribute allow_nonfinite = True)."
+    )
+
+
+def io_allows_nonfinite(checkpoint_io: Any) -> bool:
+    """Whether a checkpoint ``checkpoint_io`` loaded needs no check for NaN/Inf here: an
+    :class:`AtomicCheckpointIO` checked it itself (or was asked not to); any other ``CheckpointIO``
+    (the user's own) did not, unless its ``allow_nonfinite`` attribute is true."""
+    return isinstance(checkpoint_io, AtomicCheckpointIO) or bool(getattr(checkpoint_io, "allow_nonfinite", False))
 
 
 def nonfinite_entry(checkpoint: Any) -> Optional[str]:

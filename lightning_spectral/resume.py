@@ -8,6 +8,8 @@
 * another network, ``exclude``, head/embedding routing, optimizer or scheduler class than the
   checkpoint's, a missing, extra or reshaped weight, another number of parameter groups: refused
   with :class:`CheckpointMismatchError`, listing the differences;
+* NaN or Inf in a weight or an optimizer state: refused with
+  :class:`~lightning_spectral.checkpoint.NonFiniteCheckpointError`, whichever ``CheckpointIO`` read it;
 * changed optimizer hyperparameters (learning rate at the same point of its schedule, weight
   decay, budget, ...) and scheduler arguments: applied to the restored optimizer and scheduler,
   and listed in a warning.
@@ -28,7 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import lightning_spectral.optim as spectral_optim
-from lightning_spectral.checkpoint import last_good_checkpoint
+from lightning_spectral.checkpoint import io_allows_nonfinite, last_good_checkpoint, refuse_nonfinite
 from lightning_spectral.optim.param_groups import unsharded_class
 
 META_KEY = "spectral_module"  # the checkpoint entry of the classes and the skipped-step count
@@ -181,8 +183,12 @@ class ResumeCheck:
         self._overrides: list[tuple] = []  # (group index or None for the scheduler, name, key, checkpoint's, requested)
 
     def on_load_checkpoint(self, module: Any, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint that does not fit ``module``; keep what :meth:`on_optimizer` compares."""
+        """Refuse a checkpoint that does not fit ``module`` or holds NaN/Inf (read by a
+        ``CheckpointIO`` that did not check, :func:`~lightning_spectral.checkpoint.io_allows_nonfinite`);
+        keep what :meth:`on_optimizer` compares."""
         trainer = module.trainer
+        if not io_allows_nonfinite(trainer.strategy.checkpoint_io):
+            refuse_nonfinite(checkpoint, trainer.ckpt_path)
         fitting = trainer.state.fn == TrainerFn.FITTING
         problems = incompatibilities(module, checkpoint, fitting)
         if problems:

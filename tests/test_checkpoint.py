@@ -17,6 +17,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from lightning_spectral.checkpoint import (
     CONFIG_MARKER,
@@ -420,3 +421,51 @@ def test_module_installs_the_atomic_io_and_names_a_corrupt_ckpt_path(tmp_path: P
                       enable_model_summary=False, enable_checkpointing=False)
     with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {last} cannot be loaded"):
         trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
+
+
+class _PlainIO(CheckpointIO):
+    """A user's own CheckpointIO: plain torch.save / torch.load, no check of its own."""
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+        self.loaded: list[str] = []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.saved.append(str(path))
+        torch.save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        self.loaded.append(str(path))
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    def remove_checkpoint(self, path) -> None:
+        os.remove(path)
+
+
+def test_a_custom_checkpoint_io_neither_writes_nor_resumes_a_nonfinite_checkpoint(tmp_path: Path) -> None:
+    """With the user's own CheckpointIO (kept: not replaced by AtomicCheckpointIO), a NaN weight is
+    still refused at the write (the module's on_save_checkpoint) and a checkpoint with an Inf
+    momentum buffer still refuses the resume, naming it, before any weight is loaded (before, it
+    resumed through the user's IO and the first step made the weights non-finite);
+    ``allow_nonfinite = True`` on the IO lets it resume (forensics)."""
+    module, last = _fit_with_checkpoints(tmp_path / "ckpt")
+    _poison(last, "momentum")
+    io = _PlainIO()
+    kwargs = dict(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=0, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = Trainer(**kwargs, plugins=[io])
+    before = module.net.fc1.weight.detach().clone()
+    with pytest.raises(NonFiniteCheckpointError,
+                       match=f"last.ckpt holds NaN or Inf in the {NONFINITE_ENTRIES['momentum']}.*allow_nonfinite"):
+        trainer.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
+    assert io.loaded == [str(last)] and trainer.strategy.checkpoint_io is io  # the user's IO read it
+    assert torch.equal(module.net.fc1.weight, before)  # refused before the weights were loaded
+    with torch.no_grad():
+        module.net.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteStepError, match="refusing to write a checkpoint.*weight 'net.fc1.weight'"):
+        trainer.save_checkpoint(tmp_path / "poisoned.ckpt")
+    assert io.saved == [] and not (tmp_path / "poisoned.ckpt").exists()
+    io.allow_nonfinite = True
+    forensic = Trainer(**{**kwargs, "max_epochs": 2}, plugins=[io])  # resumed at the end of epoch 2: no step
+    forensic.fit(module, DigitsDataModule(batch_size=32), ckpt_path=last)
+    assert io.loaded == [str(last)] * 2
