@@ -2,7 +2,7 @@
 cost growth with n; many small matrices; ``torch.compile`` of Muon's msign chain.
 
     python -m benchmarks.real_gradients [--quick] [--models mlp,small_cnn,resnet18,gpt]
-                                        [--sections forms,growth,small,chains,budgeted,compile]
+                                        [--sections forms,growth,small,chains,amortized,budgeted,compile]
                                         [--out logs/bench_real.json] [--budget-s 600] [--threads 1]
 
 Capture: each network (seeded) trains for a few SGD steps (lr 0.01, momentum 0.9) on synthetic
@@ -551,6 +551,132 @@ def render_budgeted(sec: dict) -> str:
             + table(headers, rows))
 
 
+# -- the amortized constrained optimizers: time, host syncs, ops, accuracy -------------------------------
+AMORTIZED = ("Muon", "ManifoldMuon amortized", "SpectralBall amortized")
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "cpu", "tolist", "numpy")
+COUNTED_OPS = {"GEMM (mm/bmm/addmm/baddbmm)": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"),
+               "matrix-vector (mv/addmv)": ("aten::mv", "aten::addmv_", "aten::addmv"),
+               "eigh": ("aten::_linalg_eigh",), "svd": ("aten::_linalg_svd",)}
+
+
+def host_reads(fn: Callable[[], object]) -> int:
+    """Python-level reads of a tensor's value on the host during ``fn()`` (``item``, ``bool``, ``float``,
+    ``tolist``, ``cpu``, …): on a GPU each is a synchronisation."""
+    count = [0]
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            count[0] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    try:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, counting(original))
+        fn()
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+    return count[0]
+
+
+def op_counts(fn: Callable[[], object]) -> dict:
+    """Kernel calls of ``fn()`` by kind (:data:`COUNTED_OPS`), from ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = {e.key: e.count for e in prof.key_averages()}
+    return {kind: sum(events.get(name, 0) for name in names) for kind, names in COUNTED_OPS.items()}
+
+
+def _direction_accuracy(name: str, opt, params) -> dict:
+    """Certified accuracy of the direction each matrix would take next (its state copied, the
+    direction recomputed with ``certify=True``): the relative duality gap ``(dual − ⟨G, Φ⟩)/dual`` of
+    the feasible direction (Muon: ``‖G‖_*`` against ``⟨G, O⟩/‖O‖₂``), median and max over the
+    matrices, and the constraint error (Stiefel ``max |σᵢ(W) − 1|``, sphere ``|σ₁(W)/R − 1|``, by SVD)."""
+    from lightning_spectral.optim.constrained.directions import spectral_ball_direction, stiefel_amortized
+    from lightning_spectral.optim.msign import msign as chain, nuclear_norm
+
+    gaps, constraint = [], []
+    for p in params:
+        state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+        G = state.get("momentum_buffer", p.grad).reshape(p.shape[0], -1).float()
+        W = p.detach().reshape(p.shape[0], -1).float()
+        if name == "Muon":
+            O = chain(G, 5, "jordan")
+            gap = 1 - float((G * O).sum()) / float(torch.linalg.matrix_norm(O, ord=2)) / float(nuclear_norm(G))
+        elif name.startswith("ManifoldMuon"):
+            group = opt.param_groups[0]
+            _, info = stiefel_amortized(W, G, state, memory=group["dual_memory"], certify=True)
+            gap = info.duality_gap
+            constraint.append(float((torch.linalg.svdvals(W.double()) - 1).abs().max()))
+        else:
+            group = opt.param_groups[0]
+            _, _, info = spectral_ball_direction(G, state["u"], state["v"], float(state["dual"]), mode="amortized",
+                                                 dual_lr=group["dual_lr"], msign_steps=group["ns_steps"],
+                                                 schedule=group["ns_schedule"], certify=True)
+            gap = info.duality_gap
+            radius = opt.radius(group, p)
+            constraint.append(abs(float(torch.linalg.matrix_norm(W.double(), ord=2)) / radius - 1))
+        gaps.append(gap)
+    return {"gap_median": median(gaps), "gap_max": max(gaps),
+            "constraint_max": max(constraint) if constraint else None}
+
+
+def amortized_section(models: list[str], quick: bool, log, cache: Path = CACHE, rounds: int = 3,
+                      repeats: int = 2) -> dict:
+    """Our Muon, ManifoldMuon and SpectralBall amortized (defaults) on each model's captured
+    gradients: 3 warm-up steps, then ``rounds`` interleaved rounds, the median of the per-round
+    ratios to Muon, for each of ``repeats`` repeats (each repeat a fresh optimizer); beside it the
+    host reads of one steady step (:func:`host_reads`), its kernel counts (:func:`op_counts`) and the
+    certified accuracy of the next direction (:func:`_direction_accuracy`)."""
+    from lightning_spectral import optim as O
+
+    build = {"Muon": lambda ps: O.Muon(ps), "ManifoldMuon amortized": lambda ps: O.ManifoldMuon(ps, mode="amortized"),
+             "SpectralBall amortized": lambda ps: O.SpectralBall(ps, mode="amortized")}
+    out: dict = {"models": {}}
+    for model in models:
+        data = capture(model, quick, log=log, cache=cache)
+        weights, grads = data["weights"], data["grads"]
+        rows: dict = {name: {"ratio": [], "median_s": []} for name in AMORTIZED}
+        for repeat in range(repeats):
+            cases, opts = {}, {}
+            for name in AMORTIZED:
+                params = [torch.nn.Parameter(w.clone()) for w in weights]
+                opts[name] = (build[name](params), params)
+                cases[name] = step = _replay(opts[name][0], params, grads)
+                for _ in range(3):
+                    step()
+            timing = interleaved(cases, warmup=0, repeats=1 if quick else rounds)
+            for name, r in timing.items():
+                rows[name]["median_s"].append(r["median_s"])
+                rows[name]["ratio"].append(median([t / b for t, b in zip(r["times_s"], timing["Muon"]["times_s"])]))
+            if repeat == 0:
+                for name, (opt, params) in opts.items():
+                    rows[name]["host_reads"] = host_reads(cases[name])
+                    rows[name]["ops"] = op_counts(cases[name])
+                    rows[name].update(_direction_accuracy(name, opt, params))
+        out["models"][model] = {"matrices": len(weights), "rows": rows}
+        log(f"[amortized] {model}: " + ", ".join(f"{k} {v['ratio']} reads {v['host_reads']}" for k, v in rows.items()))
+    return out
+
+
+def render_amortized(sec: dict) -> str:
+    parts = []
+    for model, res in sec["models"].items():
+        body = []
+        for name, r in res["rows"].items():
+            body.append([name, r["median_s"][0] * 1e3, *r["ratio"], r["host_reads"], *r["ops"].values(),
+                         r["gap_median"], r["gap_max"], r["constraint_max"]])
+        reps = len(next(iter(res["rows"].values()))["ratio"])
+        headers = ["step", "ms", *[f"÷ Muon (repeat {i + 1})" for i in range(reps)], "host reads",
+                   *[f"{k} calls" for k in COUNTED_OPS], "certified gap, median", "max", "constraint error"]
+        parts.append(f"**{TITLES.get(model, model)}**, {res['matrices']} matrices\n\n" + table(headers, body))
+    return "\n\n".join(parts)
+
+
 # -- torch.compile ----------------------------------------------------------------------------------
 def compiled_chain(quick: bool, log, cache: Path = CACHE) -> dict:
     """Muon's msign chain (the stacked ResNet-18 gradients, Jordan 5 steps, auto method) under
@@ -587,7 +713,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     parser.add_argument("--sections", default="forms,growth,small,compile",
                         help="after the models: any of forms, growth, small, chains (the Newton–Schulz chains' "
-                             "time and accuracy, opt-in), budgeted (the inner solvers of MuonSGD on ResNet-18, "
+                             "time and accuracy, opt-in), amortized (Muon, ManifoldMuon and SpectralBall amortized: "
+                             "time, host reads, kernel counts, certified gap; opt-in), budgeted (the inner solvers of MuonSGD on ResNet-18, "
                              "opt-in: ~10 min), compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -625,6 +752,11 @@ def main(argv: list[str] | None = None) -> dict:
     if left() > 0 and "budgeted" in wanted:
         result["budgeted"] = budgeted_solvers(args.quick, log, Path(args.cache))
         md += ["The budgeted solvers at their certified gap:", render_budgeted(result["budgeted"])]
+    if left() > 0 and "amortized" in wanted:
+        amortized_models = [m for m in ("resnet18", "gpt") if m in args.models.split(",")] or ["resnet18", "gpt"]
+        result["amortized"] = amortized_section(amortized_models, args.quick, log, Path(args.cache))
+        md += ["The amortized constrained optimizers, time beside accuracy, host reads and kernel counts:",
+               render_amortized(result["amortized"])]
     if left() > 0 and "compile" in wanted and not args.no_compile:
         result["compile"] = c = compiled_chain(args.quick, log, Path(args.cache))
         md.append("torch.compile of Muon's msign chain on ResNet-18's gradients (CPU): " + (

@@ -44,6 +44,28 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+class HostSync(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Inside ``with no_host_sync():`` every Python-level way of reading a tensor's value on the host
+    (``item``, ``bool``/``float``/``int``/``index``, ``cpu``, ``tolist``, ``numpy``) raises: a CPU proxy
+    for a CUDA synchronisation (``torch.cuda.set_sync_debug_mode`` needs a device)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__float__", "__int__", "__index__", "cpu", "tolist", "numpy"):
+                m.setattr(torch.Tensor, name,
+                          lambda self, *a, _n=name, **k: (_ for _ in ()).throw(HostSync(f"host sync: {_n}")))
+            yield
+
+    return guard
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., SpectralCLI]:
     """``run_cli("fit", "--config", ...)`` runs the CLI quietly in ``tmp_path`` (relative ``logs/`` land there)."""

@@ -186,6 +186,31 @@ def test_real_gradient_benchmark_chains_and_budgeted_sections(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+def test_real_gradient_benchmark_amortized_section(tmp_path: Path) -> None:
+    """``--sections amortized --quick``: Muon, ManifoldMuon and SpectralBall amortized on both
+    models, two repeats of ratios to Muon, the host reads of a steady step (no more than Muon's:
+    its finite check), kernel counts, and each direction's certified gap and constraint error
+    beside them (measured ~65 s on the loaded 2-core machine)."""
+    out = tmp_path / "amortized.json"
+    cmd = [sys.executable, "-m", "benchmarks.real_gradients", "--quick", "--models", "", "--sections", "amortized",
+           "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    models = json.loads(out.read_text())["amortized"]["models"]
+    assert set(models) == {"resnet18", "gpt"}
+    for res in models.values():
+        rows = res["rows"]
+        assert set(rows) == {"Muon", "ManifoldMuon amortized", "SpectralBall amortized"}
+        for name, row in rows.items():
+            assert len(row["ratio"]) == 2 and all(r > 0 for r in row["ratio"]), name
+            assert row["host_reads"] <= rows["Muon"]["host_reads"], name
+            assert row["ops"]["GEMM (mm/bmm/addmm/baddbmm)"] > 0 and 0 <= row["gap_median"] <= row["gap_max"] <= 1
+        assert rows["ManifoldMuon amortized"]["constraint_max"] <= 1e-5
+        assert rows["ManifoldMuon amortized"]["ops"]["eigh"] > 0
+    assert "host reads" in proc.stdout
+
+
+@pytest.mark.slow
 def test_compiled_step_benchmark_quick(tmp_path: Path) -> None:
     """``benchmarks.compiled_step --quick --backend eager``: every row compiles, times and matches eager."""
     out = tmp_path / "compiled.json"

@@ -18,6 +18,7 @@ import torch
 
 from lightning_spectral.optim import msign_svd, spectral_ball_direction, stiefel_direction
 from lightning_spectral.optim.constrained.directions import orthogonal_direction, stiefel_amortized
+from lightning_spectral.optim.constrained.directions.stiefel import GRAM_FLOAT64_MAX_K
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -101,7 +102,8 @@ def test_stiefel_general_point_and_wide_transpose_relation():
 
 def decaying_case(shape, kind, seed):
     """A Stiefel point and a gradient with the spectra real gradients have: ``"gauss"``,
-    ``"power"`` (σᵢ = 1/i), ``"exp"`` (σᵢ = exp(−8i/k)) or ``"lowrank"`` (rank 4 plus small noise)."""
+    ``"power"`` (σᵢ = 1/i), ``"exp"`` (σᵢ = exp(−8i/k)), ``"exp16"`` (σᵢ = exp(−16i/k)) or
+    ``"lowrank"`` (rank 4 plus small noise)."""
     if kind == "gauss":
         return stiefel_case(shape, seed)
     g = torch.Generator().manual_seed(seed)
@@ -111,42 +113,48 @@ def decaying_case(shape, kind, seed):
     U = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))[0]
     i = torch.arange(1, k + 1, dtype=torch.float64)
-    sigma = {"power": 1 / i, "exp": torch.exp(-8 * i / k), "lowrank": (i <= 4).double()}[kind]
+    sigma = {"power": 1 / i, "exp": torch.exp(-8 * i / k), "exp16": torch.exp(-16 * i / k),
+             "lowrank": (i <= 4).double()}[kind]
     G = ((U * sigma) @ V.T).float()
     if kind == "lowrank":
         G = G + 0.05 * torch.randn(n, m, generator=g) / max(n, m) ** 0.5
     return W, G
 
 
-AMORTIZED_CALLS = 100  # measured: at most 74 calls (48×32 Gaussian), 3–30 on tall 128×64 / 576×128
-KINDS = ["gauss", "power", "exp", "lowrank"]
+AMORTIZED_CALLS = 100  # measured: at most 93 calls (32×48 Gaussian), 1 on squares, 17–35 on 128×64
+KINDS = ["gauss", "power", "exp", "exp16", "lowrank"]
 
 
-@pytest.mark.parametrize("shape", [(32, 32), (48, 32), (32, 48), (128, 64)])
+@pytest.mark.parametrize("shape", [(32, 32), (48, 32), (32, 48), (40, 32), (64, 48), (128, 64)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_stiefel_amortized_converges_to_the_inner_direction(shape, kind):
-    """Fed the same gradient call after call, the amortized direction reaches the inner one: its
-    objective within 1e-3 (relative) and its tangency residual before projection below 1e-3
-    within AMORTIZED_CALLS calls (square: at the first call), and the next call, certified,
-    satisfies weak duality. The old single dual step went from exact to a 0.35 residual
-    on 32×32 and stalled at 0.2 on 48×32."""
+    """Fed the same gradient call after call, the amortized direction's certified duality gap
+    (the feasible direction's objective against the dual value of its own multiplier, weak
+    duality: an upper bound on the optimum) falls below 1e-3 within AMORTIZED_CALLS calls (square:
+    at the first call), and the direction is then within 1e-3 of the optimum bounded by the inner
+    solve's certificate too, and no worse than the inner direction by more than 1e-3. Measured
+    against the uncertified ``Φ`` and the inner direction's objective alone this reads 1.2–3.6e-3 on
+    ``"exp16"`` (48×32, 64×48): the inner solve at its default tolerance sits 1.5e-3 below its
+    own dual bound there, and the uncertified ``‖Φ‖₂`` reaches 1.0005."""
     W, G = decaying_case(shape, kind, 0)
     _, _, inner = stiefel_direction(W, G, certify=True)
     state, reached = {}, None
     for call in range(AMORTIZED_CALLS):
-        Phi, info = stiefel_amortized(W, G, state)
-        objective = float((G.double() * Phi.double()).sum())
-        if info.residual < 1e-3 and abs(objective - inner.objective) <= 1e-3 * abs(inner.objective):
+        Phi, info = stiefel_amortized(W, G, state, certify=True)
+        if info.duality_gap <= 1e-3:
             reached = call + 1
             break
-    assert reached is not None, (float(info.residual), objective, inner.objective)
+    assert reached is not None, info.duality_gap
     if shape[0] == shape[1]:
         assert reached == 1
-    assert stiefel_tangency(W, Phi) <= 1e-4  # returned direction: tangent up to float32 round-off
-    assert all(isinstance(v, (torch.Tensor, int, float)) for v in state.values())  # checkpoint-safe
-    Phi, info = stiefel_amortized(W, G, state, certify=True)
     check_certificate(G, Phi, info)
-    assert info.duality_gap <= 5e-3  # measured ≤ 2.5e-3: the next (extrapolated) multiplier's dual value
+    optimum_bound = min(inner.dual_value, info.dual_value)
+    assert info.objective >= (1 - 1e-3) * optimum_bound
+    assert info.objective >= (1 - 1e-3) * inner.objective
+    assert stiefel_tangency(W, Phi) <= 1e-4  # certified direction: tangent up to float32 round-off
+    assert all(isinstance(v, (torch.Tensor, int, float)) for v in state.values())  # checkpoint-safe
+    Phi, info = stiefel_amortized(W, G, state)  # the uncertified direction of the next call
+    assert stiefel_tangency(W, Phi) <= 1e-4 and spec(Phi) <= 1 + 1e-3
 
 
 @pytest.mark.parametrize("shape", [(24, 24), (7, 7)])
@@ -214,22 +222,24 @@ def test_stiefel_amortized_float32_gram_and_steps():
     assert float(info1.residual) >= 100 * float(info3.residual)  # measured 3e-3 against 1.3e-7
 
 
-def test_stiefel_amortized_picks_the_gram_precision_by_conditioning():
-    """Default ``gram_dtype=None``: a noisy gradient on a tall point keeps ``N`` well conditioned,
-    so after the first call (float64) the float32 eigensolve is used and agrees with float64; a
-    noiseless decaying spectrum (σᵢ = exp(−8i/k), N ill conditioned) stays in float64."""
-    W, G = stiefel_case((576, 64), 3)
-    auto, exact = {}, {}
-    for _ in range(6):
-        Phi, info = stiefel_amortized(W, G, auto)
-        Phi64, info64 = stiefel_amortized(W, G, exact, gram_dtype=torch.float64)
-    assert auto["dual_well_conditioned"] is True
-    assert float((Phi - Phi64).abs().max()) <= 1e-4 and float(info.residual) <= 1e-4
-    W, G = decaying_case((576, 64), "exp", 3)
-    state = {}
-    for _ in range(3):
-        stiefel_amortized(W, G, state)
-    assert state["dual_well_conditioned"] is False
+def test_stiefel_amortized_picks_the_gram_precision_by_shape(no_host_sync):
+    """Default ``gram_dtype=None``: float64 up to ``k = GRAM_FLOAT64_MAX_K``, float32 above (the
+    same Φ bit for bit as asking for it), chosen without reading anything back to the host; the
+    float32 direction stays within 1e-2 of the float64 one's objective on a decaying spectrum."""
+    for shape, expected in (((96, 40), torch.float64), ((2 * (GRAM_FLOAT64_MAX_K + 8), GRAM_FLOAT64_MAX_K + 8), torch.float32)):
+        W, G = decaying_case(shape, "exp", 3)
+        auto, forced, exact = {}, {}, {}
+        for _ in range(3):
+            with no_host_sync():
+                Phi, _ = stiefel_amortized(W, G, auto)
+            Phi_forced, _ = stiefel_amortized(W, G, forced, gram_dtype=expected)
+            Phi64, _ = stiefel_amortized(W, G, exact, gram_dtype=torch.float64)
+        assert torch.equal(Phi, Phi_forced)
+        obj = [float((G.double() * P.double()).sum()) for P in (Phi, Phi64)]
+        assert abs(obj[0] - obj[1]) <= 1e-2 * obj[1]
+    state = {"dual_well_conditioned": True}  # the per-call choice of earlier versions: dropped
+    stiefel_amortized(W, G, state)
+    assert "dual_well_conditioned" not in state
 
 
 def test_stiefel_amortized_is_scale_free_and_zero_on_a_zero_gradient():
@@ -239,7 +249,6 @@ def test_stiefel_amortized_is_scale_free_and_zero_on_a_zero_gradient():
     warm = {}
     for _ in range(3):
         stiefel_amortized(W, G, warm)
-    assert warm["dual_well_conditioned"] is True
     tiny, _ = stiefel_amortized(W, 1e-6 * G, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in warm.items()})
     big, _ = stiefel_amortized(W, 1e3 * G, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in warm.items()})
     assert torch.isfinite(tiny).all() and torch.allclose(tiny, big, atol=1e-5)

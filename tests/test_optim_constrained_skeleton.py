@@ -70,27 +70,24 @@ def test_a_stack_of_same_shaped_matrices_steps_as_each_matrix_alone(name, monkey
 
 
 @pytest.mark.parametrize("name", ["manifold_muon", "sphere", "ball"])
-def test_a_stack_reads_back_to_the_host_per_stack_not_per_matrix(name, monkeypatch):
-    """The amortized modes still read a few values back to the host (the Stiefel direction's
-    float32/float64 choice, the polar retraction's step count, the sphere's Lanczos stopping test,
-    the plain per-matrix values of the state), but per stack: six same-shaped matrices stepped
-    together read back as often as one matrix alone, plus at most one read of the stack's plain
-    per-matrix values."""
+def test_the_amortized_steps_read_nothing_back_to_the_host(name, no_host_sync):
+    """Once started (the first step finds the sphere's top pair by SVD), the amortized modes read
+    nothing back to the host under ``check_finite="lazy"``, a stack of six same-shaped matrices and
+    one matrix alone: the Stiefel Gram precision is chosen from the shape, the polar retraction's
+    steps from the direction's norm bound, the sphere's top pair tracked by a fixed number of
+    Lanczos steps, λ kept as a tensor."""
     cls, kwargs = _batch_case(name)
-    counts = {}
-    for tag, size in (("stack of 6", 6), ("alone", 1)):
+    for size in (6, 1):
         g = torch.Generator().manual_seed(5)
         params = [nn.Parameter(torch.randn(12, 5, generator=g) / 3) for _ in range(size)]
         opt = cls(params, **kwargs, check_finite="lazy")
-        reads = []
         for step in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g)
-            with monkeypatch.context() as m:
-                if step == 2:
-                    for attr in ("item", "__bool__", "__float__", "__int__", "__index__", "cpu", "tolist", "numpy"):
-                        original = getattr(torch.Tensor, attr)
-                        m.setattr(torch.Tensor, attr, lambda self, *a, _f=original, **k: reads.append(1) or _f(self, *a, **k))
+            before = [p.detach().clone() for p in params]
+            if step == 0:
                 opt.step()
-        counts[tag] = len(reads)
-    assert 0 < counts["stack of 6"] <= counts["alone"] + 1, counts
+                continue
+            with no_host_sync():
+                opt.step()
+            assert all(not torch.equal(b, p) for b, p in zip(before, params))

@@ -23,6 +23,7 @@ from lightning_spectral.optim.linalg import (
     sym,
     top_singular_pair,
     top_singular_triple,
+    track_top_singular,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -250,3 +251,45 @@ def test_top_singular_triple_matches_svd(shape, spectrum, warm):
     assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
     assert float((W @ v - s * u).norm()) <= 1e-5 * float(s)
     assert 1 <= iterations <= min(n, m)
+
+
+@pytest.mark.parametrize("shape", [(200, 50), (50, 200), (64, 64), (3, 40)])
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_track_top_singular_from_a_warm_start(shape, spectrum, no_host_sync):
+    """Eight Golub–Kahan–Lanczos steps from the top pair of a nearby matrix (1e-2 off, as a training
+    step moves it), without a host sync: σ₁ a lower bound on the SVD's (up to round-off), within
+    1e-6 of it on a Gaussian matrix and within 2e-4 where the top two are 1e-3 apart or the top is a
+    cluster (measured 2e-6 … 1e-4: the warm start mixes the top singular vectors there and eight
+    steps do not separate them; the value is then as good as any in the cluster); exact to
+    round-off once the steps reach ``min(m, n)`` (3 × 40). ``(u, v)`` is a unit pair with the
+    one of ``W v = σ u``, ``Wᵀu = σ v`` exact (the one of the long side) and the other's residual
+    returned as ``r``; a stack gives each
+    matrix's answer."""
+    n, m = shape
+    sigma = SPECTRA[spectrum](min(n, m))
+    W = torch.randn(n, m, generator=gen(3)) if sigma is None else _with_singular_values(n, m, sigma)
+    exact_s = float(torch.linalg.svdvals(W.double())[0])
+    _, u0, v0 = top_singular_pair(W + 1e-2 * torch.randn(n, m, generator=gen(4)) * exact_s / math.sqrt(max(n, m)))
+    with no_host_sync():
+        s, u, v, r = track_top_singular(W, u0, v0, 8)
+    eps = torch.finfo(torch.float32).eps
+    tol = 64 * eps if min(n, m) <= 8 else (1e-6 if spectrum == "gaussian" else 2e-4)
+    assert abs(float(s) / exact_s - 1) <= tol
+    assert float(s) <= exact_s * (1 + 16 * eps)
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6) and float(v.norm()) == pytest.approx(1.0, abs=1e-6)
+    Wd, ud, vd = W.double(), u.double(), v.double()
+    exact_side, other = (Wd @ vd - float(s) * ud).norm(), (Wd.T @ ud - float(s) * vd).norm()
+    if n < m:
+        exact_side, other = other, exact_side
+    assert float(exact_side) <= 32 * eps * float(s)
+    assert float(r) == pytest.approx(float(other), rel=1e-2, abs=32 * eps * float(s))
+    stack = torch.stack([W, 2 * W])
+    s2, _, _, _ = track_top_singular(stack, torch.stack([u0, u0]), torch.stack([v0, v0]), 8)
+    assert torch.allclose(s2, torch.stack([s, 2 * s]), rtol=1e-5)
+
+
+def test_track_top_singular_on_a_zero_matrix_and_bad_steps():
+    s, u, v, r = track_top_singular(torch.zeros(5, 4), torch.ones(5), torch.ones(4), 3)
+    assert float(s) == 0.0 and float(r) == 0.0 and torch.isfinite(u).all() and torch.isfinite(v).all()
+    with pytest.raises(ValueError, match="steps"):
+        track_top_singular(torch.ones(3, 3), torch.ones(3), torch.ones(3), 0)

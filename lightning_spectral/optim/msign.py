@@ -288,7 +288,7 @@ def _fixed_point_steps(delta: float, tol: float, max_steps: int) -> int | None:
     return None
 
 
-def polar_retraction(Y: torch.Tensor, tol: float = 1e-6, max_steps: int = 6) -> torch.Tensor:
+def polar_retraction(Y: torch.Tensor, tol: float = 1e-6, max_steps: int = 6, bound: float | None = None) -> torch.Tensor:
     """Polar factor of a ``Y`` whose singular values are already near 1, as after a step along
     a tangent direction from an orthonormal ``W``: ``(W − tD)ᵀ(W − tD) = I + t²DᵀD`` when
     ``WᵀD + DᵀW = 0``. No normalisation (which would throw that away): ``A = XXᵀ`` on the short
@@ -298,7 +298,9 @@ def polar_retraction(Y: torch.Tensor, tol: float = 1e-6, max_steps: int = 6) -> 
     two or more steps on a matrix with aspect ≥ :data:`GRAM_MIN_ASPECT` run in the Gram form).
     Far from orthonormal (bound ≥ 1, or more than ``max_steps`` needed), it is
     ``msign(Y, 8, "polar_express")``. Batched over leading dimensions, each matrix taking the
-    number of steps it needs; one host sync.
+    number of steps it needs; one host sync. ``bound``: a bound on ``max |σ² − 1|`` the caller
+    knows (e.g. ``t²‖D‖₂²`` plus the start's deviation, for a tangent ``D`` of known norm): the
+    steps are counted from it, every matrix takes them, and nothing is read back to the host.
     """
     transposed = Y.size(-2) > Y.size(-1)
     X = Y.mT if transposed else Y
@@ -306,6 +308,11 @@ def polar_retraction(Y: torch.Tensor, tol: float = 1e-6, max_steps: int = 6) -> 
     if X.ndim > 3:
         X = X.reshape(-1, *X.shape[-2:])
     A = _gram(X)
+    if bound is not None:
+        X = _fixed_point_polar(X, A, _fixed_point_steps(bound, tol, max_steps))
+        if len(lead) > 1:
+            X = X.reshape(*lead, *X.shape[-2:])
+        return X.mT if transposed else X
     eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
     deltas = torch.linalg.matrix_norm(A - eye)
     if deltas.ndim == 0:

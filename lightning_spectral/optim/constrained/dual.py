@@ -90,7 +90,8 @@ class ManifoldMuon(GeometricOptimizer):
 
     @staticmethod
     def geometry(group):
-        return geo.Stiefel(retraction_tol=group["retraction_tol"])
+        # ‖Φ‖₂ ≤ √2: Φ's parts in and orthogonal to the span of W are each at most 1 (M S⁻¹ is a contraction).
+        return geo.Stiefel(retraction_tol=group["retraction_tol"], direction_norm=2.0)
 
     def _direction(self, group, geometry, X, G, state):
         if group["mode"] == "amortized":
@@ -125,7 +126,7 @@ class SpectralBall(GeometricOptimizer):
     ``Φ = msign(G + λΘ)`` with ``λ`` the root of ``⟨Θ, Φ⟩ = 0`` (sphere; ball: ``λ ≥ 0`` and only
     on the boundary; :func:`~lightning_spectral.optim.constrained.directions.spectral_ball_direction`), step
     ``W − lr·R·Φ`` (so ``lr`` is the step relative to the radius), retraction by scaling with
-    ``σ₁`` to ``sigma_tol``.
+    the tracked ``σ₁``.
 
     Radius: ``radius_mode="spectral_mup"`` ``R = radius_scale·√(out/in)`` on the parameter's own
     ``out × in`` shape, or ``"identity"`` ``R = radius_scale``.
@@ -138,7 +139,10 @@ class SpectralBall(GeometricOptimizer):
             singular values ≥ 1e-2 of ``‖·‖₂``, 5 steps 0.14).
         dual_lr: amortized ``λ ← λ − dual_lr·⟨Θ, Φ⟩`` (normalised-gradient units).
         inner_tol, inner_max_iters: inner root finding: ``|⟨Θ, Φ⟩| ≤ inner_tol``, evaluation cap.
-        sigma_tol: relative accuracy of ``σ₁`` after each step (the sphere's constraint error).
+        sigma_tol: relative accuracy of ``σ₁`` where it is found afresh (the first step's weights,
+            a state without the top pair); every later retraction tracks the pair by a fixed
+            number of float32 Lanczos steps from the last one, without a host sync
+            (:class:`~lightning_spectral.optim.constrained.geometry.SpectralSphere`).
         multiplier: ``False`` sets ``λ = 0``: Muon's direction ``msign(G)``, retracted to the sphere
             (MuonSphere, the λ = 0 ablation of the spectral-sphere optimizer), the control for the dual.
         **kwargs: as :class:`ManifoldMuon`.
@@ -200,9 +204,16 @@ class SpectralBall(GeometricOptimizer):
             if "u" not in state:
                 _, u, v = top_singular_pair(self.geometry(group).view(W[i].float()))
                 state.update(u=u.clone(), v=v.clone(), dual=0.0)  # not views of the SVD's factors (saved whole)
+            # λ: a 0-d tensor in the amortized mode (never read back to the host), a float in the
+            # inner mode's root finding (which reads it); a checkpoint of either mode loads in both.
+            lam = state["dual"]
+            if group["mode"] == "amortized" and not isinstance(lam, torch.Tensor):
+                state["dual"] = torch.tensor(float(lam), device=M.device)
+            elif group["mode"] == "inner" and isinstance(lam, torch.Tensor):
+                state["dual"] = float(lam)
         return super()._whole_step(group, W, M, states)
 
-    # λ is a float per matrix in the state; a stack carries the stack's λ as one tensor.
+    # λ of the inner mode is a float per matrix in the state; a stack carries the stack's λ as one tensor.
     _per_matrix_values = ("dual",)
 
     def _batch_key(self, group, geometry, p, state):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,11 +25,16 @@ class Stiefel(Geometry):
     """``{X : XᵀX = I}`` (tall orientation). Tangent space ``{A : XᵀA + AᵀX = 0}``, projection
     ``A − X sym(XᵀA)``; retraction: the polar factor of ``X − step·D`` to ``retraction_tol``
     (for tangent ``D`` its singular values lie in ``[1, √(1 + step²‖D‖₂²)]``, so
-    :func:`~lightning_spectral.optim.msign.polar_retraction` needs one or two fixed-point steps)."""
+    :func:`~lightning_spectral.optim.msign.polar_retraction` needs one or two fixed-point steps).
+    ``direction_norm``: a bound on ``‖D‖₂`` that the binding's direction guarantees; the steps
+    are then counted from ``max |σ² − 1| ≤ (step·direction_norm)² + 4·retraction_tol·(1 + step)``
+    (the start's own deviation and the tangency round-off it causes included) without reading
+    ``‖XᵀX − I‖`` back to the host; ``None``: read back (one host sync per retraction)."""
 
     batched = True
 
     retraction_tol: float = 1e-6
+    direction_norm: Optional[float] = None
 
     def project(self, X, state=None):
         """The polar factor ``U Vᵀ`` of ``X = UΣVᵀ``, the Frobenius-nearest point; a rank-deficient
@@ -42,7 +48,10 @@ class Stiefel(Geometry):
         return P.mT if flip else P
 
     def retract(self, X, D, step, state=None):
-        return polar_retraction(X - step * D, self.retraction_tol)
+        bound = None
+        if self.direction_norm is not None:
+            bound = (step * self.direction_norm) ** 2 + 4.0 * self.retraction_tol * (1.0 + step)
+        return polar_retraction(X - step * D, self.retraction_tol, bound=bound)
 
     def distance(self, X) -> float:
         """``‖XᵀX − I‖_F/√k`` in tall orientation (``k`` columns); the largest over blocks."""
