@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -384,3 +386,96 @@ def test_resuming_a_distributed_checkpoint_with_another_optimizer_is_refused_fir
     _check_distributed_checkpoint_optimizer(str(adamw), model, "validate")  # no optimizer state is loaded
     with pytest.raises(CheckpointMismatchError, match="adamw"):
         _check_distributed_checkpoint_optimizer(str(adamw), model, "fit")
+
+
+class Foreign(LightningModule):
+    """A LightningModule not of the package, with saved hyperparameters."""
+
+    def __init__(self, width: int = 4, num_classes: int = 2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.hidden, self.out = nn.Linear(64, width), nn.Linear(width, num_classes)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.out(self.hidden(x.flatten(1))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _lightning_cli(args: list[str]):
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(None, None, subclass_mode_model=True, subclass_mode_data=True, args=args,
+                        save_config_callback=None)
+
+
+def _outcome(build, args: list[str]) -> tuple:
+    """What a resumed fit gave: the model's width, the checkpoint and step resumed; or the error."""
+    try:
+        cli = build(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        return type(err).__name__, str(err).splitlines()[0]
+    return cli.model.hparams.width, cli.trainer.ckpt_path, cli.trainer.global_step
+
+
+def _fit_foreign(directory: Path) -> tuple[list[str], Path]:
+    """The options of a Foreign fit through SpectralCLI (2 steps, ModelCheckpoint with last.ckpt),
+    run once in ``directory`` with width 4; and its last.ckpt."""
+    from lightning_spectral.spectral_cli import build_cli
+
+    common = ["--model", f"{__name__}.Foreign", "--data", "lightning_spectral.data.DigitsDataModule",
+              "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+              "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", '--trainer.callbacks+={"class_path": '
+              '"lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "ckpt", "save_last": true}}']
+    assert build_cli(["fit", *common, "--model.width=4"], save_config_callback=None).trainer.global_step == 2
+    return common, directory / "ckpt" / "last.ckpt"
+
+
+def _ours(args: list[str]):
+    from lightning_spectral.spectral_cli import build_cli
+
+    return build_cli(args, save_config_callback=None)
+
+
+def test_a_foreign_module_resumes_as_under_lightnings_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LightningModule not of the package resumed through SpectralCLI behaves as under Lightning's
+    LightningCLI: a checkpoint file's saved hyperparameters replace the config's model arguments
+    (width 8 asked, the checkpoint's 4 built, resumed at step 2); for 'last' the Trainer finds the
+    file and its hyperparameters are not read (the config's width 8 does not fit its weights)."""
+    monkeypatch.chdir(tmp_path)
+    common, last = _fit_foreign(tmp_path)
+    resumed = ["fit", *common, "--model.width=8", "--ckpt_path"]
+    assert _outcome(_ours, [*resumed, str(last)]) == _outcome(_lightning_cli, [*resumed, str(last)]) \
+        == (4, str(last), 2)
+    assert _outcome(_ours, [*resumed, "last"]) == _outcome(_lightning_cli, [*resumed, "last"])
+    assert _outcome(_ours, [*resumed, "last"])[0] == "RuntimeError"  # Lightning's: size mismatch for hidden.weight
+
+
+@pytest.mark.parametrize("ckpt_path", ["best", "hpc", "registry"])
+def test_a_foreign_module_resolves_special_ckpt_paths_as_under_lightnings_cli(
+        ckpt_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'best' (no monitor: not saved), 'hpc' (none found) and 'registry' (not a file) end a foreign
+    module's resume with the error Lightning's CLI gives."""
+    monkeypatch.chdir(tmp_path)
+    common, _ = _fit_foreign(tmp_path)
+    args = ["fit", *common, "--model.width=8", "--ckpt_path", ckpt_path]
+    assert _outcome(_ours, args) == _outcome(_lightning_cli, args)
+    assert _outcome(_ours, args)[0] in ("ValueError", "FileNotFoundError")
+
+
+def test_the_private_lightning_hook_spectral_cli_overrides_is_still_called() -> None:
+    """SpectralCLI keeps the package modules' config on resume by overriding LightningCLI's
+    private ``_parse_ckpt_path()`` (Lightning offers no public hook: ``__init__`` calls it right
+    after the public ``parse_arguments``). If a Lightning upgrade renames or changes it, the override
+    would be skipped silently and a checkpoint's hyperparameters would replace the config's."""
+    from lightning.pytorch.cli import LightningCLI
+
+    source = inspect.getsource(LightningCLI.__init__)
+    assert "self._parse_ckpt_path()" in source, (
+        "LightningCLI.__init__ no longer calls self._parse_ckpt_path(): update SpectralCLI._parse_ckpt_path "
+        "(lightning_spectral/spectral_cli.py) to the hook Lightning now uses to read a ckpt_path's hyperparameters")
+    assert list(inspect.signature(LightningCLI._parse_ckpt_path).parameters) == ["self"], (
+        "LightningCLI._parse_ckpt_path changed its signature: update SpectralCLI._parse_ckpt_path")
