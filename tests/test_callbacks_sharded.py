@@ -177,6 +177,7 @@ def test_measuring_callbacks_log_the_one_process_values(tmp_path):
             assert abs(rank["final_norms"][name] - sigma) <= TOL * max(1.0, sigma), name
 
 
+@pytest.mark.slow  # two fits (3 processes): about 20 s of CPU, over the default suite's 15 s
 def test_sharpness_monitor_logs_the_one_process_values(tmp_path):
     """SharpnessMonitor on FSDP2 shards (exact double backward on the network unsharded for the measurement,
     vectors as shards, inner products summed over the ranks; both ranks read the same batch, so the ranks'
