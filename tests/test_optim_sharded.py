@@ -33,6 +33,10 @@ from lightning_spectral.optim.sharded import is_sharded
 
 STEPS = 3
 TOL = 1e-6
+# The split steps' state beside the one-process state: where one process stacks same-shaped matrices and
+# an owner stacks fewer, a dual or singular vectors differ by inner products of length n (16 at most
+# here) rounded per step, relative to max(1, |value|) (as tests/test_optim_distributed.py's STATE_TOL).
+STATE_TOL = 16 * STEPS * torch.finfo(torch.float32).eps
 # (shape, placement dim): a matrix split unevenly over 2 ranks on either dim, a tall/wide pair, a bias.
 PARAMS = [((10, 7), 0), ((10, 7), 1), ((12, 6), 1), ((6, 12), 0), ((7,), 0)]
 
@@ -108,7 +112,8 @@ def _state_gap(ref_opt, opt) -> tuple[float, bool]:
     ref, got = ref_opt.state_dict()["state"], opt.state_dict()["state"]
     keys = ref.keys() == got.keys() and all(set(ref[i]) == set(got[i]) for i in ref)
     # (in the same order on every rank: a DTensor's full_tensor() is a collective)
-    gap = max((_max_diff(ref[i][k], got[i][k]) for i in sorted(got) for k in sorted(got[i])
+    gap = max((_max_diff(ref[i][k], got[i][k]) / max(1.0, float(ref[i][k].float().abs().max()) if ref[i][k].numel() else 1.0)
+               for i in sorted(got) for k in sorted(got[i])
                if isinstance(got[i][k], torch.Tensor) and i in ref and k in ref[i]), default=0.0)
     return gap, keys
 
@@ -367,7 +372,7 @@ def results(tmp_path_factory):
     return _launch(2, str(tmp_path_factory.mktemp("sharded")))
 
 
-def _check_split(cases: list[dict]) -> None:
+def _check_split(cases: list[dict], name: str) -> None:
     """Each matrix's whole step ran on exactly one rank, from two all-to-alls per shape and none
     of the gathered full matrices; weights and state equal the plain steps to float32 round-off
     (TOL); each whole-matrix state is held by its owner only; a distributed checkpoint resumes
@@ -377,7 +382,7 @@ def _check_split(cases: list[dict]) -> None:
     assert stepped in (total, 0) and all(c["matrices"] < total for c in cases), cases
     assert all(c["all_to_all"] == (2 * c["batches"] if stepped else 0) for c in cases), cases
     assert all(c["gathered"] == 0 for c in cases), "a matrix was gathered whole on every rank"
-    assert all(c["weight"] <= TOL and c["state"] <= TOL and c["keys"] for c in cases), cases
+    assert all(c["weight"] <= TOL and c["state"] <= STATE_TOL and c["keys"] for c in cases), (name, cases)
     for i, whole in enumerate(first["whole_keys"]):
         assert sum(c["holds"][i] for c in cases) == int(whole), (i, cases)
     assert all(c["loaded"] == 0.0 and c["resumed"] == 0.0 for c in cases), "the resumed step differs from the uninterrupted one"
@@ -385,14 +390,14 @@ def _check_split(cases: list[dict]) -> None:
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_matrix_stepped_once_across_ranks(results, name):
-    _check_split([results[rank]["split"][name] for rank in (0, 1)])
+    _check_split([results[rank]["split"][name] for rank in (0, 1)], name)
 
 
 @pytest.mark.slow
 def test_each_matrix_stepped_once_across_four_ranks(tmp_path):
     results = _launch(4, str(tmp_path))
     for name in OPTIMIZERS:
-        _check_split([results[rank]["split"][name] for rank in range(4)])
+        _check_split([results[rank]["split"][name] for rank in range(4)], name)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
