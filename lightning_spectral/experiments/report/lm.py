@@ -186,7 +186,7 @@ def _lead_sentence(what: str, win: dict[str, Any]) -> str:
     if win["runner_up"] is None:
         return text + ", the only optimizer with a finite loss."
     z = win["standard_errors"]
-    zt = f"{z:.1f} standard errors" if math.isfinite(z) else "standard errors unknown (fewer than two seeds)"
+    zt = f"{z:.1f} standard errors" if math.isfinite(z) else "no standard error: fewer than two seeds"
     return (text + f", ahead of {win['runner_up']}, {_stat_text(win['runner_up_stat'])}, by {win['gap']:.3f} "
             f"nats ({zt}).")
 
