@@ -274,7 +274,8 @@ class ManualOptimizationModule(LightningModule):
 
     def configure_model(self) -> None:
         """Under a strategy with a device mesh (Lightning's ``ModelParallelStrategy``), shard the
-        network with FSDP2 over the mesh's ``data_parallel`` dimension: each module held in an
+        network with FSDP2 over the mesh's ``data_parallel`` dimension (a mesh with tensor-parallel
+        ranks is refused: these networks have no tensor-parallel plan): each module held in an
         ``nn.ModuleList`` or ``nn.Sequential`` of the network (a transformer's blocks, an MLP's
         layers, a ResNet's stages) that has parameters is its own ``fully_shard`` unit (its weights
         gathered only around its own forward and backward), then the network itself (the rest:
@@ -287,7 +288,21 @@ class ManualOptimizationModule(LightningModule):
 
         if isinstance(self.net, FSDPModule):
             return
-        mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            # ModelParallelStrategy's default sizes ("auto") give every device of a node to tensor
+            # parallelism and one data-parallel rank per node: fully_shard over that mesh shards
+            # nothing, and the tensor-parallel ranks, fed the same batches, repeat each other.
+            raise ValueError(
+                f"{type(self).__name__}: the strategy's device mesh has {mesh['tensor_parallel'].size()} "
+                "tensor-parallel ranks, but this network has no tensor-parallel plan (it is sharded with FSDP2 "
+                "over the data-parallel ranks only), so nothing would be sharded and every tensor-parallel rank "
+                "would repeat the others' work. Set ModelParallelStrategy(data_parallel_size=<number of devices>, "
+                "tensor_parallel_size=1) (in YAML: strategy: {class_path: "
+                "lightning.pytorch.strategies.ModelParallelStrategy, init_args: {data_parallel_size: 2, "
+                "tensor_parallel_size: 1}})."
+            )
+        mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
         # Innermost containers first: a unit may hold smaller units, never the reverse.
         containers = [m for m in reversed(list(self.net.modules())) if isinstance(m, (nn.ModuleList, nn.Sequential))]
         for container in containers:

@@ -286,3 +286,29 @@ def test_head_as_matrix_constrains_the_head_and_a_resume_with_other_routing_is_r
     resumed = make_trainer(tmp_path, max_epochs=2, limit_train_batches=2, logger=False)
     with pytest.raises(CheckpointMismatchError, match="head_as_matrix"):
         resumed.fit(build(), DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+class _Mesh:
+    """A device mesh's names and sizes, as ``configure_model`` reads them (a real 2-D mesh needs
+    two processes; the sharded fits themselves are in test_module_sharded.py)."""
+
+    def __init__(self, **sizes: int) -> None:
+        self.sizes, self.mesh_dim_names = sizes, tuple(sizes)
+
+    def __getitem__(self, name: str) -> "_Mesh":
+        return _Mesh(**{name: self.sizes[name]})
+
+    def size(self) -> int:
+        return math.prod(self.sizes.values())
+
+
+def test_a_mesh_with_tensor_parallel_ranks_is_refused_by_name() -> None:
+    """ModelParallelStrategy's default sizes put a node's devices on tensor parallelism (one
+    data-parallel rank): FSDP2 over that would shard nothing, so configure_model refuses it and
+    names the setting that shards."""
+    model = make_module()
+    model._device_mesh = _Mesh(data_parallel=1, tensor_parallel=2)
+    with pytest.raises(ValueError, match=r"2 tensor-parallel ranks.*data_parallel_size=<number of devices>, "
+                                         r"tensor_parallel_size=1"):
+        model.configure_model()
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())

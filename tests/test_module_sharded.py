@@ -82,7 +82,7 @@ SCRIPT = textwrap.dedent(
 
 
     def trainer(epochs, sharded):
-        extra = dict(devices=2, strategy=ModelParallelStrategy()) if sharded else dict(devices=1)
+        extra = dict(devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)) if sharded else dict(devices=1)
         return L.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=BATCHES, num_sanity_val_steps=0,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, **extra)
@@ -103,6 +103,9 @@ SCRIPT = textwrap.dedent(
             model = build(case)
             first.fit(model, loader)
             result["types"] = sorted({type(p).__name__ for p in model.parameters()})
+            # Sharded for real: rank 0 holds only part of the network's entries.
+            result["local_fraction"] = (sum(p.to_local().numel() for p in model.parameters())
+                                        / sum(p.numel() for p in model.parameters()))
             result["routing"] = routing_table(model.optimizers().optimizer, model.net)
             ckpt = out + ".ckpt"
             first.save_checkpoint(ckpt)  # Lightning's distributed checkpoint: a directory
@@ -168,6 +171,7 @@ def test_model_parallel_fit_resume_equals_one_process(fits, case):
     _, plain = _result(fits, case, "plain")
     weights, reference, start = saved["final"], plain["final"], saved["initial"]
     assert sharded["types"] == ["DTensor"]
+    assert sharded["local_fraction"] < 0.75, sharded["local_fraction"]  # about 1/2 on 2 ranks
     assert sharded["checkpoint_is_dir"]
     assert sharded["steps"] == 6
     assert weights.keys() == reference.keys()
