@@ -2,7 +2,7 @@
 cost growth with n; many small matrices; ``torch.compile`` of Muon's msign chain.
 
     python -m benchmarks.real_gradients [--quick] [--models mlp,small_cnn,resnet18,gpt]
-                                        [--sections forms,growth,small,chains,amortized,budgeted,compile]
+                                        [--sections forms,growth,small,chains,amortized,budgeted,inner,compile]
                                         [--out logs/bench_real.json] [--budget-s 600] [--threads 1]
 
 Capture: each network (seeded) trains for a few SGD steps (lr 0.01, momentum 0.9) on synthetic
@@ -677,6 +677,92 @@ def render_amortized(sec: dict) -> str:
     return "\n\n".join(parts)
 
 
+# -- the inner modes of ManifoldMuon and SpectralBall at their stated tolerance --------------------------
+INNER_CONFIGS = {"ManifoldMuon inner, inner_tol=2e-3": dict(kind="stiefel", tol=2e-3),
+                 "SpectralBall inner, inner_tol=1e-2": dict(kind="sphere", tol=1e-2)}
+
+
+def inner_modes(models: list[str], quick: bool, log, cache: Path = CACHE, rounds: int = 3, repeats: int = 2) -> dict:
+    """ManifoldMuon and SpectralBall in ``mode="inner"`` at the tolerances of the time table
+    against our Muon on each model's captured gradients: every optimizer steps on the two
+    gradients in turn (warm starts carried), 2 warm-up steps, ``rounds`` interleaved rounds, the
+    median of the per-round ratios to Muon, for each of ``repeats`` repeats; beside the time the
+    inner evaluations per matrix (msign-free ``m × m`` eigensolves) and the accuracy of the
+    directions the last step would take, certified outside the timing: for every matrix the
+    direction solve is rerun on its weight, last gradient and warm start with ``certify=True``,
+    and the relative duality gap ``(dual − ⟨G, Φ⟩)/dual`` of the feasible ``Φ`` reported
+    (median, max), beside the stopping residual (SpectralBall ``|uᵀΦv|``, ManifoldMuon the
+    tangency residual)."""
+    from lightning_spectral import optim as O
+
+    out: dict = {"models": {}}
+    for model in models:
+        data = capture(model, quick, log=log, cache=cache)
+        weights, grads = data["weights"], data["grads"]
+        rows: dict = {}
+        for repeat in range(repeats):
+            cases, opts = {}, {}
+            for name in ("Muon", *INNER_CONFIGS):
+                params = [torch.nn.Parameter(w.clone()) for w in weights]
+                if name == "Muon":
+                    opt = O.Muon(params)
+                elif INNER_CONFIGS[name]["kind"] == "stiefel":
+                    opt = O.ManifoldMuon(params, mode="inner", inner_tol=INNER_CONFIGS[name]["tol"])
+                else:
+                    opt = O.SpectralBall(params, mode="inner", inner_tol=INNER_CONFIGS[name]["tol"])
+                opts[name] = (opt, params)
+                cases[name] = _replay(opt, params, grads)
+            timing = interleaved(cases, warmup=2, repeats=1 if quick else rounds, log=log)
+            for name, r in timing.items():
+                ratios = [t / m for t, m in zip(r["times_s"], timing["Muon"]["times_s"])]
+                row = rows.setdefault(name, {"median_s": [], "ratio_to_muon": []})
+                row["median_s"].append(r["median_s"])
+                row["ratio_to_muon"].append(median(ratios))
+                if name != "Muon" and repeat == 0:
+                    row.update(_inner_accuracy(name, *opts[name], grads[-1]))
+            log(f"[inner] {model} repeat {repeat + 1}: " + ", ".join(f"{k} {v['ratio_to_muon'][-1]:.2f}x" for k, v in rows.items()))
+        out["models"][model] = rows
+    return out
+
+
+def _inner_accuracy(name: str, opt, params, grads) -> dict:
+    """Evaluations per matrix of the last step, and the certified duality gap and stopping
+    residual of each matrix's direction at its current weight, gradient and warm start."""
+    from lightning_spectral.optim import spectral_ball_direction, stiefel_direction
+    from lightning_spectral.optim.linalg import as_matrix
+
+    config = INNER_CONFIGS[name]
+    gaps, residuals, evaluations = [], [], []
+    for p, G in zip(params, grads):
+        state = opt.state[p]
+        if "inner_iterations" not in state:
+            continue  # not a matrix the optimizer constrains (e.g. left to its fallback)
+        evaluations.append(int(state["inner_iterations"]))
+        W, G = as_matrix(p.detach()).float(), as_matrix(G).float()
+        if config["kind"] == "stiefel":
+            _, _, info = stiefel_direction(W, G, state.get("dual"), mode="inner", tol=config["tol"], certify=True)
+        else:
+            _, _, info = spectral_ball_direction(G, state["u"], state["v"], float(state["dual"]), constraint="sphere",
+                                                 mode="inner", tol=config["tol"], certify=True)
+        gaps.append(info.duality_gap)
+        residuals.append(float(info.residual))
+    return {"evaluations_per_matrix": sum(evaluations) / max(len(evaluations), 1),
+            "gap_median": median(gaps) if gaps else None, "gap_max": max(gaps) if gaps else None,
+            "residual_max": max(residuals) if residuals else None}
+
+
+def render_inner(sec: dict) -> str:
+    parts = []
+    for model, rows in sec["models"].items():
+        reps = len(rows["Muon"]["ratio_to_muon"])
+        body = [[name, r["median_s"][0] * 1e3, *r["ratio_to_muon"], r.get("gap_median"), r.get("gap_max"),
+                 r.get("residual_max"), r.get("evaluations_per_matrix")] for name, r in rows.items()]
+        parts.append(f"**{TITLES.get(model, model)}**\n\n" + table(
+            ["step", "ms", *[f"÷ Muon (repeat {i + 1})" for i in range(reps)], "duality gap, median", "max",
+             "stopping residual, max", "evaluations per matrix"], body))
+    return "\n\n".join(parts)
+
+
 # -- torch.compile ----------------------------------------------------------------------------------
 def compiled_chain(quick: bool, log, cache: Path = CACHE) -> dict:
     """Muon's msign chain (the stacked ResNet-18 gradients, Jordan 5 steps, auto method) under
@@ -715,7 +801,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="after the models: any of forms, growth, small, chains (the Newton–Schulz chains' "
                              "time and accuracy, opt-in), amortized (Muon, ManifoldMuon and SpectralBall amortized: "
                              "time, host reads, kernel counts, certified gap; opt-in), budgeted (the inner solvers of MuonSGD on ResNet-18, "
-                             "opt-in: ~10 min), compile")
+                             "opt-in: ~10 min), inner (ManifoldMuon/SpectralBall inner modes on ResNet-18 and the GPT, opt-in), compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -757,6 +843,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["amortized"] = amortized_section(amortized_models, args.quick, log, Path(args.cache))
         md += ["The amortized constrained optimizers, time beside accuracy, host reads and kernel counts:",
                render_amortized(result["amortized"])]
+    if left() > 0 and "inner" in wanted:
+        inner_models = [m for m in ("resnet18", "gpt") if m in args.models.split(",")] or ["resnet18", "gpt"]
+        result["inner"] = inner_modes(inner_models, args.quick, log, Path(args.cache))
+        md += ["The inner modes at their stated tolerance:", render_inner(result["inner"])]
     if left() > 0 and "compile" in wanted and not args.no_compile:
         result["compile"] = c = compiled_chain(args.quick, log, Path(args.cache))
         md.append("torch.compile of Muon's msign chain on ResNet-18's gradients (CPU): " + (

@@ -211,6 +211,25 @@ def test_real_gradient_benchmark_amortized_section(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_real_gradient_benchmark_inner_section(tmp_path: Path) -> None:
+    """``--sections inner --quick``: ManifoldMuon and SpectralBall inner modes against Muon on
+    both models, two repeats, each beside its certified duality gap (weak duality: ≥ 0 up to
+    round-off) and its evaluations per matrix."""
+    out = tmp_path / "inner.json"
+    cmd = [sys.executable, "-m", "benchmarks.real_gradients", "--quick", "--models", "", "--sections", "inner",
+           "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["inner"]["models"]) == {"resnet18", "gpt"}
+    for rows in result["inner"]["models"].values():
+        for name, row in rows.items():
+            assert len(row["ratio_to_muon"]) == 2 and all(r > 0 for r in row["ratio_to_muon"]), (name, row)
+            if name != "Muon":
+                assert row["gap_median"] >= -1e-5 and row["gap_max"] < 0.1 and row["evaluations_per_matrix"] >= 1, row
+
+
+@pytest.mark.slow
 def test_compiled_step_benchmark_quick(tmp_path: Path) -> None:
     """``benchmarks.compiled_step --quick --backend eager``: every row compiles, times and matches eager."""
     out = tmp_path / "compiled.json"

@@ -334,3 +334,38 @@ def test_ball_direction_rejects_bad_arguments():
         spectral_ball_direction(G, u, v, constraint="cube")
     with pytest.raises(ValueError):
         spectral_ball_direction(G, u, v, mode="exact")
+
+
+@pytest.mark.parametrize("shape", BALL_SHAPES)
+def test_sphere_inner_h_and_slope_are_exact(shape):
+    """The inner mode's ``h(λ) = uᵀ msign(Ĝ + λuvᵀ) v`` (from one Gram matrix) against the float64
+    SVD polar factor, its Newton slope against a central difference, and its direction against
+    the SVD's."""
+    from lightning_spectral.optim.constrained.directions.spectral_ball import _GramPolar
+
+    G, u, v = ball_case(shape, 4)
+    Ghat = G / spec(G)
+    polar = _GramPolar(Ghat, u, v)
+    for lam in (-0.5, 0.0, 0.3):
+        value, slope, token = polar(lam)
+        M = Ghat.double() + lam * torch.outer(u.double(), v.double())
+        O = msign_svd(M)
+        assert abs(value - float(u.double() @ O @ v.double())) <= 1e-10
+        step = 1e-5
+        central = (polar(lam + step, False)[0] - polar(lam - step, False)[0]) / (2 * step)
+        assert abs(slope - central) <= 1e-6 * max(1.0, abs(slope))
+        assert float((polar.direction(token).double() - O).norm() / O.norm()) <= 1e-4
+
+
+def test_sphere_inner_warm_start_and_ball_fallback():
+    """From its own root the inner mode needs one evaluation; on the ball a warm multiplier above
+    a root that lies below 0 falls back to λ = 0 (plain msign)."""
+    G, u, v = ball_case((48, 32), 5)
+    _, lam, info = spectral_ball_direction(G, u, v, constraint="sphere", tol=1e-6)
+    cold = info.iterations
+    _, lam2, info = spectral_ball_direction(G, u, v, lam, constraint="sphere", tol=1e-6)
+    assert info.iterations == 1 < cold and abs(lam2 - lam) <= 1e-12
+    G, u, v = ball_case((48, 32), 0, shift=3.0)  # h(0) ≥ 0: the cone constraint is inactive
+    Phi, lam, info = spectral_ball_direction(G, u, v, 0.7, constraint="ball")
+    assert lam == 0.0 and info.iterations == 2
+    assert torch.allclose(Phi, msign_svd(G), atol=1e-4)
