@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_spectral.optim import OPTIMIZERS, baselines_available, create_optimizer
-from lightning_spectral.optim.baselines import BASELINES_EXTRA, _missing
+from lightning_spectral.optim.baselines import _NOT_INSTALLED, BASELINES_EXTRA, _kron, _missing
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_extra = pytest.mark.skipif(not baselines_available(),
@@ -21,9 +21,22 @@ BASELINES = ["soap", "kron"]
 
 
 def test_without_the_extra_building_one_names_it() -> None:
-    with pytest.raises(ImportError, match=r"SOAP is pytorch-optimizer's, which is not installed: pip install "
+    with pytest.raises(ImportError, match=r"SOAP: it is pytorch-optimizer's, which is not installed: pip install "
                                           r"'lightning_spectral\[baselines\]'"):
-        _missing("SOAP")([nn.Parameter(torch.zeros(2, 2))], lr=1e-3)
+        _missing("SOAP", _NOT_INSTALLED)([nn.Parameter(torch.zeros(2, 2))], lr=1e-3)
+
+
+@needs_extra
+def test_kron_without_opt_einsum_is_refused_before_it_exhausts_memory(monkeypatch) -> None:
+    """Without opt-einsum torch's einsum builds Kron's update through a 4-D outer product (GBs for
+    one 128x128 matrix): building Kron is refused, naming opt-einsum; with it, Kron is
+    pytorch-optimizer's own class."""
+    import pytorch_optimizer
+
+    assert _kron() is pytorch_optimizer.Kron
+    monkeypatch.setattr(torch.backends.opt_einsum, "is_available", lambda: False)
+    with pytest.raises(ImportError, match=r"Kron: opt-einsum is not installed.*4-D outer product.*\[baselines\]"):
+        _kron()([nn.Parameter(torch.zeros(128, 128))], lr=1e-3)
 
 
 def _mlp() -> nn.Module:

@@ -14,7 +14,9 @@ names, so configs, the CLI (``--model.optimizer SOAP``) and the studies use them
 
 Both call the closure they are given and keep tensors and plain values in their state: their
 state dicts load with ``torch.load(weights_only=True)``. Without the extra the names exist but
-building one raises an ``ImportError`` that names it.
+building one raises an ``ImportError`` that names it; so does building ``Kron`` without opt-einsum
+(``torch.backends.opt_einsum``), where torch's einsum contracts Kron's ``"an,bo,no->ab"`` pairwise in
+order through a 4-D outer product (1 GB for one 128×128 matrix, 17 GB for 512×128) and exhausts memory.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ def baselines_available() -> bool:
     return _pytorch_optimizer is not None
 
 
-def _missing(name: str) -> type:
+def _missing(name: str, why: str) -> type:
     class Missing(torch.optim.Optimizer):
         def __init__(self, params: Any, **kwargs: Any) -> None:
-            raise ImportError(f"{name} is pytorch-optimizer's, which is not installed: {BASELINES_EXTRA}")
+            raise ImportError(f"{name}: {why}: {BASELINES_EXTRA}")
 
     Missing.__name__ = Missing.__qualname__ = name
     Missing.__module__ = __name__
@@ -49,9 +51,19 @@ def _missing(name: str) -> type:
     return Missing
 
 
-if _pytorch_optimizer is not None:
-    SOAP = _pytorch_optimizer.SOAP
-    Kron = _pytorch_optimizer.Kron
+_NOT_INSTALLED = "it is pytorch-optimizer's, which is not installed"
+
+
+def _kron() -> type:
+    """pytorch-optimizer's Kron where torch's einsum can contract its preconditioner update
+    without the 4-D intermediate (opt-einsum installed), else a class that refuses to be built."""
+    if torch.backends.opt_einsum.is_available():
+        return _pytorch_optimizer.Kron
+    return _missing("Kron", "opt-einsum is not installed, and without it torch's einsum forms Kron's preconditioner "
+                            "update as a 4-D outer product (1 GB for one 128x128 matrix) that exhausts memory")
+
+
+if _pytorch_optimizer is None:
+    SOAP, Kron = _missing("SOAP", _NOT_INSTALLED), _missing("Kron", _NOT_INSTALLED)
 else:
-    SOAP = _missing("SOAP")
-    Kron = _missing("Kron")
+    SOAP, Kron = _pytorch_optimizer.SOAP, _kron()
