@@ -582,13 +582,21 @@ def host_reads(fn: Callable[[], object]) -> int:
 
 
 def op_counts(fn: Callable[[], object]) -> dict:
-    """Kernel calls of ``fn()`` by kind (:data:`COUNTED_OPS`), from ``torch.profiler``."""
+    """Kernel calls of ``fn()`` by kind (:data:`COUNTED_OPS`), from ``torch.profiler``; with
+    ``"GEMM GFLOP"`` (the profiler's flop count of the matrix products: the operation count that
+    sets a floor on the ratio) and ``"eigh share"`` (the eigensolves' part of the profiled time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         fn()
-    events = {e.key: e.count for e in prof.key_averages()}
-    return {kind: sum(events.get(name, 0) for name in names) for kind, names in COUNTED_OPS.items()}
+    averages = prof.key_averages()
+    events = {e.key: e.count for e in averages}
+    out = {kind: sum(events.get(name, 0) for name in names) for kind, names in COUNTED_OPS.items()}
+    gemm = COUNTED_OPS["GEMM (mm/bmm/addmm/baddbmm)"]
+    out["GEMM GFLOP"] = sum(e.flops for e in averages if e.key in gemm) / 1e9
+    total = sum(e.self_cpu_time_total for e in averages)
+    out["eigh share"] = sum(e.self_cpu_time_total for e in averages if e.key in COUNTED_OPS["eigh"]) / max(total, 1e-9)
+    return out
 
 
 def _direction_accuracy(name: str, opt, params) -> dict:
@@ -667,12 +675,16 @@ def render_amortized(sec: dict) -> str:
     parts = []
     for model, res in sec["models"].items():
         body = []
+        muon_flop = res["rows"]["Muon"]["ops"]["GEMM GFLOP"]
         for name, r in res["rows"].items():
-            body.append([name, r["median_s"][0] * 1e3, *r["ratio"], r["host_reads"], *r["ops"].values(),
+            ops = r["ops"]
+            body.append([name, r["median_s"][0] * 1e3, *r["ratio"], r["host_reads"],
+                         *[ops[k] for k in COUNTED_OPS], ops["GEMM GFLOP"] / max(muon_flop, 1e-12), ops["eigh share"],
                          r["gap_median"], r["gap_max"], r["constraint_max"]])
         reps = len(next(iter(res["rows"].values()))["ratio"])
         headers = ["step", "ms", *[f"÷ Muon (repeat {i + 1})" for i in range(reps)], "host reads",
-                   *[f"{k} calls" for k in COUNTED_OPS], "certified gap, median", "max", "constraint error"]
+                   *[f"{k} calls" for k in COUNTED_OPS], "GEMM flops ÷ Muon's", "eigh share of time",
+                   "certified gap, median", "max", "constraint error"]
         parts.append(f"**{TITLES.get(model, model)}**, {res['matrices']} matrices\n\n" + table(headers, body))
     return "\n\n".join(parts)
 

@@ -205,6 +205,7 @@ def test_real_gradient_benchmark_amortized_section(tmp_path: Path) -> None:
             assert len(row["ratio"]) == 2 and all(r > 0 for r in row["ratio"]), name
             assert row["host_reads"] <= rows["Muon"]["host_reads"], name
             assert row["ops"]["GEMM (mm/bmm/addmm/baddbmm)"] > 0 and 0 <= row["gap_median"] <= row["gap_max"] <= 1
+            assert row["ops"]["GEMM GFLOP"] > 0 and 0 <= row["ops"]["eigh share"] < 1
         assert rows["ManifoldMuon amortized"]["constraint_max"] <= 1e-5
         assert rows["ManifoldMuon amortized"]["ops"]["eigh"] > 0
     assert "host reads" in proc.stdout
