@@ -496,7 +496,9 @@ LIGHTNING_SCRIPT = textwrap.dedent(
 
 
     def trainer(epochs):
-        return L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(), max_epochs=epochs,
+        # Both sizes given: the default ("auto") makes both ranks tensor-parallel and shards nothing.
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=epochs,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
 
@@ -511,6 +513,7 @@ LIGHTNING_SCRIPT = textwrap.dedent(
         second.fit(model, loader, ckpt_path=sys.argv[2])
         full = [p.full_tensor() for p in model.net.parameters()]
         types = sorted({type(p).__name__ for p in model.net.parameters()})
+        local = sum(p.to_local().numel() for p in model.net.parameters()) / sum(p.numel() for p in model.net.parameters())
         if second.global_rank == 0:
             ref = net()
             opt = O.Muon(ref.parameters(), lr=0.05)
@@ -521,7 +524,7 @@ LIGHTNING_SCRIPT = textwrap.dedent(
                 opt.step()
             err = max((a.detach() - b).abs().max().item() for a, b in zip(ref.parameters(), full))
             moved = max((a.detach() - b).abs().max().item() for a, b in zip(net().parameters(), full))
-            json.dump({"err": err, "moved": moved, "types": types, "steps": second.global_step}, open(sys.argv[1], "w"))
+            json.dump({"err": err, "moved": moved, "types": types, "steps": second.global_step, "local": local}, open(sys.argv[1], "w"))
     '''
 )
 
@@ -538,6 +541,7 @@ def test_lightning_model_parallel_strategy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["types"] == ["DTensor"]
+    assert result["local"] < 0.75, result  # sharded for real: rank 0 holds about half of the entries
     assert result["steps"] == 4
     assert result["moved"] > 1e-3
     assert result["err"] <= TOL, result
