@@ -92,11 +92,26 @@ def enforce_in_jsonargparse() -> None:
     """Put the rule of the module docstring into jsonargparse (process-wide, idempotent): every
     import path a parsed value names goes through :func:`check_named_object`, and a subclass spec
     given for an ``Any`` parameter stays a dict."""
+    import jsonargparse
     from jsonargparse import _typehints, set_parsing_settings
 
-    imported = _typehints.import_object  # jsonargparse's import of every path a value names
+    # jsonargparse (4.53) has no public hook that can say this rule: its public
+    # set_parsing_settings(import_path_denylist=..., import_path_allowlist=...) takes dotted-path
+    # prefixes, which cannot allow any class of the expected kind from any module while refusing
+    # functions that code did not register. So the private function through which jsonargparse's
+    # type hints import every path a value names is wrapped; if a release renames it or changes its
+    # signature, this fails here (and tests/test_config_policy.py) instead of parsing unchecked.
+    imported = getattr(_typehints, "import_object", None)
     if getattr(imported, "checks_config_policy", False):
         return
+    parameters = list(inspect.signature(imported).parameters) if callable(imported) else None
+    if parameters != ["name", "check_path"]:
+        raise RuntimeError(
+            f"jsonargparse {getattr(jsonargparse, '__version__', '?')} has no jsonargparse._typehints."
+            f"import_object(name, check_path) (found {parameters or imported!r}): lightning_spectral's config "
+            "rule (lightning_spectral.config_policy) cannot be put into it, and configs would be parsed "
+            "unchecked. Install the jsonargparse version the package pins (pip install 'jsonargparse>=4.52,<5'), "
+            "or update config_policy.enforce_in_jsonargparse to this release.")
 
     def import_object(name: str, check_path: bool = True) -> Any:
         obj = imported(name, check_path)

@@ -109,3 +109,40 @@ def test_load_from_checkpoint_refuses_a_function_in_the_saved_config(tmp_path: P
     with pytest.raises(Exception, match="'os.system' is a built-in function, not a class"):
         SpectralModule.load_from_checkpoint(tmp_path / "evil.ckpt")
     assert not (tmp_path / "ran").exists()
+
+
+def test_the_rule_is_in_the_jsonargparse_import_every_parsed_path_goes_through() -> None:
+    """The policy wraps jsonargparse's private ``_typehints.import_object(name, check_path)`` (no
+    public hook can say the rule): it is in place, and a plain jsonargparse parser refuses a function
+    named for a callable and for a class spec, through that import, and accepts a class."""
+    from collections.abc import Callable
+
+    from jsonargparse import _typehints
+
+    assert getattr(_typehints.import_object, "checks_config_policy", False), (
+        "jsonargparse._typehints.import_object is not the config policy's wrapper: see "
+        "lightning_spectral.config_policy.enforce_in_jsonargparse")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--factory", type=Callable[..., torch.optim.Optimizer])
+    parser.add_argument("--net", type=torch.nn.Module)
+    for given in ("--factory=os.path.join", '--net={"class_path": "os.path.join", "init_args": {}}'):
+        with pytest.raises(Exception, match="'os.path.join' is a function, not a class"):
+            parser.parse_args([given])
+    assert parser.parse_args(["--factory=torch.optim.SGD"]).factory.class_path == "torch.optim.SGD"
+
+
+@pytest.mark.parametrize("private", ["missing", lambda name: name, lambda path, check=True: path])
+def test_a_jsonargparse_without_the_private_import_fails_loudly(private: Any, monkeypatch) -> None:
+    """If a jsonargparse release drops ``_typehints.import_object`` or changes its signature, putting
+    the rule in raises naming the problem and the fix, instead of leaving configs unchecked."""
+    from jsonargparse import _typehints
+
+    from lightning_spectral.config_policy import enforce_in_jsonargparse
+
+    if private == "missing":
+        monkeypatch.delattr(_typehints, "import_object")
+    else:
+        monkeypatch.setattr(_typehints, "import_object", private)
+    with pytest.raises(RuntimeError, match=r"has no jsonargparse\._typehints\.import_object\(name, check_path\).*"
+                                           r"configs would be parsed unchecked.*jsonargparse>=4.52,<5"):
+        enforce_in_jsonargparse()
