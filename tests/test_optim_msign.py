@@ -449,3 +449,16 @@ def test_auto_dtype_meets_the_float32_contract_and_bfloat16_does_not(case):
     eps_bf16 = torch.finfo(torch.bfloat16).eps
     assert 0.1 * eps_bf16 <= bf16 <= 100 * eps_bf16, bf16
     assert bf16 > 10 * 1e3 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (16, 4), (3, 16, 4)])
+def test_msign_compiles_without_a_graph_break_for_symbolic_sizes(shape) -> None:
+    """``torch.compile(fullgraph=True, dynamic=True)`` of msign (the Gram form's choice included):
+    no graph break on symbolic sizes (``sorted`` of them broke the graph, 2 of SpectralBall's inner
+    mode's 17 breaks under torch.compile of a step) and the eager backend's result bit-identical."""
+    from lightning_spectral.optim.msign import GRAM_RESYNC
+
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda G: msign(G, steps=GRAM_RESYNC + 2), fullgraph=True, dynamic=True, backend="eager")
+    assert torch.equal(compiled(G), msign(G, steps=GRAM_RESYNC + 2))

@@ -165,7 +165,7 @@ def uses_gram(shape: Sequence[int], steps: int, method: str = "auto") -> bool:
     check_method(method)
     if method != "auto":
         return method == "gram"
-    short, long = sorted(shape[-2:])
+    short, long = min(shape[-2:]), max(shape[-2:])  # sorted() of symbolic sizes breaks torch.compile graphs
     return steps > GRAM_RESYNC and long >= GRAM_MIN_ASPECT * short
 
 
