@@ -554,7 +554,7 @@ class QuasiNewtonDualSolver(InnerSolver):
     line search, ``memory_size`` pairs) in the coordinates ``Z = L^{1/2} X`` where the
     preconditioned step is the gradient step (:class:`TangentDual`); ``iterations`` counts dual
     evaluations. Warm-started from ``state["solver_dual"]``; stops at the certified relative
-    objective gap ``tol`` (checked after every L-BFGS iteration)."""
+    objective gap ``tol`` (checked at the warm start and after every L-BFGS iteration)."""
 
     name = "quasi_newton"
 
@@ -570,27 +570,37 @@ class QuasiNewtonDualSolver(InnerSolver):
         problem = TangentDual(W, D, budget, space, X0)
         cert = Certificate(problem, self.tol)
         root, root_inverse = problem.metric.sqrt(), problem.metric_inverse.sqrt()  # Z = L^{1/2} X
-        evaluations, last = 0, {}
+        Z0 = problem.to_basis(X0) * root
+        point = cert.evaluate(Z0 * root_inverse)
+        evaluations = 1
+        if not cert.met():
+            # torch's L-BFGS takes min(1, 1/‖∇‖₁) as its first step; in Y = sZ, s = 1/‖∇_Z‖₁, that
+            # first step is the unit step in Z (the preconditioned Uzawa step of TangentDual)
+            # instead of a short one its line search must expand. Later steps are invariant to s.
+            grad_Z = -point.grad * root_inverse  # ∇_Z = L^{-1/2} ∇_X (of −g)
+            norm1 = float(grad_Z.abs().sum())
+            s = 1.0 / norm1 if norm1 > 1.0 else 1.0
+            Y = (Z0 * s).clone()
+            last = {"Y": Y.clone(), "value": torch.tensor(-point.lower, dtype=Y.dtype), "grad": grad_Z / s}
 
-        @torch.no_grad()
-        def closure():  # LBFGS calls it under enable_grad; the weights need no graph
-            nonlocal evaluations
-            Zd = Z.detach()
-            if "Z" not in last or not torch.equal(last["Z"], Zd):  # LBFGS re-evaluates its start
-                evaluations += 1
-                point = cert.evaluate(Zd * root_inverse)
-                last.update(Z=Zd.clone(), value=torch.tensor(-point.lower, dtype=Z.dtype),
-                            grad=-point.grad * root_inverse)  # ∇_Z = L^{-1/2} ∇_X
-            Z.grad = last["grad"].clone()
-            return last["value"]
+            @torch.no_grad()
+            def closure():  # LBFGS calls it under enable_grad; the weights need no graph
+                nonlocal evaluations
+                Yd = Y.detach()
+                if not torch.equal(last["Y"], Yd):  # LBFGS re-evaluates its start
+                    evaluations += 1
+                    point = cert.evaluate(Yd * (root_inverse / s))
+                    last.update(Y=Yd.clone(), value=torch.tensor(-point.lower, dtype=Y.dtype),
+                                grad=-point.grad * (root_inverse / s))
+                Y.grad = last["grad"].clone()
+                return last["value"]
 
-        Z = problem.to_basis(X0) * root
-        lbfgs = torch.optim.LBFGS([Z], lr=1.0, max_iter=1, max_eval=self.max_iters, tolerance_grad=0.0,
-                                  tolerance_change=0.0, history_size=self.memory_size, line_search_fn="strong_wolfe")
-        while evaluations < self.max_iters:
-            lbfgs.step(closure)
-            if cert.met():
-                break
+            lbfgs = torch.optim.LBFGS([Y], lr=1.0, max_iter=1, max_eval=self.max_iters, tolerance_grad=0.0,
+                                      tolerance_change=0.0, history_size=self.memory_size, line_search_fn="strong_wolfe")
+            while evaluations < self.max_iters:
+                lbfgs.step(closure)
+                if cert.met():
+                    break
         state["solver_dual"] = problem.from_basis(cert.dual)
         step, gap, residual, norm = cert.result()
         return step, evaluations, gap, residual, norm
