@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import socket
 import struct
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,32 @@ class OverflowAtSecondStep(torch.optim.SGD):
             with torch.no_grad():
                 self.param_groups[0]["params"][0].fill_(float("inf"))
         return out
+
+
+def spawn_ranks(worker: Callable, world: int, *args, messages: int, timeout: float) -> list:
+    """Run ``worker(rank, world, port, *args, queue)`` in ``world`` spawned processes (a free local
+    port for their process group) and return the ``messages`` items they put on the queue; every
+    process is joined (killed if it hangs) and must exit cleanly. Shared by the gloo tests
+    (``from conftest import spawn_ranks``)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(rank, world, port, *args, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        out = [queue.get(timeout=timeout) for _ in range(messages)]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ network during a step: one all-gather of weights per step, no broadcast, nothing
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from torch import nn
 
 from lightning_spectral.optim import Muon, optimizer_entries
@@ -202,28 +201,8 @@ def _worker(rank: int, world: int, port: int, cases: list[str], queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, cases: list[str]) -> list:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, cases, queue)) for rank in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        out = [queue.get(timeout=TIMEOUT_S) for _ in range(world * (len(cases) + 1))]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return out
+    return spawn_ranks(_worker, world, cases, messages=world * (len(cases) + 1), timeout=TIMEOUT_S)
 
 
 ALL = [name for name, _ in CASES] + list(EXTRA)

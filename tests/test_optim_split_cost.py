@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_ranks
 from torch import nn
 
 from lightning_spectral.optim import Muon
@@ -138,24 +137,8 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 @pytest.fixture(scope="module")
 def ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        out = {rank: torch.load(io.BytesIO(data), weights_only=True)
-               for rank, data in (queue.get(timeout=300) for _ in procs)}
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return out
+    out = spawn_ranks(_worker, 2, messages=2, timeout=300)
+    return {rank: torch.load(io.BytesIO(data), weights_only=True) for rank, data in out}
 
 
 def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
