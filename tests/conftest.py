@@ -36,6 +36,24 @@ class OverflowAtSecondStep(torch.optim.SGD):
         return out
 
 
+def flat_hessian(model: torch.nn.Module, loss_of_params: Callable) -> torch.Tensor:
+    """The dense Hessian of ``loss_of_params({name: tensor})`` in the model's parameters, flattened
+    in ``named_parameters()`` order (``torch.autograd.functional.hessian``): the exact answer the
+    sharpness tests compare against (``from conftest import flat_hessian``)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(theta):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = theta[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return loss_of_params(params)
+
+    return torch.autograd.functional.hessian(f, flat)
+
+
 def spawn_ranks(worker: Callable, world: int, *args, messages: int, timeout: float) -> list:
     """Run ``worker(rank, world, port, *args, queue)`` in ``world`` spawned processes (a free local
     port for their process group) and return the ``messages`` items they put on the queue; every

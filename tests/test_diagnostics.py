@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import flat_hessian
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -213,27 +214,12 @@ def test_stable_rank():
 # ----------------------------------------------------------------------------- sharpness
 
 
-def _flat_hessian(model: nn.Module, loss_of_params) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(theta):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = theta[i : i + math.prod(s)].reshape(s)
-            i += math.prod(s)
-        return loss_of_params(params)
-
-    return torch.autograd.functional.hessian(f, flat)
-
-
 @pytest.mark.parametrize("method", ["power", "lanczos"])
 def test_sharpness_matches_full_hessian(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
-    hess = _flat_hessian(model, lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))
+    hess = flat_hessian(model, lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))
     exact = float(torch.linalg.eigvalsh(hess)[-1])
     got = estimate_sharpness(model, ce_loss_fn, x, y, method=method, max_iter=200, tol=1e-8)
     assert rel(got, exact) < 1e-2, (got, exact)

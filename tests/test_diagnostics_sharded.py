@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import flat_hessian, spawn_ranks
 from torch import nn
 
 from lightning_spectral.diagnostics import estimate_sharpness, grad_sq_norms
 from lightning_spectral.diagnostics.noise_scale import ShardedGradientNorms
 
 BATCH = 8  # per rank
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss(model, x, y):
@@ -47,18 +40,8 @@ def _problem(dtype, activation=nn.Tanh):
 def _exact_top_eigenvalue(model, x, y) -> tuple[float, float]:
     """λ_max and ‖H‖₂ of the loss on the whole batch (both ranks' halves), from the dense float64 Hessian."""
     model = copy.deepcopy(model).double()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(theta):
-        pieces, start = {}, 0
-        for name, shape in zip(names, shapes):
-            pieces[name] = theta[start:start + shape.numel()].view(shape)
-            start += shape.numel()
-        return _loss(lambda inp: torch.func.functional_call(model, pieces, (inp,)), x.double(), y)
-
-    evals = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))
+    hessian = flat_hessian(model, lambda p: _loss(lambda inp: torch.func.functional_call(model, p, (inp,)), x.double(), y))
+    evals = torch.linalg.eigvalsh(hessian)
     return float(evals[-1]), float(evals.abs().max())
 
 
@@ -169,13 +152,13 @@ def _mixed_case(mesh) -> str:
     return ""
 
 
-def _worker(rank: int, port: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, queue) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    mesh = init_device_mesh("cpu", (2,))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
     try:
         queue.put((rank, dict(
             sharpness={f"{h}:{d}": _sharpness_case(mesh, rank, d, h) for d in (torch.float64, torch.float32)
@@ -189,10 +172,7 @@ def _worker(rank: int, port: int, queue) -> None:
 
 @pytest.fixture(scope="module")
 def results():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_worker, args=(_free_port(), queue), nprocs=2, start_method="spawn")
-    return dict(queue.get(timeout=60) for _ in range(2))
+    return dict(spawn_ranks(_worker, 2, messages=2, timeout=300))
 
 
 @pytest.mark.parametrize("rank", [0, 1])
